@@ -1,0 +1,104 @@
+"""Model units: where in the network an intervention acts, addressed as (layer, component, [head], positions).
+
+- ``ResidualStream(layer, position)``: the residual stream after block ``layer``
+  (``layer=-1``: the embeddings, i.e. the input of block 0); ``component="block_input"`` gives
+  the input of block ``layer`` instead.
+- ``AttentionOutput`` / ``MLPOutput``: the attention / MLP sublayer output of block ``layer``.
+- ``AttentionHead(layer, head, position)``: one query head's value-weighted output, before the
+  output projection (under GQA heads index query heads; width = head_dim, read off the weights).
+
+Every unit carries a featurizer; the identity is the only one for now (the seam for learned
+featurizers such as DAS rotations and masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from causal.raw_results import UnitAddress
+from experiments.pipeline import LMPipeline
+from experiments.pyvene_backend import Site
+from experiments.token_positions import TokenPosition
+
+
+class UnitError(ValueError):
+    """A model unit does not exist in this model (layer or head out of range, unknown component)."""
+
+
+class Featurizer:
+    """Maps a unit's activation to features and back. Identity: features are the activation itself."""
+
+    id = "identity"
+
+    def featurize(self, x):
+        return x
+
+    def inverse(self, features):
+        return features
+
+
+COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output", "head_attention_value_output")
+
+
+@dataclass
+class ModelUnit:
+    """One unit: ``layer`` (-1 only for the residual stream = embeddings), component, optional head, position."""
+
+    layer: int
+    component: str
+    position: TokenPosition
+    head: int | None = None
+    featurizer: Featurizer = field(default_factory=Featurizer)
+
+    def __post_init__(self) -> None:
+        if self.component not in COMPONENTS:
+            raise UnitError(f"unknown component {self.component!r}; known: {', '.join(COMPONENTS)}")
+        if (self.component == "head_attention_value_output") != (self.head is not None):
+            raise UnitError("a head index is required for head units and only for them")
+
+    @property
+    def id(self) -> str:
+        head = f".h{self.head}" if self.head is not None else ""
+        return f"L{self.layer}{head}.{self.component}@{self.position.id}"
+
+    @property
+    def address(self) -> UnitAddress:
+        return UnitAddress(layer=self.layer, component=self.component, head=self.head, position_id=self.position.id)
+
+    @property
+    def site(self) -> Site:
+        """The pyvene site: layer -1 of the residual stream is the input of block 0."""
+        if self.layer == -1:
+            return Site(0, "block_input")
+        return Site(self.layer, self.component)
+
+    def validate(self, pipeline: LMPipeline) -> None:
+        """Raise ``UnitError`` if the layer or head does not exist in ``pipeline``'s model."""
+        n = pipeline.num_layers
+        low = -1 if self.component == "block_output" else 0
+        if not low <= self.layer < n:
+            raise UnitError(
+                f"layer {self.layer} is out of range for {self.component} in a {n}-layer model "
+                f"(valid: {low}..{n - 1})"
+            )
+        if self.head is not None and not 0 <= self.head < pipeline.num_heads:
+            raise UnitError(f"head {self.head} is out of range: the model has {pipeline.num_heads} attention heads")
+
+
+def ResidualStream(layer: int, position: TokenPosition, component: str = "block_output") -> ModelUnit:
+    """Residual stream after block ``layer`` (-1 = embeddings), or its input with ``component="block_input"``."""
+    if component not in ("block_output", "block_input"):
+        raise UnitError(f"a residual-stream unit is block_output or block_input, got {component!r}")
+    return ModelUnit(layer, component, position)
+
+
+def AttentionOutput(layer: int, position: TokenPosition) -> ModelUnit:
+    return ModelUnit(layer, "attention_output", position)
+
+
+def MLPOutput(layer: int, position: TokenPosition) -> ModelUnit:
+    return ModelUnit(layer, "mlp_output", position)
+
+
+def AttentionHead(layer: int, head: int, position: TokenPosition) -> ModelUnit:
+    return ModelUnit(layer, "head_attention_value_output", position, head=head)

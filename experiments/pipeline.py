@@ -1,0 +1,265 @@
+"""`LMPipeline`: a HF causal LM + tokenizer with batched left-padded prompts and greedy decoding.
+
+Everything network-side goes through one pipeline: tokenisation (``load``), greedy
+generation of whole multi-token answers (``generate``), decoding (``dump``), and the
+architecture facts experiments need (``num_layers``, ``num_heads``, ``hidden_size``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PromptLike = str | dict[str, Any]
+
+
+class ModelLoadError(ValueError):
+    """The model name or folder could not be loaded."""
+
+
+@dataclass
+class PromptBatch:
+    """A tokenised, left-padded batch. ``input_ids``/``attention_mask``/``position_ids``: (B, T).
+
+    ``lengths[b]`` is the unpadded length of row b; token index i of the unpadded prompt lives at
+    column ``pad_offsets[b] + i``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    lengths: list[int]
+    pad_offsets: list[int]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Kwargs for the model forward (``input_ids`` first: pyvene reads the batch size from it)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "PromptBatch":
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        idx = index.tolist()
+        return PromptBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.position_ids[index],
+            [self.lengths[i] for i in idx],
+            [self.pad_offsets[i] for i in idx],
+        )
+
+
+@dataclass
+class GenerationOutput:
+    """Greedy continuation of a batch. ``token_ids``: (B, S) with ``pad`` after EOS; ``topk_*``: (B, S, k)."""
+
+    token_ids: torch.Tensor
+    lengths: list[int]
+    topk_token_ids: torch.Tensor
+    topk_logits: torch.Tensor
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" picks cuda when available; asking for cuda on a machine without it is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+class LMPipeline:
+    """A causal LM ready for interventions.
+
+    ``model_or_name``: a hub name, a local folder in HF format, or a loaded ``PreTrainedModel``
+    (then pass ``tokenizer``). Prompts are left-padded; answers are generated greedily for up to
+    ``max_new_tokens`` tokens and stop at EOS.
+    """
+
+    def __init__(
+        self,
+        model_or_name: str | os.PathLike[str] | PreTrainedModel,
+        max_new_tokens: int = 3,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        use_chat_template: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        top_k: int = 5,
+    ):
+        self.device = resolve_device(device)
+        self.max_new_tokens = max_new_tokens
+        self.use_chat_template = use_chat_template
+        self.top_k = top_k
+        if isinstance(model_or_name, PreTrainedModel):
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= together with an already loaded model")
+            self.model = model_or_name.to(self.device)
+            self.tokenizer = tokenizer
+            self.name = str(getattr(model_or_name.config, "_name_or_path", "") or type(model_or_name).__name__)
+        else:
+            self.name = str(model_or_name)
+            self.model, self.tokenizer = self._load(self.name, _resolve_dtype(dtype))
+        if dtype is not None and isinstance(model_or_name, PreTrainedModel):
+            self.model = self.model.to(_resolve_dtype(dtype))
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.config = self.model.config
+
+    def _load(self, name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        local = Path(name).expanduser()
+        looks_local = local.exists() or name.startswith((".", "/", "~"))
+        if looks_local and not (local / "config.json").exists():
+            raise ModelLoadError(f"model folder {name!r} does not exist or has no config.json")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if looks_local else name, dtype=dtype if dtype is not None else "auto"
+            )
+        except OSError as exc:
+            raise ModelLoadError(
+                f"could not load model {name!r}: not a local HF folder and not reachable on the hub ({exc})"
+            ) from exc
+        return model.to(self.device), tokenizer
+
+    # ------------------------------------------------------------------ architecture facts
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    # ------------------------------------------------------------------ text <-> tokens
+    def prompt_text(self, prompt: PromptLike) -> str:
+        """The exact string that is tokenised for a prompt (raw_input, chat template applied if asked)."""
+        text = prompt["raw_input"] if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a string or a setting with 'raw_input', got {type(text).__name__}")
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def tokenize_one(self, prompt: PromptLike) -> dict[str, Any]:
+        """Unpadded ids and character offsets of one prompt: {"input_ids": [...], "offsets": [(s, e), ...], "text": str}."""
+        text = self.prompt_text(prompt)
+        add_special = not self.use_chat_template
+        enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        return {"input_ids": list(enc["input_ids"]), "offsets": [tuple(o) for o in enc["offset_mapping"]], "text": text}
+
+    def load(self, prompts: Sequence[PromptLike]) -> PromptBatch:
+        """Tokenise and left-pad a batch; position ids count real tokens from 0 (pads get 0)."""
+        texts = [self.prompt_text(p) for p in prompts]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.use_chat_template)
+        input_ids = enc["input_ids"].to(self.device)
+        attention_mask = enc["attention_mask"].to(self.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        lengths = attention_mask.sum(-1).tolist()
+        width = input_ids.shape[1]
+        return PromptBatch(input_ids, attention_mask, position_ids, lengths, [width - n for n in lengths])
+
+    def dump(self, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Decode generated ids to strings (special tokens dropped)."""
+        rows = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptLike] | PromptBatch, max_new_tokens: int | None = None) -> GenerationOutput:
+        """Greedy decoding of a batch, no intervention."""
+        batch = prompts if isinstance(prompts, PromptBatch) else self.load(prompts)
+        return self.greedy_decode(batch, lambda inputs: self.model(**inputs), max_new_tokens)
+
+    @torch.no_grad()
+    def greedy_decode(
+        self,
+        batch: PromptBatch,
+        prompt_forward: Callable[[dict[str, Any]], Any],
+        max_new_tokens: int | None = None,
+    ) -> GenerationOutput:
+        """Run ``prompt_forward`` on the prompt (it may be an intervened forward), then decode greedily.
+
+        The prompt pass keeps logits only at the last position and returns the KV cache; later steps
+        run the plain model on that cache, so an intervention touches the prompt pass only.
+        """
+        steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        inputs = {**batch.model_inputs(), "use_cache": steps > 1, "logits_to_keep": 1}
+        out = prompt_forward(inputs)
+        logits = out.logits[:, -1, :].float()
+        cache = out.past_key_values if steps > 1 else None
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        bsz = batch.input_ids.shape[0]
+        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        tokens, top_ids, top_vals = [], [], []
+        mask = batch.attention_mask
+        positions = batch.position_ids[:, -1:]
+        lengths = [0] * bsz
+        k = min(self.top_k, logits.shape[-1])
+        for step in range(steps):
+            vals, ids = logits.topk(k, dim=-1)
+            nxt = ids[:, 0]
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            for b in (~finished).nonzero().flatten().tolist():
+                lengths[b] += 1
+            tokens.append(nxt)
+            top_ids.append(ids)
+            top_vals.append(vals)
+            if eos is not None:
+                finished = finished | (nxt == eos)
+            if step == steps - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions + 1
+            out = self.model(
+                input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+        return GenerationOutput(
+            torch.stack(tokens, dim=1), lengths, torch.stack(top_ids, dim=1), torch.stack(top_vals, dim=1)
+        )
+
+    def output_rows(self, generation: GenerationOutput, example_indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Rows in the raw-results output schema (text, ids up to and incl. EOS, top-k per step)."""
+        rows = []
+        ids = generation.token_ids.tolist()
+        tids = generation.topk_token_ids.tolist()
+        tvals = generation.topk_logits.tolist()
+        for b, example_index in enumerate(example_indices):
+            n = generation.lengths[b]
+            rows.append({
+                "example_index": int(example_index),
+                "output_text": self.dump([ids[b][:n]])[0],
+                "output_token_ids": ids[b][:n],
+                "topk_token_ids": tids[b][:n],
+                "topk_logits": tvals[b][:n],
+            })
+        return rows

@@ -1,0 +1,111 @@
+"""Token positions: which token indices of a prompt a model unit lives at.
+
+An indexer maps an input setting (a dict with ``raw_input``) to token indices of the
+*unpadded* prompt (0 = first token, BOS included if the tokenizer adds one). The engine
+adds each row's left-padding offset. A position outside the prompt is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from experiments.pipeline import LMPipeline
+
+Indexer = Callable[[dict[str, Any]], list[int]]
+
+
+class TokenPositionError(ValueError):
+    """A token position does not exist in a prompt."""
+
+
+class TokenPosition:
+    """A named token position. ``indexer(setting) -> list[int]`` (unpadded indices, negative = from the end).
+
+    ``counterfactual_indexer`` (optional) locates the source tokens on the counterfactual side when
+    they sit elsewhere than on the base side; by default both sides use ``indexer``.
+    """
+
+    def __init__(
+        self,
+        indexer: Indexer,
+        pipeline: LMPipeline,
+        id: str,
+        counterfactual_indexer: Indexer | None = None,
+    ):
+        self.indexer = indexer
+        self.counterfactual_indexer = counterfactual_indexer
+        self.pipeline = pipeline
+        self.id = id
+
+    def _resolve(self, indexer: Indexer, setting: dict[str, Any]) -> list[int]:
+        length = len(self.pipeline.tokenize_one(setting)["input_ids"])
+        raw = indexer(setting)
+        indices = [raw] if isinstance(raw, int) else list(raw)
+        if not indices:
+            raise TokenPositionError(f"token position {self.id!r} selects no token in {setting.get('raw_input')!r}")
+        out = []
+        for i in indices:
+            j = i + length if i < 0 else i
+            if not 0 <= j < length:
+                raise TokenPositionError(
+                    f"token position {self.id!r} points at index {i} but the prompt "
+                    f"{setting.get('raw_input')!r} has {length} tokens"
+                )
+            out.append(j)
+        return out
+
+    def index(self, setting: dict[str, Any]) -> list[int]:
+        """Base-side token indices (non-negative, validated)."""
+        return self._resolve(self.indexer, setting)
+
+    def counterfactual_index(self, setting: dict[str, Any]) -> list[int]:
+        """Source-side token indices on a counterfactual input."""
+        return self._resolve(self.counterfactual_indexer or self.indexer, setting)
+
+    def highlight(self, setting: dict[str, Any]) -> str:
+        """The prompt's tokens with the selected ones in brackets (for eyeballing positions)."""
+        enc = self.pipeline.tokenize_one(setting)
+        chosen = set(self.index(setting))
+        toks = self.pipeline.tokenizer.convert_ids_to_tokens(enc["input_ids"])
+        return " ".join(f"[{t}]" if i in chosen else t for i, t in enumerate(toks))
+
+    def __repr__(self) -> str:
+        return f"TokenPosition({self.id!r})"
+
+
+def last_token_position(pipeline: LMPipeline, id: str = "last") -> TokenPosition:
+    """The final prompt token (where the answer is read)."""
+    return TokenPosition(lambda setting: [-1], pipeline, id=id)
+
+
+def substring_token_indices(pipeline: LMPipeline, text: str, substring: str, occurrence: int = 0) -> list[int]:
+    """Indices of the tokens whose character spans overlap ``substring`` (its ``occurrence``-th match)."""
+    start = -1
+    for _ in range(occurrence + 1):
+        start = text.find(substring, start + 1)
+        if start < 0:
+            raise TokenPositionError(f"substring {substring!r} (occurrence {occurrence}) not found in {text!r}")
+    end = start + len(substring)
+    enc = pipeline.tokenize_one(text)
+    hits = [i for i, (s, e) in enumerate(enc["offsets"]) if e > s and s < end and e > start]
+    if not hits:
+        raise TokenPositionError(f"no token covers {substring!r} in {text!r}")
+    return hits
+
+
+def substring_position(
+    pipeline: LMPipeline,
+    substring_of: Callable[[dict[str, Any]], str],
+    id: str,
+    occurrence: int = 0,
+    pick: str = "all",
+) -> TokenPosition:
+    """Tokens covering ``substring_of(setting)`` in the prompt. ``pick``: "all", "first" or "last" of them."""
+    if pick not in ("all", "first", "last"):
+        raise ValueError(f"pick must be 'all', 'first' or 'last', got {pick!r}")
+
+    def indexer(setting: dict[str, Any]) -> list[int]:
+        hits = substring_token_indices(pipeline, pipeline.prompt_text(setting), substring_of(setting), occurrence)
+        return hits if pick == "all" else [hits[0] if pick == "first" else hits[-1]]
+
+    return TokenPosition(indexer, pipeline, id=id)
