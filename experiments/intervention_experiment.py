@@ -1,0 +1,199 @@
+"""Intervention experiments: a list of cells run over counterfactual datasets, resumably, to raw results.
+
+``perform_interventions(datasets)`` needs no causal model: it records what the network does
+(base output and intervened output per dataset × cell × example) in a results folder.
+Score it afterwards against any causal model with ``causal.compute_interchange_scores``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from causal.counterfactual_dataset import CounterfactualDataset
+from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
+from experiments.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.model_units import AttentionHead, ModelUnit
+from experiments.pipeline import LMPipeline
+from experiments.token_positions import TokenPosition
+
+
+class ExperimentConfig(BaseModel):
+    """Settings of an intervention experiment.
+
+    ``batch_size``: pairs per part (per results file; also the resume granularity).
+    ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
+    """
+
+    id: str = "experiment"
+    batch_size: int = Field(32, gt=0)
+    max_rows_per_forward: int = Field(512, gt=0)
+    counterfactual_index: int = Field(0, ge=0)
+    results_dir: str | None = None
+
+    @property
+    def cells_per_forward(self) -> int:
+        return max(1, self.max_rows_per_forward // self.batch_size)
+
+
+def model_fingerprint(pipeline: LMPipeline) -> dict[str, Any]:
+    """What identifies the network: name, class, config, and a checksum of a slice of its weights."""
+    model = pipeline.model
+    config_json = model.config.to_json_string(use_diff=False)
+    first = next(model.parameters()).detach().flatten()[:4096].float().cpu().numpy().tobytes()
+    return {
+        "name": pipeline.name,
+        "class": type(model).__name__,
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "weights_probe_sha256": hashlib.sha256(first).hexdigest(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype),
+        "device_type": pipeline.device.type,
+        "tokenizer_vocab_size": len(pipeline.tokenizer),
+        "max_new_tokens": pipeline.max_new_tokens,
+        "top_k": pipeline.top_k,
+        "use_chat_template": pipeline.use_chat_template,
+    }
+
+
+def _as_dataset_list(
+    datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
+) -> list[CounterfactualDataset]:
+    if isinstance(datasets, CounterfactualDataset):
+        items = [datasets]
+    elif isinstance(datasets, Mapping):
+        items = list(datasets.values())
+    else:
+        items = list(datasets)
+    ids = [d.id for d in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"dataset ids must be unique, got {ids}")
+    return items
+
+
+class InterventionExperiment:
+    """Base class: ``cells`` (unit lists patched together) × datasets → a results folder."""
+
+    experiment_type = "intervention"
+
+    def __init__(self, pipeline: LMPipeline, cells: list[Cell], config: ExperimentConfig | Mapping[str, Any] | None = None):
+        self.pipeline = pipeline
+        self.config = config if isinstance(config, ExperimentConfig) else ExperimentConfig(**(config or {}))
+        if not cells:
+            raise ValueError("an experiment needs at least one cell")
+        ids = [c.cell_id for c in cells]
+        if len(set(ids)) != len(ids):
+            raise ValueError("cell ids must be unique")
+        for cell in cells:
+            for unit in cell.units:
+                unit.validate(pipeline)
+        self.cells = cells
+        self.engine = InterventionEngine(pipeline)
+
+    def _manifest(self, datasets: list[CounterfactualDataset], groups: list[list[Cell]]) -> ResultsManifest:
+        return ResultsManifest(
+            experiment_id=self.config.id,
+            experiment_type=self.experiment_type,
+            model=model_fingerprint(self.pipeline),
+            settings={"counterfactual_index": self.config.counterfactual_index,
+                      "max_rows_per_forward": self.config.max_rows_per_forward},
+            datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets],
+            cells=[c.spec for c in self.cells],
+            example_batch_size=self.config.batch_size,
+            cell_groups=[[c.cell_id for c in g] for g in groups],
+        )
+
+    def perform_interventions(
+        self,
+        datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
+        results_dir: str | Path | None = None,
+        verbose: bool = True,
+    ) -> RawResults:
+        """Run every cell on every pair; resume a folder holding the same experiment. Returns the results."""
+        items = _as_dataset_list(datasets)
+        root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
+        groups = group_cells(self.cells, self.config.cells_per_forward)
+        writer = RawResultsWriter(root, self._manifest(items, groups))
+        k = self.config.counterfactual_index
+        bs = self.config.batch_size
+        todo = [(d, p) for d in items for p in range(-(-len(d) // bs)) if not writer.has_part(d.id, p)]
+        for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
+            indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
+            examples = [dataset[i] for i in indices]
+            for i, ex in zip(indices, examples):
+                if len(ex["counterfactual_inputs"]) <= k:
+                    raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k}")
+            base_rows, cell_rows = self.engine.run_part(
+                [ex["input"] for ex in examples], [ex["counterfactual_inputs"][k] for ex in examples], indices, groups
+            )
+            writer.write_part(dataset.id, part, base_rows, cell_rows)
+        return writer.results()
+
+
+class PatchUnits(InterventionExperiment):
+    """Patch one component at every (layer, position) cell: the usual localisation sweep."""
+
+    experiment_type = "patch_units"
+
+    def __init__(
+        self,
+        pipeline: LMPipeline,
+        layers: Sequence[int],
+        token_positions: Sequence[TokenPosition],
+        component: str = "block_output",
+        config: ExperimentConfig | Mapping[str, Any] | None = None,
+    ):
+        cells = [
+            Cell(f"L{layer}@{pos.id}", [ModelUnit(layer, component, pos)])
+            for layer in layers for pos in token_positions
+        ]
+        self.layers = list(layers)
+        self.token_positions = list(token_positions)
+        self.component = component
+        super().__init__(pipeline, cells, config)
+
+
+class PatchResidualStream(PatchUnits):
+    """Residual-stream interchange at every (layer, position); layer -1 = embeddings."""
+
+    experiment_type = "patch_residual_stream"
+
+    def __init__(self, pipeline: LMPipeline, layers: Sequence[int], token_positions: Sequence[TokenPosition],
+                 config: ExperimentConfig | Mapping[str, Any] | None = None):
+        super().__init__(pipeline, layers, token_positions, "block_output", config)
+
+
+class PatchAttentionHeads(InterventionExperiment):
+    """Patch groups of attention heads: each entry of ``layer_head_lists`` (a list of (layer, head)) × each position is a cell."""
+
+    experiment_type = "patch_attention_heads"
+
+    def __init__(
+        self,
+        pipeline: LMPipeline,
+        layer_head_lists: Sequence[Sequence[tuple[int, int]]],
+        token_positions: Sequence[TokenPosition],
+        config: ExperimentConfig | Mapping[str, Any] | None = None,
+    ):
+        cells = []
+        for heads in layer_head_lists:
+            if not heads:
+                raise ValueError("each entry of layer_head_lists needs at least one (layer, head)")
+            name = "+".join(f"L{l}H{h}" for l, h in heads)
+            for pos in token_positions:
+                cells.append(Cell(f"{name}@{pos.id}", [AttentionHead(l, h, pos) for l, h in heads]))
+        self.layer_head_lists = [list(map(tuple, heads)) for heads in layer_head_lists]
+        self.token_positions = list(token_positions)
+        super().__init__(pipeline, cells, config)
+
+    @staticmethod
+    def every_head(pipeline: LMPipeline, layers: Sequence[int] | None = None) -> list[list[tuple[int, int]]]:
+        """One single-head group per (layer, head)."""
+        layers = range(pipeline.num_layers) if layers is None else layers
+        return [[(l, h)] for l in layers for h in range(pipeline.num_heads)]
