@@ -21,6 +21,7 @@ from causal.raw_results import CellSpec
 from experiments.model_units import ModelUnit
 from experiments.pipeline import LMPipeline, PromptBatch
 from experiments.pyvene_backend import Site, build_intervenable, collect_sites
+from experiments.token_positions import TokenPositionError
 
 
 @dataclass
@@ -53,7 +54,8 @@ def group_cells(cells: Sequence[Cell], cells_per_forward: int) -> list[list[Cell
 
 
 def _pad_to(indices: list[int], width: int) -> list[int]:
-    """Repeat the last index: patching a position twice with the same source value is a no-op."""
+    """Repeat the last index (with its own source value): patching a position twice with the same
+    value is a no-op. Base and source lists of one pair always have equal length (checked)."""
     return indices + [indices[-1]] * (width - len(indices))
 
 
@@ -88,20 +90,25 @@ class InterventionEngine:
         sources = collect_sites(pipeline.model, sites, cf_batch.model_inputs()) if sites else {}
 
         # token indices of each (position, example), padded-batch coordinates, computed once per part
-        base_cols: dict[str, list[list[int]]] = {}
-        source_cols: dict[str, list[list[int]]] = {}
+        base_cols: dict[int, list[list[int]]] = {}
+        source_cols: dict[int, list[list[int]]] = {}
         for group in groups:
             for cell in group:
                 for unit in cell.units:
                     pos = unit.position
-                    if pos.id not in base_cols:
-                        base_cols[pos.id] = [
-                            [i + base_batch.pad_offsets[b] for i in pos.index(s)] for b, s in enumerate(bases)
-                        ]
-                        source_cols[pos.id] = [
-                            [i + cf_batch.pad_offsets[b] for i in pos.counterfactual_index(s)]
-                            for b, s in enumerate(counterfactuals)
-                        ]
+                    if id(pos) in base_cols:
+                        continue
+                    base_cols[id(pos)], source_cols[id(pos)] = [], []
+                    for b, (base, cf) in enumerate(zip(bases, counterfactuals)):
+                        on_base, on_source = pos.index(base), pos.counterfactual_index(cf)
+                        if len(on_base) != len(on_source):
+                            raise TokenPositionError(
+                                f"token position {pos.id!r} selects {len(on_base)} token(s) in the base "
+                                f"{base.get('raw_input')!r} but {len(on_source)} in the counterfactual "
+                                f"{cf.get('raw_input')!r}; an interchange needs equally many on both sides"
+                            )
+                        base_cols[id(pos)].append([i + base_batch.pad_offsets[b] for i in on_base])
+                        source_cols[id(pos)].append([i + cf_batch.pad_offsets[b] for i in on_source])
 
         cell_rows: list[dict[str, Any]] = []
         for group in groups:
@@ -113,8 +120,8 @@ class InterventionEngine:
         group: list[Cell],
         base_batch: PromptBatch,
         sources: dict[Site, torch.Tensor],
-        base_cols: dict[str, list[list[int]]],
-        source_cols: dict[str, list[list[int]]],
+        base_cols: dict[int, list[list[int]]],
+        source_cols: dict[int, list[list[int]]],
         example_indices: list[int],
     ) -> list[dict[str, Any]]:
         pipeline = self.pipeline
@@ -127,8 +134,8 @@ class InterventionEngine:
         locations, representations = [], []
         for slot, site in enumerate(signature):
             units = [cell.units[slot] for cell in group]
-            base_idx = [base_cols[u.position.id][b] for u in units for b in range(n_pairs)]
-            src_idx = [source_cols[u.position.id][b] for u in units for b in range(n_pairs)]
+            base_idx = [base_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
+            src_idx = [source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
             width = max(len(ix) for ix in base_idx + src_idx)
             base_idx = [_pad_to(ix, width) for ix in base_idx]
             src_idx = torch.tensor([_pad_to(ix, width) for ix in src_idx], device=device)  # (R, n)

@@ -90,9 +90,12 @@ class InterventionExperiment:
         ids = [c.cell_id for c in cells]
         if len(set(ids)) != len(ids):
             raise ValueError("cell ids must be unique")
+        positions: dict[str, TokenPosition] = {}
         for cell in cells:
             for unit in cell.units:
                 unit.validate(pipeline)
+                if positions.setdefault(unit.position.id, unit.position) is not unit.position:
+                    raise ValueError(f"two different token positions share the id {unit.position.id!r}; ids must be unique")
         self.cells = cells
         self.engine = InterventionEngine(pipeline)
 

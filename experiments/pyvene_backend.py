@@ -3,13 +3,17 @@
 pyvene 0.1.8 on transformers 5 has measured traps; each is handled here:
 - model classes it does not list (OLMo 2, Qwen3, Gemma 3 …) are registered by inheritance from a
   listed class, else by layout (``model.layers[i].self_attn.o_proj`` ⇒ the Llama mapping);
-- configs without ``head_dim`` (Qwen2, OLMo, OLMo 2) crash its head components: ``head_dim`` is set;
+- configs without ``head_dim`` (Qwen2, OLMo, OLMo 2) crash its head components: ``head_dim`` is set
+  while pyvene builds its wrapper, then removed again (the user's config, and with it the model
+  fingerprint of a results folder, must not change because an experiment ran);
 - widths are derived from module weights, never from ``hidden_size`` (Gemma 2: heads × head_dim ≠ hidden).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyvene
 import torch
@@ -58,11 +62,35 @@ def register_model_class(model: PreTrainedModel) -> None:
 
 
 def prepare_model(model: PreTrainedModel) -> None:
-    """Apply every registry/config fix a model needs before pyvene wraps it (idempotent)."""
+    """Apply the lasting fix a model needs before pyvene wraps it: registry entry (idempotent)."""
     register_model_class(model)
+
+
+@contextmanager
+def pyvene_config_fixes(model: PreTrainedModel) -> Iterator[None]:
+    """Give the config a ``head_dim`` while pyvene reads it, then restore the config exactly.
+
+    A lasting change would alter ``config.to_json_string()`` after the first experiment, so a rerun
+    in the same process would no longer match its own results folder.
+    """
     config = model.config
-    if getattr(config, "head_dim", None) is None and hasattr(config, "num_attention_heads"):
-        config.head_dim = config.hidden_size // config.num_attention_heads
+    if getattr(config, "head_dim", None) is not None or not hasattr(config, "num_attention_heads"):
+        yield
+        return
+    had_attribute = "head_dim" in vars(config)
+    old = vars(config).get("head_dim")
+    try:
+        width = head_width(model)
+    except UnsupportedModelError:
+        width = config.hidden_size // config.num_attention_heads
+    config.head_dim = width
+    try:
+        yield
+    finally:
+        if had_attribute:
+            config.head_dim = old
+        else:
+            del config.head_dim
 
 
 def head_width(model: PreTrainedModel) -> int:
@@ -107,7 +135,8 @@ def build_intervenable(model: PreTrainedModel, sites: list[Site], collect: bool 
         for site in sites
     ]
     config = pyvene.IntervenableConfig(model_type=type(model), representations=representations)
-    intervenable = pyvene.IntervenableModel(config, model=model, use_fast=False)
+    with pyvene_config_fixes(model):
+        intervenable = pyvene.IntervenableModel(config, model=model, use_fast=False)
     intervenable.disable_model_gradients()
     return intervenable
 

@@ -1,0 +1,44 @@
+"""Step 2: interchange interventions on the filtered datasets; writes raw results only (no causal model).
+
+    python tasks/general_addition/02_run_interventions.py --model organism --digits 2 [--batch-size 64] [--layers -1 0 1] [--test]
+
+Runs a residual-stream sweep (every layer incl. -1 = embeddings × every addition token position)
+and a single-head sweep at the last position. A killed run, rerun with the same arguments,
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream  # noqa: E402
+from tasks.general_addition.study import load_datasets, load_pipeline, study_dir, study_parser  # noqa: E402
+from tasks.general_addition.token_positions import addition_token_positions  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = study_parser(__doc__).parse_args(argv)
+    out = study_dir(args)
+    datasets = load_datasets(out)
+    pipeline = load_pipeline(args)
+    layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
+    positions = addition_token_positions(pipeline, args.digits)
+    config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows}
+    residual = PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})
+    residual.perform_interventions(datasets, results_dir=out / "raw" / "residual_stream")
+    print(f"residual stream: {len(residual.cells)} cells × {sum(len(d) for d in datasets.values())} pairs")
+    if not args.no_heads:
+        head_layers = [l for l in layers if l >= 0]
+        heads = PatchAttentionHeads(pipeline, PatchAttentionHeads.every_head(pipeline, head_layers),
+                                    [p for p in positions if p.id == "last"], config={**config, "id": "attention_heads"})
+        heads.perform_interventions(datasets, results_dir=out / "raw" / "attention_heads")
+        print(f"attention heads: {len(heads.cells)} cells")
+    print(f"raw results written to {out / 'raw'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

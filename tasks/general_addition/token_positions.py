@@ -1,0 +1,111 @@
+"""Token positions of the addition prompt, for tokenizers that split numbers differently.
+
+Every position is found through character offsets, so it is right for any tokenizer; the
+per-family config below only says which *set* of positions is meaningful:
+- one token per digit (the organism, Gemma 2, Qwen 2, Llama 2, Mistral): one position per digit,
+  ``digit_{addend}_{place}`` (place 0 = ones, as in the causal model);
+- numbers chunked into multi-digit tokens (Llama 3, OLMo 2: up to 3 digits; GPT-2: BPE merges):
+  one position per addend, ``addend_{k}`` (the last token of the addend), since several digits share a token.
+Plus ``op`` (the first token after addend 0, e.g. "+"), ``eq`` (the first token after addend 1,
+e.g. "="), and ``last`` (the final prompt token, where the answer is read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.pipeline import LMPipeline
+from experiments.token_positions import TokenPosition, TokenPositionError
+from tasks.general_addition.causal_models import PROMPT_TEMPLATES, addends_of, digit_var
+
+#: model_type (from the HF config) -> how its tokenizer writes numbers.
+TOKENIZATION_BY_FAMILY: dict[str, str] = {
+    "organism": "one_token_per_digit",
+    "gemma": "one_token_per_digit",
+    "gemma2": "one_token_per_digit",
+    "gemma3_text": "one_token_per_digit",
+    "qwen2": "one_token_per_digit",
+    "qwen3": "one_token_per_digit",
+    "mistral": "one_token_per_digit",
+    "llama": "detect",  # Llama 2 tokenizers split digits, Llama 3 chunks up to 3
+    "olmo2": "multi_digit_tokens",
+    "olmo": "multi_digit_tokens",
+    "gpt2": "multi_digit_tokens",
+}
+
+
+def addend_spans(setting: dict[str, Any], n_digits: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Character spans of the two zero-padded addends in ``raw_input`` (located via the template)."""
+    template = PROMPT_TEMPLATES[setting["template"]]
+    a_at = template.index("{a}")
+    between = template[a_at + 3 : template.index("{b}")]
+    a_start = a_at
+    b_start = a_start + n_digits + len(between)
+    text = setting["raw_input"]
+    a, b = addends_of(setting)
+    if text[a_start : a_start + n_digits] != f"{a:0{n_digits}d}" or text[b_start : b_start + n_digits] != f"{b:0{n_digits}d}":
+        raise TokenPositionError(f"prompt {text!r} does not match its template {setting['template']!r}")
+    return (a_start, a_start + n_digits), (b_start, b_start + n_digits)
+
+
+def _tokens_at_chars(pipeline: LMPipeline, setting: dict[str, Any], start: int, end: int) -> list[int]:
+    text = setting["raw_input"]
+    prompt = pipeline.prompt_text(setting)
+    shift = prompt.find(text)  # the chat template may wrap the raw input
+    if shift < 0:
+        raise TokenPositionError(f"raw_input {text!r} not found in the tokenised prompt")
+    enc = pipeline.tokenize_one(setting)
+    hits = [i for i, (s, e) in enumerate(enc["offsets"]) if e > s and s < end + shift and e > start + shift]
+    if not hits:
+        raise TokenPositionError(f"no token covers characters {start}..{end} of {text!r}")
+    return hits
+
+
+def tokenization_of(pipeline: LMPipeline) -> str:
+    """"one_token_per_digit" or "multi_digit_tokens", from the config table, checked on the tokenizer."""
+    probe = pipeline.tokenize_one("12345+67890=")
+    digit_tokens = [
+        (s, e) for s, e in probe["offsets"] if e > s and probe["text"][s:e].strip().isdigit()
+    ]
+    measured = "one_token_per_digit" if all(e - s == 1 for s, e in digit_tokens) else "multi_digit_tokens"
+    declared = TOKENIZATION_BY_FAMILY.get(getattr(pipeline.config, "model_type", ""), "detect")
+    if declared not in ("detect", measured):
+        raise ValueError(
+            f"{pipeline.name}: config says {declared} for model_type {pipeline.config.model_type!r} "
+            f"but the tokenizer gives {measured}; update TOKENIZATION_BY_FAMILY"
+        )
+    return measured
+
+
+def addition_token_positions(pipeline: LMPipeline, n_digits: int) -> list[TokenPosition]:
+    """Positions in prompt order: digits (or addends), ``op``, ``eq`` and ``last``."""
+    positions: list[TokenPosition] = []
+    per_digit = tokenization_of(pipeline) == "one_token_per_digit"
+    for addend in (0, 1):
+        if per_digit:
+            for place in reversed(range(n_digits)):
+                def digit_indexer(s: dict[str, Any], addend: int = addend, place: int = place) -> list[int]:
+                    start = addend_spans(s, n_digits)[addend][0] + (n_digits - 1 - place)
+                    return _tokens_at_chars(pipeline, s, start, start + 1)[-1:]
+
+                positions.append(TokenPosition(digit_indexer, pipeline, id=digit_var(addend, place)))
+        else:
+            def addend_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
+                start, end = addend_spans(s, n_digits)[addend]
+                return _tokens_at_chars(pipeline, s, start, end)[-1:]
+
+            positions.append(TokenPosition(addend_indexer, pipeline, id=f"addend_{addend}"))
+        after = "op" if addend == 0 else "eq"
+
+        def after_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
+            end = addend_spans(s, n_digits)[addend][1]
+            if end >= len(s["raw_input"]):
+                raise TokenPositionError(f"nothing follows addend {addend} in {s['raw_input']!r}")
+            covering_end = _tokens_at_chars(pipeline, s, end - 1, end)[-1]
+            following = _tokens_at_chars(pipeline, s, end, len(s["raw_input"]))
+            return [next(i for i in following if i > covering_end)] if any(i > covering_end for i in following) else following[:1]
+
+        positions.append(TokenPosition(after_indexer, pipeline, id=after))
+    positions.append(TokenPosition(lambda s: [-1], pipeline, id="last"))
+    return positions
+
