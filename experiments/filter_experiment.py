@@ -54,7 +54,7 @@ class FilterExperiment:
         batch_size: int = 64,
         verbose: bool = True,
     ) -> tuple[dict[str, CounterfactualDataset], list[FilterReport]]:
-        """Filtered datasets (same ids) and one report per dataset."""
+        """Filtered datasets (same ids; those with no surviving pair left out) and one report per dataset."""
         if isinstance(datasets, CounterfactualDataset):
             datasets = [datasets]
         items = list(datasets.values()) if isinstance(datasets, Mapping) else list(datasets)
@@ -77,11 +77,12 @@ class FilterExperiment:
                 for ex in examples
             ]
             selected = [ex for ex, k in zip(examples, keep) if k]
-            kept[dataset.id] = CounterfactualDataset.from_dict(
-                {"input": [ex["input"] for ex in selected],
-                 "counterfactual_inputs": [ex["counterfactual_inputs"] for ex in selected]},
-                id=dataset.id,
-            )
+            if selected:  # a dataset with no surviving pair is left out (its report says so)
+                kept[dataset.id] = CounterfactualDataset.from_dict(
+                    {"input": [ex["input"] for ex in selected],
+                     "counterfactual_inputs": [ex["counterfactual_inputs"] for ex in selected]},
+                    id=dataset.id,
+                )
             reports.append(FilterReport(
                 dataset_id=dataset.id, total_pairs=len(examples), kept_pairs=len(selected),
                 input_accuracy=sum(ok) / len(ok) if ok else 0.0, inputs_checked=len(ok),

@@ -11,12 +11,16 @@ pyvene 0.1.8 on transformers 5 has measured traps; each is handled here:
 
 from __future__ import annotations
 
+import contextlib
+import io
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyvene
 import torch
+
+with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about an optional backend on import
+    import pyvene
 from pyvene.models import intervenable_modelcard as modelcard
 from pyvene.models.llama.modelings_intervenable_llama import (
     llama_lm_type_to_dimension_mapping,

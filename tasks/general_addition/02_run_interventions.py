@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream  # noqa: E402
-from tasks.general_addition.study import load_datasets, load_pipeline, study_dir, study_parser  # noqa: E402
+from tasks.general_addition.study import load_datasets, load_pipeline, read_metadata, study_dir, study_parser  # noqa: E402
 from tasks.general_addition.token_positions import addition_token_positions  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> Path:
     datasets = load_datasets(out)
     pipeline = load_pipeline(args)
     layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
-    positions = addition_token_positions(pipeline, args.digits)
+    positions = addition_token_positions(pipeline, args.digits, read_metadata(out)["template"])
     config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows}
     residual = PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})
     residual.perform_interventions(datasets, results_dir=out / "raw" / "residual_stream")

@@ -7,7 +7,8 @@ per-family config below only says which *set* of positions is meaningful:
 - numbers chunked into multi-digit tokens (Llama 3, OLMo 2: up to 3 digits; GPT-2: BPE merges):
   one position per addend, ``addend_{k}`` (the last token of the addend), since several digits share a token.
 Plus ``op`` (the first token after addend 0, e.g. "+"), ``eq`` (the first token after addend 1,
-e.g. "="), and ``last`` (the final prompt token, where the answer is read).
+e.g. "=" or "?"; omitted where it is the last token) and ``last`` (the final prompt token, where the
+answer is read).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition, TokenPositionError
-from tasks.general_addition.causal_models import PROMPT_TEMPLATES, addends_of, digit_var
+from tasks.general_addition.causal_models import DEFAULT_TEMPLATE, PROMPT_TEMPLATES, addends_of, digit_var
 
 #: model_type (from the HF config) -> how its tokenizer writes numbers.
 TOKENIZATION_BY_FAMILY: dict[str, str] = {
@@ -77,8 +78,16 @@ def tokenization_of(pipeline: LMPipeline) -> str:
     return measured
 
 
-def addition_token_positions(pipeline: LMPipeline, n_digits: int) -> list[TokenPosition]:
-    """Positions in prompt order: digits (or addends), ``op``, ``eq`` and ``last``."""
+def addition_token_positions(
+    pipeline: LMPipeline, n_digits: int, template: str = DEFAULT_TEMPLATE
+) -> list[TokenPosition]:
+    """Positions in prompt order: digits (or addends), ``op``, ``eq`` and ``last``.
+
+    ``eq`` is left out where the template ends one character after addend 1 ("58+67="): there it
+    is the last token, and one cell per token is enough.
+    """
+    text = PROMPT_TEMPLATES[template]
+    eq_is_last = text.endswith("{b}") or len(text) - (text.index("{b}") + 3) == 1
     positions: list[TokenPosition] = []
     per_digit = tokenization_of(pipeline) == "one_token_per_digit"
     for addend in (0, 1):
@@ -96,6 +105,8 @@ def addition_token_positions(pipeline: LMPipeline, n_digits: int) -> list[TokenP
 
             positions.append(TokenPosition(addend_indexer, pipeline, id=f"addend_{addend}"))
         after = "op" if addend == 0 else "eq"
+        if after == "eq" and eq_is_last:
+            continue
 
         def after_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
             end = addend_spans(s, n_digits)[addend][1]
