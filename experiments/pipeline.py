@@ -107,14 +107,12 @@ class LMPipeline:
         if isinstance(model_or_name, PreTrainedModel):
             if tokenizer is None:
                 raise ValueError("pass tokenizer= together with an already loaded model")
-            self.model = model_or_name.to(self.device)
+            self.model = model_or_name.to(self.device, _resolve_dtype(dtype))
             self.tokenizer = tokenizer
             self.name = str(getattr(model_or_name.config, "_name_or_path", "") or type(model_or_name).__name__)
         else:
             self.name = str(model_or_name)
             self.model, self.tokenizer = self._load(self.name, _resolve_dtype(dtype))
-        if dtype is not None and isinstance(model_or_name, PreTrainedModel):
-            self.model = self.model.to(_resolve_dtype(dtype))
         self.model.eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -128,8 +126,10 @@ class LMPipeline:
             raise ModelLoadError(f"model folder {name!r} does not exist or has no config.json")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name)
+            # on a GPU, load the weights straight onto it (an 8B model need not pass through CPU memory)
+            placement = {"device_map": {"": str(self.device)}} if self.device.type == "cuda" else {}
             model = AutoModelForCausalLM.from_pretrained(
-                str(local) if looks_local else name, dtype=dtype if dtype is not None else "auto"
+                str(local) if looks_local else name, dtype=dtype if dtype is not None else "auto", **placement
             )
         except OSError as exc:
             raise ModelLoadError(

@@ -1,6 +1,6 @@
 """Step 1: sample counterfactual datasets for D-digit addition and keep the pairs the model gets right.
 
-    python tasks/general_addition/01_generate_and_filter_dataset.py --model organism --digits 2 [--size 256] [--test]
+    python tasks/general_addition/01_generate_and_filter_dataset.py --model organism --digits 2 [--size 128] [--test]
 
 Writes <study>/datasets/<family>/ and <study>/metadata.json (filter accuracy per dataset).
 """

@@ -47,7 +47,7 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--test", action="store_true", help="tiny, fast run (smoke test)")
     step1 = parser.add_argument_group("step 1 (datasets)")
-    step1.add_argument("--size", type=int, default=256, help="pairs sampled per dataset family (before filtering)")
+    step1.add_argument("--size", type=int, default=128, help="pairs sampled per dataset family (before filtering)")
     step1.add_argument("--seed", type=int, default=0)
     step1.add_argument("--template", default=DEFAULT_TEMPLATE, choices=sorted(PROMPT_TEMPLATES))
     step1.add_argument("--families", nargs="*", default=None, help="dataset families (default: all)")

@@ -1,0 +1,124 @@
+"""The addition task on the shipped organism: token positions, filtering, and the three-step study."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from causal.raw_results import RawResults
+from experiments.filter_experiment import FilterExperiment
+from experiments.pipeline import LMPipeline
+from experiments.token_positions import TokenPositionError
+from tasks.general_addition.causal_models import (
+    build_addition_model,
+    build_tens_without_carry_model,
+    setting_from_addends,
+)
+from tasks.general_addition.checker import addition_checker
+from tasks.general_addition.counterfactuals import make_addition_datasets
+from tasks.general_addition.organism import ORGANISM_DIR
+from tasks.general_addition.token_positions import addition_token_positions, tokenization_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def organism() -> LMPipeline:
+    return LMPipeline(ORGANISM_DIR, max_new_tokens=5, device="cpu")
+
+
+def test_digit_positions_on_character_tokenizer(organism):
+    positions = {p.id: p for p in addition_token_positions(organism, 2)}
+    setting = setting_from_addends(58, 67, 2)
+    # "<s> 5 8 + 6 7 =": BOS at 0
+    expected = {"digit_0_1": [1], "digit_0_0": [2], "op": [3], "digit_1_1": [4], "digit_1_0": [5], "last": [6]}
+    assert {k: positions[k].index(setting) for k in positions} == expected  # "=" is the last token: no "eq"
+    assert tokenization_of(organism) == "one_token_per_digit"
+
+
+def test_positions_follow_other_templates(organism):
+    positions = {p.id: p for p in addition_token_positions(organism, 3, template="plus_words")}
+    setting = setting_from_addends(123, 456, 3, template="plus_words")  # "What is 123 plus 456? Answer:"
+    text = setting["raw_input"]
+    assert positions["digit_0_2"].index(setting) == [1 + text.index("1")]
+    assert positions["digit_1_0"].index(setting) == [1 + text.index("6")]
+    assert positions["eq"].index(setting) == [1 + text.index("?")]
+
+
+def _chunking_pipeline(tmp_path: Path) -> LMPipeline:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for token in [str(i) for i in range(1000)] + [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(100)] + list("+=? abcdefghijklmnopqrstuvwxyzAQ:"):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d{1,3}|."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=len(vocab), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    folder = tmp_path / "chunky"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return LMPipeline(folder, device="cpu")
+
+
+def test_multi_digit_tokens_give_addend_positions(tmp_path):
+    pipeline = _chunking_pipeline(tmp_path)
+    assert tokenization_of(pipeline) == "multi_digit_tokens"
+    positions = {p.id: p for p in addition_token_positions(pipeline, 3)}
+    assert list(positions) == ["addend_0", "op", "addend_1", "last"]
+    setting = setting_from_addends(123, 456, 3)  # "<s> 123 + 456 ="
+    assert [positions[k].index(setting) for k in positions] == [[1], [2], [3], [4]]
+    qa = {p.id: p for p in addition_token_positions(pipeline, 3, template="qa")}
+    assert qa["eq"].index(setting_from_addends(123, 456, 3, template="qa")) == [7]  # "<s> Q :   123 + 456 ="
+
+
+def test_position_outside_prompt_is_an_error(organism):
+    from experiments.token_positions import TokenPosition
+
+    beyond = TokenPosition(lambda s: [40], organism, id="beyond")
+    with pytest.raises(TokenPositionError, match="has 7 tokens"):
+        beyond.index(setting_from_addends(58, 67, 2))
+
+
+def test_filter_keeps_pairs_the_organism_gets_right(organism):
+    datasets = make_addition_datasets(2, 24, seed=3, families=["random", "flip_carry_0"])
+    kept, reports = FilterExperiment(organism, build_addition_model(2), addition_checker).filter(datasets, verbose=False)
+    for report in reports:
+        assert report.input_accuracy >= 0.95
+        assert len(kept[report.dataset_id]) == report.kept_pairs >= 20
+    # against a wrong hypothesis the same network "fails" exactly where the hypothesis is wrong
+    _, wrong = FilterExperiment(organism, build_tens_without_carry_model(2), addition_checker).filter(
+        {"flip_carry_0": datasets["flip_carry_0"]}, verbose=False)
+    assert wrong[0].kept_pairs == 0  # every flip_carry_0 pair has carry_0 = 1 on one side
+
+
+def test_run_all_test_mode_end_to_end(tmp_path):
+    study = tmp_path / "study"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "tasks/general_addition/run_all.sh"), "--test", "--digits", "2", "--out", str(study), "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metadata = json.loads((study / "metadata.json").read_text())
+    assert metadata["datasets"]
+    raw = RawResults(study / "raw" / "residual_stream")
+    assert raw.is_complete()
+    table = raw.intervened_outputs()
+    assert set(table["layer"]) == {-1, 0, 1, 2, 3}
+    summary = (study / "scores" / "summary.md").read_text()
+    assert "digit_0_0" in summary and "carry_0" in summary
+    assert list((study / "scores" / "heatmaps" / "residual_stream").glob("*.png"))
+    assert list((study / "scores" / "heatmaps" / "attention_heads").glob("*.png"))
+    # Law: patching the embedding of a digit token is the same as changing that input digit, so the
+    # carry graph's label for that digit must match the organism wherever it adds correctly.
+    scores = json.loads((study / "scores" / "residual_stream__carry.json").read_text())
+    rows = [r for r in scores["averaged"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L-1@digit_0_0"]
+    assert rows and rows[0]["accuracy"] >= 0.9
