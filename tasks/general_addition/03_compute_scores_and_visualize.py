@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> Path:
     datasets = load_datasets(folder)
     targets = [[v] for v in (args.target_vars or default_targets(n_digits))]
     hypotheses = {"carry": build_addition_model(n_digits), "tens_no_carry": build_tens_without_carry_model(n_digits)}
-    raw_folders = sorted(p for p in (folder / "raw").iterdir() if (p / "manifest.json").exists()) if (folder / "raw").exists() else []
+    raw_folders = sorted((p for p in (folder / "raw").iterdir() if (p / "manifest.json").exists()),
+                         key=lambda p: (p.name != "residual_stream", p.name)) if (folder / "raw").exists() else []
     if not raw_folders:
         raise SystemExit(f"no raw results under {folder / 'raw'}: run 02_run_interventions.py first")
     out = folder / "scores"
