@@ -64,12 +64,14 @@ class InterventionEngine:
 
     def __init__(self, pipeline: LMPipeline):
         self.pipeline = pipeline
-        self._intervenables: dict[tuple[Site, ...], Any] = {}
+        self._intervenables: dict[tuple[tuple[Site, ...], bool], Any] = {}
 
-    def _intervenable(self, signature: tuple[Site, ...]):
-        if signature not in self._intervenables:
-            self._intervenables[signature] = build_intervenable(self.pipeline.model, list(signature))
-        return self._intervenables[signature]
+    def _intervenable(self, signature: tuple[Site, ...], collect: bool = False):
+        """The (cached) pyvene wrapper patching, or collecting, these sites."""
+        key = (signature, collect)
+        if key not in self._intervenables:
+            self._intervenables[key] = build_intervenable(self.pipeline.model, list(signature), collect=collect)
+        return self._intervenables[key]
 
     @torch.no_grad()
     def run_part(
@@ -87,7 +89,7 @@ class InterventionEngine:
 
         sites = sorted({unit.site for group in groups for cell in group for unit in cell.units},
                        key=lambda s: (s.layer, s.component))
-        sources = collect_sites(pipeline.model, sites, cf_batch.model_inputs()) if sites else {}
+        sources = collect_sites(self._intervenable(tuple(sites), collect=True), sites, cf_batch.model_inputs()) if sites else {}
 
         # token indices of each (position, example), padded-batch coordinates, computed once per part
         base_cols: dict[int, list[list[int]]] = {}

@@ -152,20 +152,18 @@ def ordered_keys(intervenable: pyvene.IntervenableModel) -> list[str]:
 
 @torch.no_grad()
 def collect_sites(
-    model: PreTrainedModel, sites: list[Site], inputs: dict[str, torch.Tensor]
+    collector: pyvene.IntervenableModel, sites: list[Site], inputs: dict[str, torch.Tensor]
 ) -> dict[Site, torch.Tensor]:
-    """Full activations of ``sites`` on one forward: (B, T, d) for "pos", (B, H, T, d_head) for "h.pos"."""
-    captured: dict[Site, torch.Tensor] = {}
-    for site in sites:
-        captured[site] = None  # type: ignore[assignment]
-    intervenable = build_intervenable(model, sites, collect=True)
+    """Full activations of ``sites`` on one forward: (B, T, d) for "pos", (B, H, T, d_head) for "h.pos".
+
+    ``collector`` is ``build_intervenable(model, sites, collect=True)``; logits are kept at the last
+    position only (nothing reads them).
+    """
     bsz, width = inputs["input_ids"].shape
     positions = [list(range(width))] * bsz
-    heads = [list(range(model.config.num_attention_heads))] * bsz
+    heads = [list(range(collector.model.config.num_attention_heads))] * bsz
     locations = [[heads, positions] if site.unit == "h.pos" else positions for site in sites]
-    (_, collected), _ = intervenable(
-        dict(inputs), unit_locations={"base": locations}, output_original_output=False
+    (_, collected), _ = collector(
+        {**inputs, "logits_to_keep": 1}, unit_locations={"base": locations}, output_original_output=False
     )
-    for site, tensor in zip(sites, collected):
-        captured[site] = tensor
-    return captured
+    return dict(zip(sites, collected))
