@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 from datasets import Dataset, Features
@@ -297,3 +297,24 @@ def _show(setting: dict[str, Any]) -> str:
     if "raw_input" in setting:
         return repr(setting["raw_input"])
     return repr(setting)
+
+
+def as_dataset_dict(
+    datasets: "CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset]",
+) -> dict[str, "CounterfactualDataset"]:
+    """One dataset, a list, or a dict keyed by dataset id, as ``{dataset.id: dataset}`` (ids unique)."""
+    if isinstance(datasets, CounterfactualDataset):
+        return {datasets.id: datasets}
+    items = list(datasets.items()) if isinstance(datasets, Mapping) else [(getattr(d, "id", None), d) for d in datasets]
+    result: dict[str, CounterfactualDataset] = {}
+    for key, dataset in items:
+        if not isinstance(dataset, CounterfactualDataset):
+            raise TypeError(f"expected a CounterfactualDataset for {key!r}, got {type(dataset).__name__}")
+        if key != dataset.id:
+            raise ValueError(f"dataset under key {key!r} has id {dataset.id!r}; key datasets by their id")
+        if key in result:
+            raise ValueError(f"two datasets have the id {key!r}")
+        result[key] = dataset
+    if not result:
+        raise ValueError("no datasets given")
+    return result

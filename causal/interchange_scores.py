@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
-from causal.counterfactual_dataset import CounterfactualDataset
+from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import RawResults, ResultsError, atomic_write_json, atomic_write_parquet
 
 Z_95 = 1.959963984540054
@@ -92,25 +92,6 @@ def _normalize_groups(target_variables_list: Any, include_pairs: bool) -> list[l
         for a, b in itertools.combinations(singles, 2):
             add([a, b])
     return groups
-
-
-def _normalize_datasets(datasets: Any) -> dict[str, CounterfactualDataset]:
-    if isinstance(datasets, CounterfactualDataset):
-        return {datasets.id: datasets}
-    if isinstance(datasets, dict):
-        items = list(datasets.items())
-    else:
-        items = [(d.id, d) for d in datasets]
-    result: dict[str, CounterfactualDataset] = {}
-    for key, dataset in items:
-        if not isinstance(dataset, CounterfactualDataset):
-            raise TypeError(f"expected CounterfactualDataset for {key!r}, got {type(dataset).__name__}")
-        if key in result:
-            raise ValueError(f"two datasets have the id {key!r}")
-        result[key] = dataset
-    if not result:
-        raise ValueError("no datasets given to score")
-    return result
 
 
 def _clean(value: Any) -> Any:
@@ -310,21 +291,29 @@ def compute_interchange_scores(
     target_variables_list: list[list[str]],
     checker: Callable[[str, Any], bool],
     include_pairs: bool = False,
-    counterfactual_index: int = 0,
+    counterfactual_index: int | None = None,
 ) -> InterchangeScores:
     """Interchange intervention accuracy of every cell in ``raw_results`` for each target-variable group.
 
-    Datasets are matched to the results by id (``dataset.id``, or the key when a dict is
-    given) and must have the fingerprint recorded in the manifest. Results datasets without
+    Datasets are matched to the results by ``dataset.id`` (a dict must be keyed by those ids) and must have the fingerprint recorded in the manifest. Results datasets without
     a given dataset are not scored. For each group (variable names, ``"a<-b"`` allowed) and
     dataset, the expected output of example i is
     ``causal_model.run_interchange(input, {v: counterfactual_inputs[counterfactual_index] for v in group})["raw_output"]``,
     and a cell is correct on example i when ``checker(output_text, expected)``.
     ``include_pairs`` adds every pair of the single-variable groups as a joint group.
+    ``counterfactual_index`` defaults to the one the experiment patched from (recorded in its manifest).
     """
     results = raw_results if isinstance(raw_results, RawResults) else RawResults(raw_results)
     manifest = results.manifest
-    given = _normalize_datasets(datasets)
+    recorded_index = int(manifest.settings.get("counterfactual_index", 0))
+    if counterfactual_index is None:
+        counterfactual_index = recorded_index
+    elif counterfactual_index != recorded_index:
+        raise ValueError(
+            f"counterfactual_index={counterfactual_index} but the experiment patched from counterfactual "
+            f"input #{recorded_index}; labels must come from the same counterfactual"
+        )
+    given = as_dataset_dict(datasets)
     records = {record.dataset_id: record for record in manifest.datasets}
     for dataset_id, dataset in given.items():
         if dataset_id not in records:
@@ -353,21 +342,7 @@ def compute_interchange_scores(
 
     check = _MemoChecker(checker)
     cell_order = {cell.cell_id: i for i, cell in enumerate(manifest.cells)}
-    address = pd.DataFrame(
-        [
-            {
-                "cell_id": c.cell_id,
-                "layer": c.units[0].layer if c.units else None,
-                "component": c.units[0].component if c.units else None,
-                "head": c.units[0].head if c.units else None,
-                "position_id": c.units[0].position_id if c.units else None,
-                "n_units": len(c.units),
-            }
-            for c in manifest.cells
-        ],
-        columns=["cell_id", *ADDRESS_COLUMNS, "n_units"],
-    )
-    address["head"] = address["head"].astype("Int64")
+    address = results.cell_addresses()
 
     scored_ids = [d for d in records if d in given]  # manifest order
     cell_ids = [cell.cell_id for cell in manifest.cells]

@@ -66,7 +66,7 @@ class CellSpec(BaseModel):
 
 
 class DatasetRecord(BaseModel):
-    dataset_id: str
+    dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$", description="also a folder name")
     fingerprint: str
     size: int
 
@@ -144,6 +144,11 @@ def part_file_name(index: int) -> str:
     return f"part_{index:05d}.parquet"
 
 
+def part_path(root: Path, kind: str, dataset_id: str, part: int) -> Path:
+    """``root/<kind>/<dataset_id>/part_NNNNN.parquet``; kind is "base" or "cells"."""
+    return root / kind / dataset_id / part_file_name(part)
+
+
 class RawResults:
     """Read access to a results folder (see module docstring for the layout)."""
 
@@ -169,15 +174,12 @@ class RawResults:
         if dataset_id not in self.dataset_ids:
             raise KeyError(f"dataset {dataset_id!r} is not in these results (have {self.dataset_ids})")
 
-    def _part_path(self, kind: str, dataset_id: str, part: int) -> Path:
-        return self.root / kind / dataset_id / part_file_name(part)
-
     def missing_parts(self, dataset_id: str) -> list[int]:
         """Parts of a dataset whose intervened rows are not on disk yet."""
         self._check_dataset(dataset_id)
         return [
             i for i in range(self.manifest.n_parts(dataset_id))
-            if not (self._part_path("base", dataset_id, i).exists() and self._part_path("cells", dataset_id, i).exists())
+            if not (part_path(self.root, "base", dataset_id, i).exists() and part_path(self.root, "cells", dataset_id, i).exists())
         ]
 
     def is_complete(self) -> bool:
@@ -190,7 +192,7 @@ class RawResults:
                 f"results for dataset {dataset_id!r} in {self.root} are incomplete ({len(missing)} of "
                 f"{self.manifest.n_parts(dataset_id)} parts missing); rerun the same command to resume"
             )
-        frames = [_read_parquet(self._part_path(kind, dataset_id, i)) for i in range(self.manifest.n_parts(dataset_id))]
+        frames = [_read_parquet(part_path(self.root, kind, dataset_id, i)) for i in range(self.manifest.n_parts(dataset_id))]
         return pd.concat(frames, ignore_index=True)
 
     def base_outputs(self, dataset_id: str) -> pd.DataFrame:
@@ -210,20 +212,27 @@ class RawResults:
             frame.insert(0, "dataset_id", did)
             frames.append(frame)
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["dataset_id", "cell_id"])
-        address = pd.DataFrame(
+        return table.merge(self.cell_addresses(), on="cell_id", how="left")
+
+    def cell_addresses(self) -> pd.DataFrame:
+        """One row per cell in manifest order: ``cell_id``, ``layer``, ``component``, ``head`` (nullable int),
+        ``position_id`` (of the cell's first unit) and ``n_units``."""
+        frame = pd.DataFrame(
             [
                 {
                     "cell_id": c.cell_id,
-                    "layer": c.units[0].layer,
-                    "component": c.units[0].component,
-                    "head": c.units[0].head,
-                    "position_id": c.units[0].position_id,
+                    "layer": c.units[0].layer if c.units else None,
+                    "component": c.units[0].component if c.units else None,
+                    "head": c.units[0].head if c.units else None,
+                    "position_id": c.units[0].position_id if c.units else None,
                     "n_units": len(c.units),
                 }
                 for c in self.manifest.cells
-            ]
+            ],
+            columns=["cell_id", "layer", "component", "head", "position_id", "n_units"],
         )
-        return table.merge(address, on="cell_id", how="left")
+        frame["head"] = frame["head"].astype("Int64")
+        return frame
 
 
 class RawResultsWriter:
@@ -236,25 +245,35 @@ class RawResultsWriter:
         if manifest_path.exists():
             existing = RawResults.read_manifest(self.root)
             if existing.identity() != manifest.identity():
+                old, new = existing.model_dump(mode="json"), manifest.model_dump(mode="json")
+                differ = sorted(k for k in new if old.get(k) != new[k])
+                details = [f"{k}.{kk}" for k in ("model", "settings") if k in differ
+                           for kk in sorted(set(old[k]) | set(new[k])) if old[k].get(kk) != new[k].get(kk)]
                 raise ResultsError(
                     f"{self.root} already holds results of a different experiment "
-                    f"(experiment_id={existing.experiment_id!r}); use another results folder or delete it"
+                    f"(experiment_id={existing.experiment_id!r}; differing: {', '.join(details + differ)}); "
+                    f"use another results folder, or delete this one to start over"
                 )
         else:
+            if self.root.exists() and any(self.root.iterdir()):
+                raise ResultsError(
+                    f"{self.root} is not empty but holds no {MANIFEST_NAME}: refusing to mix new results with "
+                    f"files of unknown origin; use an empty or new folder"
+                )
             atomic_write_json(manifest_path, manifest.model_dump(mode="json"))
 
     def has_part(self, dataset_id: str, part: int) -> bool:
-        return all((self.root / kind / dataset_id / part_file_name(part)).exists() for kind in ("base", "cells"))
+        return all(part_path(self.root, kind, dataset_id, part).exists() for kind in ("base", "cells"))
 
     def write_part(
         self, dataset_id: str, part: int, base_rows: Iterable[dict[str, Any]], cell_rows: Iterable[dict[str, Any]]
     ) -> None:
         """Write one part: base rows first, intervened rows last (the latter marks the part done)."""
         atomic_write_parquet(
-            self.root / "base" / dataset_id / part_file_name(part), pd.DataFrame(list(base_rows), columns=OUTPUT_COLUMNS)
+            part_path(self.root, "base", dataset_id, part), pd.DataFrame(list(base_rows), columns=OUTPUT_COLUMNS)
         )
         atomic_write_parquet(
-            self.root / "cells" / dataset_id / part_file_name(part),
+            part_path(self.root, "cells", dataset_id, part),
             pd.DataFrame(list(cell_rows), columns=["cell_id", *OUTPUT_COLUMNS]),
         )
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from causal.causal_model import CausalModel
-from causal.counterfactual_dataset import CounterfactualDataset
+from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from experiments.pipeline import LMPipeline
 
 
@@ -41,9 +41,8 @@ class FilterExperiment:
         starts = range(0, len(settings), batch_size)
         for start in tqdm(starts, desc="checking inputs", disable=not verbose):
             chunk = list(settings[start : start + batch_size])
-            generation = self.pipeline.generate(chunk)
-            texts = self.pipeline.dump([ids[:n] for ids, n in zip(generation.token_ids.tolist(), generation.lengths)])
-            for setting, text in zip(chunk, texts):
+            rows = self.pipeline.output_rows(self.pipeline.generate(chunk), range(len(chunk)))
+            for setting, text in zip(chunk, (row["output_text"] for row in rows)):
                 expected = self.causal_model.run_forward(setting)["raw_output"]
                 out.append(bool(self.checker(text, expected)))
         return out
@@ -55,9 +54,7 @@ class FilterExperiment:
         verbose: bool = True,
     ) -> tuple[dict[str, CounterfactualDataset], list[FilterReport]]:
         """Filtered datasets (same ids; those with no surviving pair left out) and one report per dataset."""
-        if isinstance(datasets, CounterfactualDataset):
-            datasets = [datasets]
-        items = list(datasets.values()) if isinstance(datasets, Mapping) else list(datasets)
+        items = list(as_dataset_dict(datasets).values())
         kept: dict[str, CounterfactualDataset] = {}
         reports = []
         for dataset in items:

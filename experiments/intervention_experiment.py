@@ -8,15 +8,14 @@ Score it afterwards against any causal model with ``causal.compute_interchange_s
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from causal.counterfactual_dataset import CounterfactualDataset
+from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_units import AttentionHead, ModelUnit
@@ -31,6 +30,8 @@ class ExperimentConfig(BaseModel):
     ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     id: str = "experiment"
     batch_size: int = Field(32, gt=0)
     max_rows_per_forward: int = Field(512, gt=0)
@@ -42,16 +43,26 @@ class ExperimentConfig(BaseModel):
         return max(1, self.max_rows_per_forward // self.batch_size)
 
 
+def weights_probe(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape and first/last 16 values: changes if any tensor is replaced."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().flatten()
+        sample = torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy()
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
 def model_fingerprint(pipeline: LMPipeline) -> dict[str, Any]:
-    """What identifies the network: name, class, config, and a checksum of a slice of its weights."""
+    """What identifies the network: name (folder name for local checkpoints), class, config, weights probe."""
     model = pipeline.model
-    config_json = model.config.to_json_string(use_diff=False)
-    first = next(model.parameters()).detach().flatten()[:4096].float().cpu().numpy().tobytes()
+    local = Path(pipeline.name)
     return {
-        "name": pipeline.name,
+        "name": local.name if local.exists() else pipeline.name,
         "class": type(model).__name__,
-        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-        "weights_probe_sha256": hashlib.sha256(first).hexdigest(),
+        "config_sha256": hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest(),
+        "weights_probe_sha256": weights_probe(model),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype),
         "device_type": pipeline.device.type,
@@ -60,21 +71,6 @@ def model_fingerprint(pipeline: LMPipeline) -> dict[str, Any]:
         "top_k": pipeline.top_k,
         "use_chat_template": pipeline.use_chat_template,
     }
-
-
-def _as_dataset_list(
-    datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
-) -> list[CounterfactualDataset]:
-    if isinstance(datasets, CounterfactualDataset):
-        items = [datasets]
-    elif isinstance(datasets, Mapping):
-        items = list(datasets.values())
-    else:
-        items = list(datasets)
-    ids = [d.id for d in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"dataset ids must be unique, got {ids}")
-    return items
 
 
 class InterventionExperiment:
@@ -119,7 +115,7 @@ class InterventionExperiment:
         verbose: bool = True,
     ) -> RawResults:
         """Run every cell on every pair; resume a folder holding the same experiment. Returns the results."""
-        items = _as_dataset_list(datasets)
+        items = list(as_dataset_dict(datasets).values())
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
         writer = RawResultsWriter(root, self._manifest(items, groups))

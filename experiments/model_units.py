@@ -55,6 +55,10 @@ class ModelUnit:
             raise UnitError(f"unknown component {self.component!r}; known: {', '.join(COMPONENTS)}")
         if (self.component == "head_attention_value_output") != (self.head is not None):
             raise UnitError("a head index is required for head units and only for them")
+        if type(self.featurizer) is not Featurizer:
+            raise UnitError(
+                f"featurizer {type(self.featurizer).__name__} is not supported yet: units patch activations as they are"
+            )
 
     @property
     def id(self) -> str:

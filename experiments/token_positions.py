@@ -78,19 +78,30 @@ def last_token_position(pipeline: LMPipeline, id: str = "last") -> TokenPosition
     return TokenPosition(lambda setting: [-1], pipeline, id=id)
 
 
-def substring_token_indices(pipeline: LMPipeline, text: str, substring: str, occurrence: int = 0) -> list[int]:
-    """Indices of the tokens whose character spans overlap ``substring`` (its ``occurrence``-th match)."""
+def char_span_token_indices(pipeline: LMPipeline, prompt: str | dict[str, Any], start: int, end: int) -> list[int]:
+    """Indices of the tokens overlapping characters [start, end) of the raw prompt (before any chat
+    template; the template's shift is accounted for)."""
+    raw = prompt["raw_input"] if isinstance(prompt, dict) else prompt
+    enc = pipeline.tokenize_one(prompt)
+    shift = enc["text"].find(raw)
+    if shift < 0:
+        raise TokenPositionError(f"raw prompt {raw!r} not found in the tokenised text {enc['text']!r}")
+    lo, hi = start + shift, end + shift
+    hits = [i for i, (s, e) in enumerate(enc["offsets"]) if e > s and s < hi and e > lo]
+    if not hits:
+        raise TokenPositionError(f"no token covers characters {start}..{end} of {raw!r}")
+    return hits
+
+
+def substring_token_indices(pipeline: LMPipeline, prompt: str | dict[str, Any], substring: str, occurrence: int = 0) -> list[int]:
+    """Indices of the tokens overlapping ``substring`` (its ``occurrence``-th match in the raw prompt)."""
+    raw = prompt["raw_input"] if isinstance(prompt, dict) else prompt
     start = -1
     for _ in range(occurrence + 1):
-        start = text.find(substring, start + 1)
+        start = raw.find(substring, start + 1)
         if start < 0:
-            raise TokenPositionError(f"substring {substring!r} (occurrence {occurrence}) not found in {text!r}")
-    end = start + len(substring)
-    enc = pipeline.tokenize_one(text)
-    hits = [i for i, (s, e) in enumerate(enc["offsets"]) if e > s and s < end and e > start]
-    if not hits:
-        raise TokenPositionError(f"no token covers {substring!r} in {text!r}")
-    return hits
+            raise TokenPositionError(f"substring {substring!r} (occurrence {occurrence}) not found in {raw!r}")
+    return char_span_token_indices(pipeline, prompt, start, start + len(substring))
 
 
 def substring_position(
@@ -105,7 +116,7 @@ def substring_position(
         raise ValueError(f"pick must be 'all', 'first' or 'last', got {pick!r}")
 
     def indexer(setting: dict[str, Any]) -> list[int]:
-        hits = substring_token_indices(pipeline, pipeline.prompt_text(setting), substring_of(setting), occurrence)
+        hits = substring_token_indices(pipeline, setting, substring_of(setting), occurrence)
         return hits if pick == "all" else [hits[0] if pick == "first" else hits[-1]]
 
     return TokenPosition(indexer, pipeline, id=id)

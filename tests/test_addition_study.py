@@ -122,3 +122,14 @@ def test_run_all_test_mode_end_to_end(tmp_path):
     scores = json.loads((study / "scores" / "residual_stream__carry.json").read_text())
     rows = [r for r in scores["averaged"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L-1@digit_0_0"]
     assert rows and rows[0]["accuracy"] >= 0.9
+
+
+def test_chat_template_keeps_eq_and_shifts_positions():
+    pipeline = LMPipeline(ORGANISM_DIR, device="cpu", use_chat_template=True)
+    pipeline.tokenizer.chat_template = "q {{ messages[0]['content'] }} a"
+    setting = setting_from_addends(58, 67, 2)  # tokenised text: "q 58+67= a" (no BOS with a chat template)
+    positions = {p.id: p for p in addition_token_positions(pipeline, 2)}
+    assert "eq" in positions  # "=" is no longer the last token
+    assert positions["digit_0_1"].index(setting) == [2]
+    assert positions["eq"].index(setting) == [7]
+    assert positions["last"].index(setting) == [9]

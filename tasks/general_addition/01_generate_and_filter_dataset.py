@@ -16,13 +16,24 @@ from experiments.filter_experiment import FilterExperiment  # noqa: E402
 from tasks.general_addition.causal_models import build_addition_model  # noqa: E402
 from tasks.general_addition.checker import addition_checker  # noqa: E402
 from tasks.general_addition.counterfactuals import ADDITION_FAMILIES, make_addition_datasets  # noqa: E402
-from tasks.general_addition.study import load_pipeline, study_dir, study_parser, write_metadata  # noqa: E402
+from tasks.general_addition.study import (  # noqa: E402
+    STEP1_SETTINGS,
+    check_same_study,
+    load_pipeline,
+    read_metadata,
+    study_dir,
+    study_parser,
+    write_metadata,
+)  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = study_parser(__doc__).parse_args(argv)
     size = min(args.size, 24) if args.test else args.size
     out = study_dir(args)
+    if (out / "metadata.json").exists() and (out / "raw").exists():
+        # new datasets would orphan the raw results already computed on the old ones
+        check_same_study(args, read_metadata(out), (*STEP1_SETTINGS, "seed", "size", "families", "test"))
     pipeline = load_pipeline(args)
     causal_model = build_addition_model(args.digits)
     families = args.families or ADDITION_FAMILIES(args.digits)
@@ -40,7 +51,8 @@ def main(argv: list[str] | None = None) -> Path:
     if not saved:
         raise SystemExit("the model is wrong on every pair: nothing to study (check --model, --digits, --template)")
     write_metadata(out, {
-        "model": args.model, "digits": args.digits, "seed": args.seed, "size": size, "template": args.template,
+        "model": args.model, "digits": args.digits, "seed": args.seed, "size": args.size, "template": args.template,
+        "families": args.families, "pairs_per_family": size,
         "chat": args.chat, "test": args.test, "datasets": saved,
         "filter": [r.model_dump() for r in reports],
     })

@@ -15,23 +15,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream  # noqa: E402
-from tasks.general_addition.study import load_datasets, load_pipeline, read_metadata, study_dir, study_parser  # noqa: E402
+from tasks.general_addition.study import (  # noqa: E402
+    check_same_study,
+    load_datasets,
+    load_pipeline,
+    read_metadata,
+    study_dir,
+    study_parser,
+)
 from tasks.general_addition.token_positions import addition_token_positions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = study_parser(__doc__).parse_args(argv)
     out = study_dir(args)
+    metadata = read_metadata(out)
+    check_same_study(args, metadata)
     datasets = load_datasets(out)
     pipeline = load_pipeline(args)
     layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
-    positions = addition_token_positions(pipeline, args.digits, read_metadata(out)["template"])
+    positions = addition_token_positions(pipeline, args.digits, metadata["template"])
     config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows}
     residual = PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})
     residual.perform_interventions(datasets, results_dir=out / "raw" / "residual_stream")
     print(f"residual stream: {len(residual.cells)} cells × {sum(len(d) for d in datasets.values())} pairs")
-    if not args.no_heads:
-        head_layers = [l for l in layers if l >= 0]
+    head_layers = [l for l in layers if l >= 0]
+    if not args.no_heads and not head_layers:
+        print("attention heads: skipped (no layer >= 0 among --layers)")
+    elif not args.no_heads:
         heads = PatchAttentionHeads(pipeline, PatchAttentionHeads.every_head(pipeline, head_layers),
                                     [p for p in positions if p.id == "last"], config={**config, "id": "attention_heads"})
         heads.perform_interventions(datasets, results_dir=out / "raw" / "attention_heads")

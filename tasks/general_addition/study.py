@@ -30,9 +30,10 @@ def model_path(model: str) -> str:
     return str(ORGANISM_DIR) if model == ORGANISM else model
 
 
-def default_study_dir(model: str, n_digits: int) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/").split("/")[-1] if model != ORGANISM else ORGANISM)
-    return Path("results") / "addition" / slug / f"{n_digits}d"
+def default_study_dir(model: str, n_digits: int, test: bool = False) -> Path:
+    """``results/addition/<model>/<D>d`` (``<D>d_test`` for ``--test`` runs, which never touch a full study)."""
+    slug = ORGANISM if model == ORGANISM else re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/"))
+    return Path("results") / "addition" / slug / f"{n_digits}d{'_test' if test else ''}"
 
 
 def study_parser(description: str | None) -> argparse.ArgumentParser:
@@ -41,7 +42,8 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=ORGANISM,
                         help="hub name (e.g. meta-llama/Llama-3.1-8B-Instruct) or local HF folder; default: the shipped organism")
     parser.add_argument("--digits", type=int, default=2, choices=(2, 3, 4), help="digits per addend")
-    parser.add_argument("--out", type=Path, default=None, help="study folder (default results/addition/<model>/<D>d)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="study folder (default results/addition/<model>/<D>d, or <D>d_test with --test)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
@@ -60,7 +62,22 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def study_dir(args: argparse.Namespace) -> Path:
-    return args.out if args.out is not None else default_study_dir(args.model, args.digits)
+    return args.out if args.out is not None else default_study_dir(args.model, args.digits, args.test)
+
+
+STEP1_SETTINGS = ("model", "digits", "chat", "template")
+"""Settings of step 1 that step 2 must share: the datasets were filtered by this model on these prompts."""
+
+
+def check_same_study(args: argparse.Namespace, metadata: dict[str, Any], keys: tuple[str, ...] = STEP1_SETTINGS) -> None:
+    """Refuse arguments that contradict the datasets step 1 wrote into this study folder."""
+    differ = [f"--{k} {getattr(args, k)!r} (step 1 used {metadata.get(k)!r})"
+              for k in keys if getattr(args, k) != metadata.get(k)]
+    if differ:
+        raise SystemExit(
+            "these arguments differ from the ones that built the datasets in this study folder: " + "; ".join(differ)
+            + ". Rerun step 1 with them, or pass the same arguments (or another --out)."
+        )
 
 
 def load_pipeline(args: argparse.Namespace):

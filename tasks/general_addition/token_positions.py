@@ -16,8 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 from experiments.pipeline import LMPipeline
-from experiments.token_positions import TokenPosition, TokenPositionError
-from tasks.general_addition.causal_models import DEFAULT_TEMPLATE, PROMPT_TEMPLATES, addends_of, digit_var
+from experiments.token_positions import TokenPosition, TokenPositionError, char_span_token_indices
+from tasks.general_addition.causal_models import (
+    DEFAULT_TEMPLATE,
+    PROMPT_TEMPLATES,
+    addends_of,
+    digit_var,
+    setting_from_addends,
+)
 
 #: model_type (from the HF config) -> how its tokenizer writes numbers.
 TOKENIZATION_BY_FAMILY: dict[str, str] = {
@@ -49,19 +55,6 @@ def addend_spans(setting: dict[str, Any], n_digits: int) -> tuple[tuple[int, int
     return (a_start, a_start + n_digits), (b_start, b_start + n_digits)
 
 
-def _tokens_at_chars(pipeline: LMPipeline, setting: dict[str, Any], start: int, end: int) -> list[int]:
-    text = setting["raw_input"]
-    prompt = pipeline.prompt_text(setting)
-    shift = prompt.find(text)  # the chat template may wrap the raw input
-    if shift < 0:
-        raise TokenPositionError(f"raw_input {text!r} not found in the tokenised prompt")
-    enc = pipeline.tokenize_one(setting)
-    hits = [i for i, (s, e) in enumerate(enc["offsets"]) if e > s and s < end + shift and e > start + shift]
-    if not hits:
-        raise TokenPositionError(f"no token covers characters {start}..{end} of {text!r}")
-    return hits
-
-
 def tokenization_of(pipeline: LMPipeline) -> str:
     """"one_token_per_digit" or "multi_digit_tokens", from the config table, checked on the tokenizer."""
     probe = pipeline.tokenize_one("12345+67890=")
@@ -83,11 +76,11 @@ def addition_token_positions(
 ) -> list[TokenPosition]:
     """Positions in prompt order: digits (or addends), ``op``, ``eq`` and ``last``.
 
-    ``eq`` is left out where the template ends one character after addend 1 ("58+67="): there it
-    is the last token, and one cell per token is enough.
+    ``eq`` is left out where it is the last token of the tokenised prompt ("58+67=" without a chat
+    template): one cell per token is enough.
     """
-    text = PROMPT_TEMPLATES[template]
-    eq_is_last = text.endswith("{b}") or len(text) - (text.index("{b}") + 3) == 1
+    probe = setting_from_addends(0, 0, n_digits, template)
+    prompt_length = len(pipeline.tokenize_one(probe)["input_ids"])
     positions: list[TokenPosition] = []
     per_digit = tokenization_of(pipeline) == "one_token_per_digit"
     for addend in (0, 1):
@@ -95,28 +88,26 @@ def addition_token_positions(
             for place in reversed(range(n_digits)):
                 def digit_indexer(s: dict[str, Any], addend: int = addend, place: int = place) -> list[int]:
                     start = addend_spans(s, n_digits)[addend][0] + (n_digits - 1 - place)
-                    return _tokens_at_chars(pipeline, s, start, start + 1)[-1:]
+                    return char_span_token_indices(pipeline, s, start, start + 1)[-1:]
 
                 positions.append(TokenPosition(digit_indexer, pipeline, id=digit_var(addend, place)))
         else:
             def addend_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
                 start, end = addend_spans(s, n_digits)[addend]
-                return _tokens_at_chars(pipeline, s, start, end)[-1:]
+                return char_span_token_indices(pipeline, s, start, end)[-1:]
 
             positions.append(TokenPosition(addend_indexer, pipeline, id=f"addend_{addend}"))
-        after = "op" if addend == 0 else "eq"
-        if after == "eq" and eq_is_last:
-            continue
-
         def after_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
             end = addend_spans(s, n_digits)[addend][1]
             if end >= len(s["raw_input"]):
                 raise TokenPositionError(f"nothing follows addend {addend} in {s['raw_input']!r}")
-            covering_end = _tokens_at_chars(pipeline, s, end - 1, end)[-1]
-            following = _tokens_at_chars(pipeline, s, end, len(s["raw_input"]))
+            covering_end = char_span_token_indices(pipeline, s, end - 1, end)[-1]
+            following = char_span_token_indices(pipeline, s, end, len(s["raw_input"]))
             return [next(i for i in following if i > covering_end)] if any(i > covering_end for i in following) else following[:1]
 
-        positions.append(TokenPosition(after_indexer, pipeline, id=after))
+        after = TokenPosition(after_indexer, pipeline, id="op" if addend == 0 else "eq")
+        if not (after.id == "eq" and after.index(probe) == [prompt_length - 1]):
+            positions.append(after)
     positions.append(TokenPosition(lambda s: [-1], pipeline, id="last"))
     return positions
 
