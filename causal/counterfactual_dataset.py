@@ -282,6 +282,10 @@ class CounterfactualDataset:
             dataset = Dataset.load_from_disk(str(folder))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{folder} does not hold a saved HF dataset ({exc})") from exc
+        except Exception as exc:  # damaged arrow/state files raise pyarrow, json and datasets errors
+            raise ValueError(
+                f"the saved dataset in {folder} is corrupted ({type(exc).__name__}: {exc}); regenerate it"
+            ) from exc
         dataset_id = id if id is not None else sidecar.get("id", folder.name)
         _check_column_types(dataset, f"dataset at {folder}")
         result = cls(dataset, id=dataset_id)

@@ -60,10 +60,6 @@ class CellSpec(BaseModel):
     units: list[UnitAddress]
     featurizer_id: str = "identity"
 
-    @property
-    def label(self) -> str:
-        return self.cell_id
-
 
 class DatasetRecord(BaseModel):
     dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$", description="also a folder name")

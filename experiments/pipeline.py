@@ -157,6 +157,8 @@ class LMPipeline:
     # ------------------------------------------------------------------ text <-> tokens
     def prompt_text(self, prompt: PromptLike) -> str:
         """The exact string that is tokenised for a prompt (raw_input, chat template applied if asked)."""
+        if isinstance(prompt, dict) and "raw_input" not in prompt:
+            raise KeyError(f"a setting used as a prompt needs a 'raw_input' entry; it has {sorted(prompt)}")
         text = prompt["raw_input"] if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a string or a setting with 'raw_input', got {type(text).__name__}")

@@ -65,11 +65,6 @@ def register_model_class(model: PreTrainedModel) -> None:
     )
 
 
-def prepare_model(model: PreTrainedModel) -> None:
-    """Apply the lasting fix a model needs before pyvene wraps it: registry entry (idempotent)."""
-    register_model_class(model)
-
-
 @contextmanager
 def pyvene_config_fixes(model: PreTrainedModel) -> Iterator[None]:
     """Give the config a ``head_dim`` while pyvene reads it, then restore the config exactly.
@@ -129,7 +124,7 @@ def build_intervenable(model: PreTrainedModel, sites: list[Site], collect: bool 
     width of the gathered tensor (pyvene would otherwise flatten positions and cut the swap at a
     width read from the config: only the first position, or part of a Gemma 2 head, would change).
     """
-    prepare_model(model)
+    register_model_class(model)
     kind = pyvene.CollectIntervention if collect else pyvene.VanillaIntervention
     representations = [
         pyvene.RepresentationConfig(
@@ -143,11 +138,6 @@ def build_intervenable(model: PreTrainedModel, sites: list[Site], collect: bool 
         intervenable = pyvene.IntervenableModel(config, model=model, use_fast=False)
     intervenable.disable_model_gradients()
     return intervenable
-
-
-def ordered_keys(intervenable: pyvene.IntervenableModel) -> list[str]:
-    """Representation keys in the order the sites were given."""
-    return list(intervenable.sorted_keys)
 
 
 @torch.no_grad()

@@ -181,3 +181,26 @@ def test_display(capsys):
     printed = capsys.readouterr().out
     assert "[0] input:" in printed and "[1] input:" in printed and "[2]" not in printed
     assert "counterfactual 1:" in printed and "+" in printed
+
+
+def test_corrupted_saved_dataset_is_a_clear_error(tmp_path):
+    from causal.counterfactual_dataset import CounterfactualDataset
+
+    ds = CounterfactualDataset.from_dict(
+        {"input": [{"raw_input": "1+2="}], "counterfactual_inputs": [[{"raw_input": "3+4="}]]}, id="tiny")
+    folder = tmp_path / "tiny"
+    ds.save(folder)
+    for arrow in folder.glob("*.arrow"):
+        arrow.write_bytes(b"not an arrow file")
+    with pytest.raises(ValueError, match="corrupted"):
+        CounterfactualDataset.load(folder)
+
+
+def test_dataset_dicts_must_be_keyed_by_id():
+    from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
+
+    ds = CounterfactualDataset.from_dict(
+        {"input": [{"raw_input": "1+2="}], "counterfactual_inputs": [[{"raw_input": "3+4="}]]}, id="tiny")
+    assert as_dataset_dict([ds]) == {"tiny": ds}
+    with pytest.raises(ValueError, match="has id 'tiny'"):
+        as_dataset_dict({"other": ds})

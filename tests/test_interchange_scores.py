@@ -16,6 +16,7 @@ from causal import (
     InterchangeScores,
     RawResults,
     RawResultsWriter,
+    ResultsError,
     ResultsManifest,
     UnitAddress,
     compute_interchange_scores,
@@ -278,3 +279,19 @@ def test_non_string_labels(results):
     assert set(seen) == {int}
     assert cell_row(scores.averaged(), "carry_0", "c1")["n_correct"] == 5
     assert scores.per_example["expected"].tolist()[:4] == ["115", "35", "90", "70"]
+
+
+def test_counterfactual_index_comes_from_the_manifest(results):
+    scores = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker)
+    assert scores.metadata["counterfactual_index"] == 0
+
+def test_scoring_refuses_a_counterfactual_index_the_experiment_did_not_use(results):
+    with pytest.raises(ValueError, match="patched from counterfactual input #0"):
+        compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker, counterfactual_index=1)
+
+
+def test_writer_refuses_a_non_empty_folder_without_manifest(tmp_path):
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "stray.parquet").write_bytes(b"x")
+    with pytest.raises(ResultsError, match="not empty"):
+        write_results(tmp_path)

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-_LEADING_INT = re.compile(r"-?\d+")
-
-
-def leading_integer(text: str) -> str | None:
-    """The integer at the start of ``text`` (after whitespace), or None."""
-    m = _LEADING_INT.match(text.lstrip())
-    return m.group(0) if m else None
+from causal.answer_parsing import leading_integer
 
 
 def ct_checker(output_text: str, expected: Any) -> bool:

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-_LEADING_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def leading_number(text: str) -> str | None:
-    """The number at the start of ``text`` (after whitespace), e.g. ``"9.8"`` from
-    ``" 9.8 is larger"`` or ``"9.8."``; None when the output does not start with a number."""
-    m = _LEADING_NUMBER.match(text.lstrip())
-    return m.group(0) if m else None
+from causal.answer_parsing import leading_number
 
 
 def decimal_checker(output_text: str, expected: Any) -> bool:

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-_LEADING_INT = re.compile(r"\d+")
-
-
-def leading_integer(text: str) -> str | None:
-    """The run of digits at the start of ``text`` (after leading whitespace), or None."""
-    m = _LEADING_INT.match(text.lstrip())
-    return m.group(0) if m else None
+from causal.answer_parsing import leading_integer
 
 
 def addition_checker(output_text: str, expected: Any) -> bool:
@@ -25,5 +18,5 @@ def addition_checker(output_text: str, expected: Any) -> bool:
     want = str(expected).strip()
     if output_text.strip() == want:
         return True
-    got = leading_integer(output_text)
+    got = leading_integer(output_text, signed=False)
     return got is not None and got == want
