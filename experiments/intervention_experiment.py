@@ -101,12 +101,27 @@ class InterventionExperiment:
             experiment_type=self.experiment_type,
             model=model_fingerprint(self.pipeline),
             settings={"counterfactual_index": self.config.counterfactual_index,
-                      "max_rows_per_forward": self.config.max_rows_per_forward},
+                      "max_rows_per_forward": self.config.max_rows_per_forward,
+                      "position_probe": self._position_probe(datasets)},
             datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets],
             cells=[c.spec for c in self.cells],
             example_batch_size=self.config.batch_size,
             cell_groups=[[c.cell_id for c in g] for g in groups],
         )
+
+    def _position_probe(self, datasets: list[CounterfactualDataset]) -> dict[str, list[list[int]]]:
+        """Each position's token indices on the first pair of every dataset (base side, source side):
+        a position whose indexer changed under the same id makes a different experiment."""
+        positions = {u.position.id: u.position for c in self.cells for u in c.units}
+        k = self.config.counterfactual_index
+        probe = {}
+        for pid, pos in positions.items():
+            probe[pid] = []
+            for dataset in datasets:
+                first = dataset[0]
+                if len(first["counterfactual_inputs"]) > k:
+                    probe[pid] += [pos.index(first["input"]), pos.counterfactual_index(first["counterfactual_inputs"][k])]
+        return probe
 
     def perform_interventions(
         self,

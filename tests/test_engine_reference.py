@@ -222,6 +222,9 @@ def test_folder_of_a_different_experiment_is_refused(pipelines, tmp_path):
         sweep(pipeline, layers=[0, 1]).perform_interventions(dataset(), results_dir=folder, verbose=False)
     with pytest.raises(ResultsError, match="different experiment"):
         sweep(pipelines["llama"], layers=[0]).perform_interventions(dataset(), results_dir=folder, verbose=False)
+    moved = [last_token_position(pipeline), TokenPosition(lambda s: [2], pipeline, id="first_digit")]
+    with pytest.raises(ResultsError, match="settings.position_probe"):  # same id, other tokens
+        sweep(pipeline, layers=[0], positions=moved).perform_interventions(dataset(), results_dir=folder, verbose=False)
 
 
 def test_corrupted_part_file_and_missing_manifest(pipelines, tmp_path):
