@@ -10,12 +10,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # drawn without pyplot: importing this module changes no backend
 
 
 def _safe_name(text: str) -> str:
@@ -24,7 +21,8 @@ def _safe_name(text: str) -> str:
 
 def _heatmap(grid: np.ndarray, row_labels: list[str], col_labels: list[str], title: str,
              xlabel: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
+    fig = Figure(figsize=(1.0 + 0.75 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
+    ax = fig.subplots()
     image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(len(row_labels)), row_labels)
@@ -40,7 +38,6 @@ def _heatmap(grid: np.ndarray, row_labels: list[str], col_labels: list[str], tit
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
