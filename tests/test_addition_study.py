@@ -133,3 +133,22 @@ def test_chat_template_keeps_eq_and_shifts_positions():
     assert positions["digit_0_1"].index(setting) == [2]
     assert positions["eq"].index(setting) == [7]
     assert positions["last"].index(setting) == [9]
+
+
+def test_scoring_step_needs_no_torch(tmp_path):
+    """Step 3 scores a finished study without importing torch (no model, no GPU needed)."""
+    study = tmp_path / "study"
+    env = {**os.environ, "PYTHON": sys.executable}
+    for step in ("01_generate_and_filter_dataset.py", "02_run_interventions.py"):
+        subprocess.run([sys.executable, str(REPO / "tasks/general_addition" / step), "--test", "--out", str(study),
+                        "--device", "cpu", "--layers", "0", "--no-heads", "--families", "random"],
+                       cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    code = (
+        "import runpy, sys, io, contextlib\n"
+        f"sys.argv = ['03', '--results', {str(study)!r}]\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    runpy.run_path({str(REPO / 'tasks/general_addition/03_compute_scores_and_visualize.py')!r}, run_name='__main__')\n"
+        "assert 'torch' not in sys.modules, 'step 3 imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
+    assert (study / "scores" / "summary.md").exists()
