@@ -330,7 +330,7 @@ class CausalModel:
         return [
             v
             for v in self.variables
-            if v not in self._input_set and v not in (RAW_INPUT, RAW_OUTPUT) and self.values[v] is not None
+            if v not in self._input_set and v not in (RAW_INPUT, RAW_OUTPUT) and self.is_finite(v)
         ]
 
     def sample_intervention(

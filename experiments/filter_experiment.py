@@ -59,20 +59,21 @@ class FilterExperiment:
         reports = []
         for dataset in items:
             examples = [dataset[i] for i in range(len(dataset))]
-            # each distinct input is generated once
+            # each distinct input is generated once; a pair refers to its inputs by their index
             keys: dict[str, int] = {}
             settings: list[dict[str, Any]] = []
+            pair_inputs: list[list[int]] = []
             for ex in examples:
+                refs = []
                 for s in [ex["input"], *ex["counterfactual_inputs"]]:
                     key = repr(sorted(s.items()))
                     if key not in keys:
                         keys[key] = len(settings)
                         settings.append(s)
+                    refs.append(keys[key])
+                pair_inputs.append(refs)
             ok = self.correct(settings, batch_size, verbose)
-            keep = [
-                all(ok[keys[repr(sorted(s.items()))]] for s in [ex["input"], *ex["counterfactual_inputs"]])
-                for ex in examples
-            ]
+            keep = [all(ok[i] for i in refs) for refs in pair_inputs]
             selected = [ex for ex, k in zip(examples, keep) if k]
             if selected:  # a dataset with no surviving pair is left out (its report says so)
                 kept[dataset.id] = CounterfactualDataset.from_dict(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from causal.raw_results import UnitAddress
 from experiments.pipeline import LMPipeline
-from experiments.pyvene_backend import Site
+from experiments.pyvene_backend import COMPONENT_UNITS, Site
 from experiments.token_positions import TokenPosition
 
 
@@ -37,7 +37,7 @@ class Featurizer:
         return features
 
 
-COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output", "head_attention_value_output")
+COMPONENTS = tuple(COMPONENT_UNITS)  # the components the pyvene backend maps
 
 
 @dataclass
