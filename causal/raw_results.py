@@ -34,7 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, ValidationError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: cells record their intervention kind and parameters, units their featurizer (id, weights hash,
+feature indices). Version-1 folders are read (their cells are interchanges through the identity)."""
 MANIFEST_NAME = "manifest.json"
 
 OUTPUT_COLUMNS = ["example_index", "output_text", "output_token_ids", "topk_token_ids", "topk_logits"]
@@ -51,14 +53,23 @@ class UnitAddress(BaseModel):
     component: str
     head: int | None = None
     position_id: str
+    featurizer_id: str = "identity"
+    featurizer_sha256: str = ""
+    feature_indices: list[int] | None = None
 
 
 class CellSpec(BaseModel):
-    """One intervention site: the units patched together in one interchange."""
+    """One intervention site: the units acted on together, the intervention ``kind`` and its parameters.
+
+    Kinds: ``interchange`` (patch from the counterfactual input; the default), ``zero_ablation``,
+    ``mean_ablation``, and the attention-level kinds of ``experiments.attention_control``.
+    """
 
     cell_id: str
     units: list[UnitAddress]
     featurizer_id: str = "identity"
+    kind: str = "interchange"
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class DatasetRecord(BaseModel):

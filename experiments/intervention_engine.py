@@ -1,49 +1,71 @@
-"""The one intervention loop every experiment runs through (pyvene underneath).
+"""The one intervention loop every experiment runs through, on either backend (hooks or pyvene).
 
 For one *part* (a fixed batch of B base/counterfactual pairs) the engine:
 1. tokenises bases and counterfactuals once (left padded) and generates the base outputs;
 2. collects every needed source activation in ONE forward of the counterfactuals;
-3. for each cell group (cells sharing the same pyvene sites, e.g. one layer × many positions),
-   folds cells × pairs into the batch (row = cell-major), hands pyvene the precomputed source
-   representations and per-row positions, runs the intervened prompt pass and decodes greedily
-   from its KV cache (so the intervention touches the prompt only).
+3. for each cell group (cells of the same kind sharing the same sites, e.g. one layer × many
+   positions), folds cells × pairs into the batch (row = cell-major), builds one
+   ``experiments.sites.SitePatch`` per site (columns and new values per row), runs the backend's
+   intervened prompt pass and decodes greedily from its KV cache (the intervention touches the
+   prompt only).
 Speed work (suffix-only recomputation, cached base prefixes …) belongs here and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from causal.raw_results import CellSpec
+from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
 from experiments.model_units import ModelUnit
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.pyvene_backend import Site, build_intervenable, collect_sites
+from experiments.sites import Site, SitePatch
 from experiments.token_positions import TokenPositionError
+
+#: Intervention kinds on activations. ``interchange``: the value of the counterfactual run;
+#: ``zero_ablation``: zeros; ``mean_ablation``: ``Cell.ablation_values`` (a mean over a reference dataset).
+SITE_KINDS = ("interchange", "zero_ablation", "mean_ablation")
 
 
 @dataclass
 class Cell:
-    """An intervention site: units patched together, from the same counterfactual input."""
+    """An intervention site: units acted on together, with one intervention ``kind``.
+
+    ``ablation_values[i]`` (mean ablation): the (d,) value written at unit i's positions.
+    ``parameters``: JSON-able settings recorded in the results manifest (e.g. a hash of the means).
+    """
 
     cell_id: str
     units: list[ModelUnit]
+    kind: str = "interchange"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    ablation_values: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown intervention kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
+        if self.kind == "mean_ablation" and (self.ablation_values is None or len(self.ablation_values) != len(self.units)):
+            raise ValueError(f"cell {self.cell_id!r}: mean ablation needs one ablation value per unit")
 
     @property
-    def signature(self) -> tuple[Site, ...]:
-        return tuple(unit.site for unit in self.units)
+    def signature(self) -> tuple:
+        """Cells with equal signatures share forwards: same kind, sites, featurizers and feature choice."""
+        return (self.kind, *((u.site, u.address.featurizer_id, u.address.featurizer_sha256, u.feature_indices)
+                             for u in self.units))
 
     @property
     def spec(self) -> CellSpec:
-        featurizer = self.units[0].featurizer.id if self.units else "identity"
-        return CellSpec(cell_id=self.cell_id, units=[u.address for u in self.units], featurizer_id=featurizer)
+        featurizer = self.units[0].address.featurizer_id if self.units else "identity"
+        return CellSpec(cell_id=self.cell_id, units=[u.address for u in self.units], featurizer_id=featurizer,
+                        kind=self.kind, parameters=self.parameters)
 
 
 def group_cells(cells: Sequence[Cell], cells_per_forward: int) -> list[list[Cell]]:
     """Cells with equal signatures, in first-seen order, chunked to at most ``cells_per_forward``."""
-    by_signature: dict[tuple[Site, ...], list[Cell]] = {}
+    by_signature: dict[tuple, list[Cell]] = {}
     for cell in cells:
         by_signature.setdefault(cell.signature, []).append(cell)
     groups = []
@@ -59,19 +81,26 @@ def _pad_to(indices: list[int], width: int) -> list[int]:
     return indices + [indices[-1]] * (width - len(indices))
 
 
+def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask over the featurizer's features selecting ``unit.feature_indices`` (None = all)."""
+    if unit.feature_indices is None:
+        return None
+    features, _ = unit.featurizer.featurize(torch.zeros(1, width, device=device))
+    mask = torch.zeros(features.shape[-1], dtype=torch.bool, device=device)
+    try:
+        mask[list(unit.feature_indices)] = True
+    except IndexError as exc:
+        raise ValueError(f"feature indices {unit.feature_indices} out of range for {features.shape[-1]} features "
+                         f"of featurizer {unit.address.featurizer_id!r}") from exc
+    return mask
+
+
 class InterventionEngine:
-    """Runs cells over parts of a dataset on one pipeline; intervenable models are built once and reused."""
+    """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene")."""
 
-    def __init__(self, pipeline: LMPipeline):
+    def __init__(self, pipeline: LMPipeline, backend: str | Backend = DEFAULT_BACKEND):
         self.pipeline = pipeline
-        self._intervenables: dict[tuple[tuple[Site, ...], bool], Any] = {}
-
-    def _intervenable(self, signature: tuple[Site, ...], collect: bool = False):
-        """The (cached) pyvene wrapper patching, or collecting, these sites."""
-        key = (signature, collect)
-        if key not in self._intervenables:
-            self._intervenables[key] = build_intervenable(self.pipeline.model, list(signature), collect=collect)
-        return self._intervenables[key]
+        self.backend: Backend = make_backend(backend, pipeline.model) if isinstance(backend, str) else backend
 
     @torch.no_grad()
     def run_part(
@@ -87,9 +116,9 @@ class InterventionEngine:
         cf_batch = pipeline.load(counterfactuals)
         base_rows = pipeline.output_rows(pipeline.generate(base_batch), example_indices)
 
-        sites = sorted({unit.site for group in groups for cell in group for unit in cell.units},
-                       key=lambda s: (s.layer, s.component))
-        sources = collect_sites(self._intervenable(tuple(sites), collect=True), sites, cf_batch.model_inputs()) if sites else {}
+        sites = sorted({unit.site for group in groups for cell in group if cell.kind == "interchange"
+                        for unit in cell.units}, key=lambda s: (s.layer, s.component))
+        sources = self.backend.collect(sites, cf_batch.model_inputs()) if sites else {}
 
         # token indices of each (position, example), padded-batch coordinates, computed once per part
         base_cols: dict[int, list[list[int]]] = {}
@@ -102,7 +131,8 @@ class InterventionEngine:
                         continue
                     base_cols[id(pos)], source_cols[id(pos)] = [], []
                     for b, (base, cf) in enumerate(zip(bases, counterfactuals)):
-                        on_base, on_source = pos.index(base), pos.counterfactual_index(cf)
+                        on_base = pos.index(base)
+                        on_source = pos.counterfactual_index(cf) if cell.kind == "interchange" else on_base
                         if len(on_base) != len(on_source):
                             raise TokenPositionError(
                                 f"token position {pos.id!r} selects {len(on_base)} token(s) in the base "
@@ -117,6 +147,16 @@ class InterventionEngine:
             cell_rows.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
         return base_rows, cell_rows
 
+    def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
+        if site in sources:
+            return sources[site].shape[-1]
+        backend_width = getattr(self.backend, "d_head", None)
+        if site.per_head:
+            from experiments.architectures import head_width
+
+            return backend_width or head_width(self.pipeline.model)
+        return self.pipeline.hidden_size
+
     def _run_group(
         self,
         group: list[Cell],
@@ -128,41 +168,39 @@ class InterventionEngine:
     ) -> list[dict[str, Any]]:
         pipeline = self.pipeline
         n_pairs = len(example_indices)
-        signature = group[0].signature
+        kind = group[0].kind
         rows = base_batch.select([b for _ in group for b in range(n_pairs)])  # row = cell-major
         device = pipeline.device
         pair_index = torch.arange(n_pairs, device=device).repeat(len(group))
 
-        locations, representations = [], []
-        for slot, site in enumerate(signature):
+        patches: list[SitePatch] = []
+        for slot, first in enumerate(group[0].units):
+            site = first.site
             units = [cell.units[slot] for cell in group]
             base_idx = [base_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
             src_idx = [source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
             width = max(len(ix) for ix in base_idx + src_idx)
-            base_idx = [_pad_to(ix, width) for ix in base_idx]
-            src_idx = torch.tensor([_pad_to(ix, width) for ix in src_idx], device=device)  # (R, n)
-            full = sources[site]
-            if site.unit == "h.pos":  # full: (B, H, T, d); rows take one head at n positions
-                heads = torch.tensor([u.head for u in units for _ in range(n_pairs)], device=device)
-                per_row = full[pair_index, heads]  # (R, T, d)
-                picked = per_row.gather(1, src_idx[..., None].expand(-1, -1, per_row.shape[-1]))
-                representations.append(picked[:, None])  # (R, 1, n, d)
-                locations.append([[[h] for h in heads.tolist()], base_idx])
-            else:  # full: (B, T, d)
-                per_row = full[pair_index]
-                representations.append(per_row.gather(1, src_idx[..., None].expand(-1, -1, per_row.shape[-1])))
-                locations.append(base_idx)
+            columns = torch.tensor([_pad_to(ix, width) for ix in base_idx], device=device)  # (R, n)
+            heads = (torch.tensor([u.head for u in units for _ in range(n_pairs)], device=device)
+                     if site.per_head else None)
+            if kind == "interchange":
+                src = torch.tensor([_pad_to(ix, width) for ix in src_idx], device=device)  # (R, n)
+                full = sources[site]  # (B, T, d) or (B, T, H, d_head)
+                rows_ix = pair_index[:, None].expand_as(src)
+                values = full[rows_ix, src, heads[:, None].expand_as(src)] if site.per_head else full[rows_ix, src]
+            else:
+                d = self._site_width(site, sources)
+                dtype = next(pipeline.model.parameters()).dtype
+                if kind == "zero_ablation":
+                    values = torch.zeros(columns.shape[0], width, d, device=device, dtype=dtype)
+                else:  # mean_ablation
+                    per_cell = torch.stack([cell.ablation_values[slot].to(device, dtype) for cell in group])  # (C, d)
+                    values = per_cell.repeat_interleave(n_pairs, dim=0)[:, None, :].expand(-1, width, -1)
+            featurizer = first.featurizer if first.featurized else None
+            mask = _feature_mask(first, values.shape[-1], device) if featurizer is not None else None
+            patches.append(SitePatch(site, columns, values, heads, featurizer, mask))
 
-        intervenable = self._intervenable(signature)
-
-        def patched_prompt_pass(inputs: dict[str, Any]):
-            _, out = intervenable(
-                inputs, unit_locations={"sources->base": (locations, locations)},
-                source_representations=representations,
-            )
-            return out
-
-        generation = pipeline.greedy_decode(rows, patched_prompt_pass)
+        generation = pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
         out_rows = pipeline.output_rows(generation, [example_indices[b] for _ in group for b in range(n_pairs)])
         for r, row in enumerate(out_rows):
             row["cell_id"] = group[r // n_pairs].cell_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
+from experiments.backend import DEFAULT_BACKEND
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_units import AttentionHead, ModelUnit
 from experiments.pipeline import LMPipeline
@@ -28,6 +29,7 @@ class ExperimentConfig(BaseModel):
 
     ``batch_size``: pairs per part (per results file; also the resume granularity).
     ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
+    ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -37,6 +39,7 @@ class ExperimentConfig(BaseModel):
     max_rows_per_forward: int = Field(512, gt=0)
     counterfactual_index: int = Field(0, ge=0)
     results_dir: str | None = None
+    backend: Literal["hooks", "pyvene"] = DEFAULT_BACKEND
 
     @property
     def cells_per_forward(self) -> int:
@@ -93,7 +96,7 @@ class InterventionExperiment:
                 if positions.setdefault(unit.position.id, unit.position) is not unit.position:
                     raise ValueError(f"two different token positions share the id {unit.position.id!r}; ids must be unique")
         self.cells = cells
-        self.engine = InterventionEngine(pipeline)
+        self.engine = InterventionEngine(pipeline, self.config.backend)
 
     def _manifest(self, datasets: list[CounterfactualDataset], groups: list[list[Cell]]) -> ResultsManifest:
         return ResultsManifest(
@@ -101,6 +104,7 @@ class InterventionExperiment:
             experiment_type=self.experiment_type,
             model=model_fingerprint(self.pipeline),
             settings={"counterfactual_index": self.config.counterfactual_index,
+                      "backend": self.config.backend,
                       "max_rows_per_forward": self.config.max_rows_per_forward,
                       "position_probe": self._position_probe(datasets)},
             datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets],

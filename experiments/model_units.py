@@ -7,8 +7,9 @@
 - ``AttentionHead(layer, head, position)``: one query head's value-weighted output, before the
   output projection (under GQA heads index query heads; width = head_dim, read off the weights).
 
-Every unit carries a featurizer; the identity is the only one for now (the seam for learned
-featurizers such as DAS rotations and masks).
+Every unit carries a featurizer (``experiments.featurizers``; identity by default) and optionally the
+indices of the features to swap (``feature_indices``; None = all). Units speak the backend-neutral
+vocabulary of ``experiments.sites``; no backend appears here.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from causal.raw_results import UnitAddress
+from experiments.featurizers import Featurizer
 from experiments.pipeline import LMPipeline
-from experiments.pyvene_backend import COMPONENT_UNITS, Site
+from experiments.sites import COMPONENTS as _COMPONENT_HEADS
+from experiments.sites import Site
 from experiments.token_positions import TokenPosition
 
 
@@ -25,19 +28,7 @@ class UnitError(ValueError):
     """A model unit does not exist in this model (layer or head out of range, unknown component)."""
 
 
-class Featurizer:
-    """Maps a unit's activation to features and back. Identity: features are the activation itself."""
-
-    id = "identity"
-
-    def featurize(self, x):
-        return x
-
-    def inverse(self, features):
-        return features
-
-
-COMPONENTS = tuple(COMPONENT_UNITS)  # the components the pyvene backend maps
+COMPONENTS = tuple(_COMPONENT_HEADS)  # the components every backend supports
 
 
 @dataclass
@@ -49,16 +40,17 @@ class ModelUnit:
     position: TokenPosition
     head: int | None = None
     featurizer: Featurizer = field(default_factory=Featurizer)
+    feature_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise UnitError(f"unknown component {self.component!r}; known: {', '.join(COMPONENTS)}")
         if (self.component == "head_attention_value_output") != (self.head is not None):
             raise UnitError("a head index is required for head units and only for them")
-        if type(self.featurizer) is not Featurizer:
-            raise UnitError(
-                f"featurizer {type(self.featurizer).__name__} is not supported yet: units patch activations as they are"
-            )
+        if not (hasattr(self.featurizer, "featurize") and hasattr(self.featurizer, "inverse")):
+            raise UnitError(f"featurizer {self.featurizer!r} lacks featurize(x) -> (f, error) / inverse(f, error)")
+        if self.feature_indices is not None:
+            self.feature_indices = tuple(int(i) for i in self.feature_indices)
 
     @property
     def id(self) -> str:
@@ -67,11 +59,22 @@ class ModelUnit:
 
     @property
     def address(self) -> UnitAddress:
-        return UnitAddress(layer=self.layer, component=self.component, head=self.head, position_id=self.position.id)
+        featurizer = self.featurizer
+        return UnitAddress(
+            layer=self.layer, component=self.component, head=self.head, position_id=self.position.id,
+            featurizer_id=getattr(featurizer, "id", type(featurizer).__name__),
+            featurizer_sha256=featurizer.weights_sha256() if hasattr(featurizer, "weights_sha256") else "",
+            feature_indices=list(self.feature_indices) if self.feature_indices is not None else None,
+        )
+
+    @property
+    def featurized(self) -> bool:
+        """True when the patch goes through a featurizer (anything but identity with all features)."""
+        return not getattr(self.featurizer, "is_identity", False) or self.feature_indices is not None
 
     @property
     def site(self) -> Site:
-        """The pyvene site: layer -1 of the residual stream is the input of block 0."""
+        """The backend-neutral site: layer -1 of the residual stream is the input of block 0."""
         if self.layer == -1:
             return Site(0, "block_input")
         return Site(self.layer, self.component)

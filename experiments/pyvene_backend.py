@@ -1,8 +1,14 @@
-"""The only module that touches pyvene: model registration, component widths, intervenable models.
+"""The pyvene backend, and the only module that touches pyvene: registration, intervenable models.
+
+``PyveneBackend`` implements the backend protocol (``experiments/backend.py``) on
+``pyvene.IntervenableModel``: collection through ``CollectIntervention``, patches through
+``VanillaIntervention`` with precomputed ``source_representations`` (or a featurized swap, or any
+pyvene intervention type the user hands it).
 
 pyvene 0.1.8 on transformers 5 has measured traps; each is handled here:
-- model classes it does not list (OLMo 2, Qwen3, Gemma 3 …) are registered by inheritance from a
-  listed class, else by layout (``model.layers[i].self_attn.o_proj`` ⇒ the Llama mapping);
+- its registry is exact-type and misses classes (OLMo 2, Qwen3, Gemma 3 …): every model class is
+  registered with our own component map (``experiments/architectures.py``), found by layout, so
+  pyvene and the hooks backend hook the very same modules;
 - configs without ``head_dim`` (Qwen2, OLMo, OLMo 2) crash its head components: ``head_dim`` is set
   while pyvene builds its wrapper, then removed again (the user's config, and with it the model
   fingerprint of a results folder, must not change because an experiment ran);
@@ -14,55 +20,55 @@ from __future__ import annotations
 import contextlib
 import io
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about an optional backend on import
     import pyvene
 from pyvene.models import intervenable_modelcard as modelcard
+from pyvene.models.constants import CONST_INPUT_HOOK, CONST_OUTPUT_HOOK, split_head_and_permute
 from pyvene.models.llama.modelings_intervenable_llama import (
     llama_lm_type_to_dimension_mapping,
     llama_lm_type_to_module_mapping,
 )
 from transformers import PreTrainedModel
 
-#: Components the framework exposes, with pyvene's unit kind.
-COMPONENT_UNITS: dict[str, str] = {
-    "block_input": "pos",
-    "block_output": "pos",
-    "attention_output": "pos",
-    "mlp_output": "pos",
-    "head_attention_value_output": "h.pos",
-}
+from experiments.architectures import UnsupportedModelError, family_of, head_width  # noqa: E402
+from experiments.sites import Site, SitePatch, featurized_swap  # noqa: E402
+
+#: pyvene's unit kind per head-ness of a component.
+_UNIT = {False: "pos", True: "h.pos"}
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture cannot be mapped onto pyvene components."""
+def pyvene_module_mapping(model: PreTrainedModel) -> dict[str, tuple]:
+    """Our component map (``experiments.architectures``) in pyvene's format: path with ``%s``, hook side, head split."""
+    family = family_of(model)
+    mapping: dict[str, tuple] = {}
+    for component, hook in family.components.items():
+        side = CONST_INPUT_HOOK if hook.side == "input" else CONST_OUTPUT_HOOK
+        entry: tuple = (hook.module.replace("{layer}", "%s"), side)
+        if hook.split_heads:
+            entry += ((split_head_and_permute, "n_head"),)
+        mapping[component] = entry
+    return mapping
 
 
 def register_model_class(model: PreTrainedModel) -> None:
-    """Make pyvene's exact-type registry know ``type(model)`` (no-op if it already does)."""
+    """Give pyvene's exact-type registry our component map for ``type(model)`` (idempotent).
+
+    pyvene's own entries for other components are kept (users may build their own interventions on
+    them); ours replace it for the components we address, so both backends hook the same modules.
+    """
     cls = type(model)
     mapping = modelcard.type_to_module_mapping
-    if cls in mapping:
-        return
-    for parent in cls.__mro__[1:]:
-        if parent in mapping:
-            mapping[cls] = mapping[parent]
-            modelcard.type_to_dimension_mapping[cls] = modelcard.type_to_dimension_mapping[parent]
-            return
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is not None and len(layers) and hasattr(layers[0], "self_attn") and hasattr(layers[0].self_attn, "o_proj"):
-        mapping[cls] = llama_lm_type_to_module_mapping
-        modelcard.type_to_dimension_mapping[cls] = llama_lm_type_to_dimension_mapping
-        return
-    raise UnsupportedModelError(
-        f"{cls.__name__} is not supported: pyvene has no mapping for it and its layout is not Llama-like "
-        f"(model.layers[i].self_attn.o_proj)"
-    )
+    dimensions = modelcard.type_to_dimension_mapping
+    ours = pyvene_module_mapping(model)  # raises UnsupportedModelError for unknown layouts
+    inherited = next((parent for parent in cls.__mro__ if parent in mapping), None)
+    base = dict(mapping[inherited]) if inherited is not None else dict(llama_lm_type_to_module_mapping)
+    mapping[cls] = {**base, **ours}
+    if cls not in dimensions:
+        dimensions[cls] = dimensions[inherited] if inherited is not None else llama_lm_type_to_dimension_mapping
 
 
 @contextmanager
@@ -92,46 +98,43 @@ def pyvene_config_fixes(model: PreTrainedModel) -> Iterator[None]:
             del config.head_dim
 
 
-def head_width(model: PreTrainedModel) -> int:
-    """Per-head width of the attention value output, read off the o_proj / c_proj weight."""
-    heads = model.config.num_attention_heads
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "layers"):
-        o_proj = inner.layers[0].self_attn.o_proj
-        return o_proj.weight.shape[1] // heads
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None and hasattr(transformer, "h"):  # GPT-2: Conv1D weight is (in, out)
-        return transformer.h[0].attn.c_proj.weight.shape[0] // heads
-    raise UnsupportedModelError(f"cannot find the attention output projection of {type(model).__name__}")
+class FeaturizedInterchange(pyvene.VanillaIntervention):
+    """Swap chosen features only: ``inverse(where(mask, f(source), f(base)), error(base))``.
+
+    ``featurizer`` and ``feature_mask`` are set by the backend before each call (one patch per slot).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.patch: SitePatch | None = None
+
+    def forward(self, base, source, subspaces=None, **kwargs):
+        source = source if self.source_representation is None else self.source_representation
+        assert self.patch is not None, "FeaturizedInterchange called without a patch"
+        return featurized_swap(self.patch.featurizer, self.patch.feature_mask, base, source)
+
+    def __str__(self) -> str:
+        return "FeaturizedInterchange()"
 
 
-@dataclass(frozen=True)
-class Site:
-    """One pyvene representation: a component at a (pyvene) layer."""
-
-    layer: int
-    component: str
-
-    @property
-    def unit(self) -> str:
-        return COMPONENT_UNITS[self.component]
-
-
-def build_intervenable(model: PreTrainedModel, sites: list[Site], collect: bool = False) -> pyvene.IntervenableModel:
-    """An IntervenableModel with one Vanilla (or Collect) intervention per site, in ``sites`` order.
+def build_intervenable(
+    model: PreTrainedModel, sites: list[Site], collect: bool = False, intervention_types: list[type] | None = None
+) -> pyvene.IntervenableModel:
+    """An IntervenableModel with one Vanilla (or Collect, or ``intervention_types[i]``) intervention per site.
 
     Interventions are built with ``keep_last_dim=True`` and no ``embed_dim``: they act on the whole
     width of the gathered tensor (pyvene would otherwise flatten positions and cut the swap at a
     width read from the config: only the first position, or part of a Gemma 2 head, would change).
     """
     register_model_class(model)
-    kind = pyvene.CollectIntervention if collect else pyvene.VanillaIntervention
+    default = pyvene.CollectIntervention if collect else pyvene.VanillaIntervention
+    kinds = intervention_types or [default] * len(sites)
     representations = [
         pyvene.RepresentationConfig(
-            layer=site.layer, component=site.component, unit=site.unit, max_number_of_units=1,
+            layer=site.layer, component=site.component, unit=_UNIT[site.per_head], max_number_of_units=1,
             intervention=kind(keep_last_dim=True),
         )
-        for site in sites
+        for site, kind in zip(sites, kinds)
     ]
     config = pyvene.IntervenableConfig(model_type=type(model), representations=representations)
     with pyvene_config_fixes(model):
@@ -144,7 +147,7 @@ def build_intervenable(model: PreTrainedModel, sites: list[Site], collect: bool 
 def collect_sites(
     collector: pyvene.IntervenableModel, sites: list[Site], inputs: dict[str, torch.Tensor]
 ) -> dict[Site, torch.Tensor]:
-    """Full activations of ``sites`` on one forward: (B, T, d) for "pos", (B, H, T, d_head) for "h.pos".
+    """Full activations of ``sites`` on one forward: (B, T, d), or (B, T, H, d_head) for head sites.
 
     ``collector`` is ``build_intervenable(model, sites, collect=True)``; logits are kept at the last
     position only (nothing reads them).
@@ -152,8 +155,56 @@ def collect_sites(
     bsz, width = inputs["input_ids"].shape
     positions = [list(range(width))] * bsz
     heads = [list(range(collector.model.config.num_attention_heads))] * bsz
-    locations = [[heads, positions] if site.unit == "h.pos" else positions for site in sites]
+    locations = [[heads, positions] if _UNIT[site.per_head] == "h.pos" else positions for site in sites]
     (_, collected), _ = collector(
         {**inputs, "logits_to_keep": 1}, unit_locations={"base": locations}, output_original_output=False
     )
-    return dict(zip(sites, collected))
+    return {site: (t.transpose(1, 2) if site.per_head else t) for site, t in zip(sites, collected)}
+
+
+class PyveneBackend:
+    """The backend protocol on pyvene. ``intervention_type``: a pyvene intervention class used for plain
+    patches instead of ``VanillaIntervention`` (it receives base and source of shape (R, n, d), or
+    (R, 1, n, d) for head sites, and returns the new values)."""
+
+    name = "pyvene"
+
+    def __init__(self, model: PreTrainedModel, intervention_type: type | None = None):
+        self.model = model
+        self.intervention_type = intervention_type
+        register_model_class(model)
+        self._cache: dict[tuple, pyvene.IntervenableModel] = {}
+
+    def _intervenable(self, sites: tuple[Site, ...], kinds: tuple[type, ...] | None, collect: bool):
+        key = (sites, kinds, collect)
+        if key not in self._cache:
+            self._cache[key] = build_intervenable(self.model, list(sites), collect, list(kinds) if kinds else None)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def collect(self, sites: list[Site], inputs: dict[str, torch.Tensor]) -> dict[Site, torch.Tensor]:
+        """Full activations: (B, T, d), or (B, T, H, d_head) for head sites."""
+        ordered = tuple(sorted(set(sites), key=lambda s: (s.layer, s.component)))
+        return collect_sites(self._intervenable(ordered, None, True), list(ordered), inputs)
+
+    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
+        """``model(**inputs)`` through pyvene with every patch applied (one intervention per patch)."""
+        plain = self.intervention_type or pyvene.VanillaIntervention
+        kinds = tuple(FeaturizedInterchange if p.featurizer is not None else plain for p in patches)
+        intervenable = self._intervenable(tuple(p.site for p in patches), kinds, False)
+        for p, intervention in zip(patches, intervenable.interventions.values()):
+            if isinstance(intervention, FeaturizedInterchange):
+                intervention.patch = p
+        locations, representations = [], []
+        for p in patches:
+            columns = p.columns.tolist()
+            if p.site.per_head:
+                locations.append([[[h] for h in p.heads.tolist()], columns])
+                representations.append(p.values[:, None])  # (R, 1, n, d)
+            else:
+                locations.append(columns)
+                representations.append(p.values)
+        _, out = intervenable(
+            inputs, unit_locations={"sources->base": (locations, locations)}, source_representations=representations
+        )
+        return out

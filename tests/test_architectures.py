@@ -15,6 +15,7 @@ import torch
 from pyvene.models import intervenable_modelcard as modelcard
 
 from conftest import FAMILIES
+from experiments.backend import BACKENDS
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream, PatchUnits
 from experiments.model_units import (
@@ -26,7 +27,7 @@ from experiments.model_units import (
     UnitError,
 )
 from experiments.pipeline import LMPipeline
-from experiments.pyvene_backend import head_width
+from experiments.architectures import head_width
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 
@@ -75,9 +76,9 @@ def ref_units(units: list[ModelUnit]):
     return [(RefUnit(u.layer, u.component, u.head), u.position) for u in units]
 
 
-def run_engine(pipeline: LMPipeline, cells: list[Cell], cells_per_forward: int = 64):
+def run_engine(pipeline: LMPipeline, cells: list[Cell], cells_per_forward: int = 64, backend: str = "hooks"):
     """Engine rows per cell id (in example order) and the base rows."""
-    engine = InterventionEngine(pipeline)
+    engine = InterventionEngine(pipeline, backend)
     base_rows, rows = engine.run_part(BASES, COUNTERFACTUALS, EXAMPLES, group_cells(cells, cells_per_forward))
     by_cell = defaultdict(list)
     for row in rows:
@@ -87,16 +88,16 @@ def run_engine(pipeline: LMPipeline, cells: list[Cell], cells_per_forward: int =
 
 @pytest.fixture(scope="module")
 def engine_runs(pipelines):
-    """family -> (base rows, {cell name: rows}, {cell name: units}); one engine pass per family."""
+    """(family, backend) -> (base rows, {cell name: rows}, {cell name: units}); one engine pass each."""
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
+    def get(family: str, backend: str = "hooks"):
+        if (family, backend) not in cache:
             pipeline = pipelines[family]
             units = cell_units(pipeline)
-            base_rows, rows = run_engine(pipeline, [Cell(name, us) for name, us in units.items()])
-            cache[family] = (base_rows, rows, units)
-        return cache[family]
+            base_rows, rows = run_engine(pipeline, [Cell(name, us) for name, us in units.items()], backend=backend)
+            cache[family, backend] = (base_rows, rows, units)
+        return cache[family, backend]
 
     return get
 
@@ -107,12 +108,26 @@ def test_cell_names_cover_all_cells(pipelines):
 
 @pytest.mark.parametrize("cell_name", CELL_NAMES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_engine_matches_hook_reference(family, cell_name, pipelines, engine_runs):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_matches_hook_reference(backend, family, cell_name, pipelines, engine_runs):
     pipeline = pipelines[family]
-    _, rows, units = engine_runs(family)
+    _, rows, units = engine_runs(family, backend)
     ref = reference_cell(pipeline, BASES, COUNTERFACTUALS, ref_units(units[cell_name]))
     assert [r["example_index"] for r in rows[cell_name]] == EXAMPLES
-    assert_rows_match(rows[cell_name], ref, where=f"{family}/{cell_name}")
+    assert_rows_match(rows[cell_name], ref, where=f"{backend}/{family}/{cell_name}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backends_agree_with_each_other(family, engine_runs):
+    """hooks and pyvene: generated ids identical, top-k logits within 1e-5, for every cell."""
+    base_h, rows_h, _ = engine_runs(family, "hooks")
+    base_p, rows_p, _ = engine_runs(family, "pyvene")
+    assert [r["output_token_ids"] for r in base_h] == [r["output_token_ids"] for r in base_p]
+    for name in CELL_NAMES:
+        for a, b in zip(rows_h[name], rows_p[name]):
+            assert a["output_token_ids"] == b["output_token_ids"], f"{family}/{name}"
+            assert a["topk_token_ids"] == b["topk_token_ids"], f"{family}/{name}"
+            torch.testing.assert_close(torch.tensor(a["topk_logits"]), torch.tensor(b["topk_logits"]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,7 +228,7 @@ def test_trap4_olmo2_unregistered_class_is_registered(model_dirs, monkeypatch):
     monkeypatch.delitem(modelcard.type_to_dimension_mapping, cls, raising=False)
     pos = last_token_position(pipeline)
     units = {"resid": [ResidualStream(0, pos)], "mlp": [MLPOutput(1, pos)], "head": [AttentionHead(1, 2, pos)]}
-    _, rows = run_engine(pipeline, [Cell(n, us) for n, us in units.items()])
+    _, rows = run_engine(pipeline, [Cell(n, us) for n, us in units.items()], backend="pyvene")
     assert cls in modelcard.type_to_module_mapping
     for name, us in units.items():
         assert_rows_match(rows[name], reference_cell(pipeline, BASES, COUNTERFACTUALS, ref_units(us)), where=name)

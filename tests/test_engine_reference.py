@@ -9,6 +9,7 @@ import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.raw_results import RawResults, ResultsError
+from experiments.backend import BACKENDS
 from experiments.intervention_engine import InterventionEngine
 from experiments.intervention_experiment import PatchResidualStream
 from experiments.pipeline import LMPipeline
@@ -33,10 +34,11 @@ def sweep_positions(pipeline: LMPipeline) -> list[TokenPosition]:
     return [last_token_position(pipeline), TokenPosition(lambda s: [1], pipeline, id="first_digit")]
 
 
-def sweep(pipeline: LMPipeline, layers=None, positions=None, exp_id="sweep") -> PatchResidualStream:
+def sweep(pipeline: LMPipeline, layers=None, positions=None, exp_id="sweep", backend="hooks") -> PatchResidualStream:
     layers = list(range(-1, pipeline.num_layers)) if layers is None else layers
     positions = sweep_positions(pipeline) if positions is None else positions
-    return PatchResidualStream(pipeline, layers, positions, config={"id": exp_id, "batch_size": BATCH})
+    return PatchResidualStream(pipeline, layers, positions,
+                               config={"id": exp_id, "batch_size": BATCH, "backend": backend})
 
 
 def py(value):
@@ -68,9 +70,10 @@ def as_python_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_residual_sweep_matches_hook_reference(family, pipelines, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_sweep_matches_hook_reference(backend, family, pipelines, tmp_path):
     pipeline = pipelines[family]
-    exp = sweep(pipeline)
+    exp = sweep(pipeline, backend=backend)
     results = exp.perform_interventions(dataset(), results_dir=tmp_path / "run", verbose=False)
     table = results.intervened_outputs("toy")
     assert len(table) == len(exp.cells) * len(BASES) == (pipeline.num_layers + 1) * 2 * len(BASES)
@@ -90,9 +93,10 @@ def test_residual_sweep_matches_hook_reference(family, pipelines, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patching_with_the_base_itself_changes_nothing(family, pipelines, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patching_with_the_base_itself_changes_nothing(backend, family, pipelines, tmp_path):
     pipeline = pipelines[family]
-    results = sweep(pipeline).perform_interventions(dataset(sources=BASES), results_dir=tmp_path / "self", verbose=False)
+    results = sweep(pipeline, backend=backend).perform_interventions(dataset(sources=BASES), results_dir=tmp_path / "self", verbose=False)
     base = {r["example_index"]: r for r in rows_of(results.base_outputs("toy"))}
     table = rows_of(results.intervened_outputs("toy"))
     assert len(table) == (pipeline.num_layers + 1) * 2 * len(BASES)
@@ -104,7 +108,8 @@ def test_patching_with_the_base_itself_changes_nothing(family, pipelines, tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patching_every_position_reproduces_the_source(family, pipelines, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patching_every_position_reproduces_the_source(backend, family, pipelines, tmp_path):
     """Same-length prompts, every token patched at layer l.
 
     At every layer the prompt pass from layer l+1 on IS the source's, so the first-step logits equal the
@@ -114,7 +119,7 @@ def test_patching_every_position_reproduces_the_source(family, pipelines, tmp_pa
     pipeline = pipelines[family]
     bases, sources = ["12+34=", "5+6=", "123+4="], ["98+76=", "7+1=", "3+300="]
     every = TokenPosition(lambda s: list(range(len(pipeline.tokenize_one(s)["input_ids"]))), pipeline, id="every")
-    results = sweep(pipeline, positions=[every]).perform_interventions(
+    results = sweep(pipeline, positions=[every], backend=backend).perform_interventions(
         dataset(bases, sources), results_dir=tmp_path / "all", verbose=False
     )
     own = pipeline.output_rows(pipeline.generate([{"raw_input": s} for s in sources]), [0, 1, 2])

@@ -1,0 +1,46 @@
+"""The backend protocol: what the intervention engine needs from a way of reaching into a model.
+
+- ``collect(sites, inputs) -> {site: activations}``: one forward; (B, T, d), or (B, T, H, d_head)
+  for head sites (columns are padded-batch columns).
+- ``prompt_pass(inputs, patches) -> model output``: ``model(**inputs)`` with every
+  ``experiments.sites.SitePatch`` applied (logits and the KV cache, for greedy decoding to continue from).
+
+Two implementations, tested against the same independent hook reference and against each other:
+``"hooks"`` (plain torch forward hooks, no wrapper objects; the default: faster at identical
+outputs, see ``benchmarks/backends.py``) and ``"pyvene"`` (``pyvene.IntervenableModel``).
+Attention-level interventions do not go through a backend: they act inside transformers'
+attention function (``experiments/attention_control.py``) under either backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import torch
+
+from experiments.sites import Site, SitePatch
+
+BackendName = Literal["hooks", "pyvene"]
+BACKENDS: tuple[str, ...] = ("hooks", "pyvene")
+DEFAULT_BACKEND: BackendName = "hooks"
+
+
+class Backend(Protocol):
+    name: str
+
+    def collect(self, sites: list[Site], inputs: dict[str, Any]) -> dict[Site, torch.Tensor]: ...
+
+    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any: ...
+
+
+def make_backend(name: str, model: torch.nn.Module) -> Backend:
+    """The backend called ``name`` ("hooks" or "pyvene") on ``model``."""
+    if name == "hooks":
+        from experiments.hooks_backend import HooksBackend
+
+        return HooksBackend(model)
+    if name == "pyvene":
+        from experiments.pyvene_backend import PyveneBackend
+
+        return PyveneBackend(model)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,120 @@
+"""Plain torch forward hooks: the backend with no wrapper objects (the default; see ``backend.py``).
+
+Sites are found through ``experiments.architectures`` (the same component map pyvene is given).
+Collection runs the base model without its vocabulary projection and stops as soon as the last
+needed site has fired; the intervened prompt pass installs one hook per site for that pass only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from experiments.architectures import ArchitectureFamily, family_of, get_module, head_width
+from experiments.sites import Site, SitePatch
+
+
+class _CollectedEverything(Exception):
+    """Raised inside a hook once every requested site has been stored: the rest of the forward is skipped."""
+
+
+def register_site_hook(
+    module: torch.nn.Module, side: str, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``fn(tensor) -> tensor | None`` on a module's main input (pre-hook) or output (tuple-aware)."""
+    if side == "output":
+        def output_hook(_module, _args, output):
+            if isinstance(output, tuple):
+                new = fn(output[0])
+                return None if new is None else (new, *output[1:])
+            return fn(output)
+
+        return module.register_forward_hook(output_hook)
+
+    def input_hook(_module, args, kwargs):
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+
+class HooksBackend:
+    """``collect`` and ``prompt_pass`` with plain forward hooks on the modules of the component map."""
+
+    name = "hooks"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.family: ArchitectureFamily = family_of(model)
+        self.n_heads = int(model.config.num_attention_heads)
+        self.d_head = head_width(model)
+
+    def _module(self, site: Site) -> tuple[torch.nn.Module, str, bool]:
+        hook = self.family.components[site.component]
+        return get_module(self.model, hook.module.format(layer=site.layer)), hook.side, hook.split_heads
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:-1], self.n_heads, self.d_head)
+
+    @torch.no_grad()
+    def collect(self, sites: list[Site], inputs: dict[str, Any]) -> dict[Site, torch.Tensor]:
+        """Full activations of ``sites`` on one forward: (B, T, d), or (B, T, H, d_head) for head sites."""
+        store: dict[Site, torch.Tensor] = {}
+        wanted = set(sites)
+        handles = []
+
+        def grabber(site: Site, split: bool) -> Callable[[torch.Tensor], None]:
+            def grab(t: torch.Tensor) -> None:
+                store[site] = (self._split(t) if split else t).detach().clone()
+                if wanted.issubset(store):
+                    raise _CollectedEverything
+            return grab
+
+        for site in wanted:
+            module, side, split = self._module(site)
+            handles.append(register_site_hook(module, side, grabber(site, split)))
+        try:
+            base_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            self.model.base_model(**base_inputs, use_cache=False)
+        except _CollectedEverything:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = wanted - set(store)
+        if missing:
+            raise RuntimeError(f"sites {sorted(missing, key=str)} never fired during the forward")
+        return store
+
+    def _patcher(self, patches: list[SitePatch], split: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def patch(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            view = self._split(t) if split else t
+            for p in patches:
+                rows = torch.arange(p.columns.shape[0], device=t.device)[:, None]
+                if split:
+                    heads = p.heads[:, None].expand_as(p.columns)
+                    view[rows, p.columns, heads] = p.new_values(view[rows, p.columns, heads])
+                else:
+                    view[rows, p.columns] = p.new_values(view[rows, p.columns])
+            return t
+        return patch
+
+    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
+        """``model(**inputs)`` (the prompt pass) with every patch applied at its site, for this pass only."""
+        by_site: dict[Site, list[SitePatch]] = {}
+        for p in patches:
+            by_site.setdefault(p.site, []).append(p)
+        handles = []
+        try:
+            for site, site_patches in by_site.items():
+                module, side, split = self._module(site)
+                handles.append(register_site_hook(module, side, self._patcher(site_patches, split)))
+            return self.model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,87 @@
+"""Backend-neutral vocabulary of where an intervention acts, and what it does there.
+
+A ``Site`` is a component at a layer (``block_input``/``block_output``/``attention_output``/
+``mlp_output``: activations of shape (B, T, d); ``head_attention_value_output``: (B, T, H, d_head),
+one query head's value-weighted output before the output projection). A ``SitePatch`` says which
+batch rows and padded token columns of a site get which values. Both backends (pyvene, plain
+torch hooks) take these and nothing else; ``experiments/model_units.py`` and the engine speak only
+this vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: The components every backend supports; True = addressed per head.
+COMPONENTS: dict[str, bool] = {
+    "block_input": False,
+    "block_output": False,
+    "attention_output": False,
+    "mlp_output": False,
+    "head_attention_value_output": True,
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One representation: ``component`` at ``layer`` (0-based block index; no -1 here: the
+    embeddings are ``Site(0, "block_input")``)."""
+
+    layer: int
+    component: str
+
+    def __post_init__(self) -> None:
+        if self.component not in COMPONENTS:
+            raise ValueError(f"unknown component {self.component!r}; known: {', '.join(COMPONENTS)}")
+
+    @property
+    def per_head(self) -> bool:
+        """True for head components: activations are (B, T, H, d_head) and a patch names one head per row."""
+        return COMPONENTS[self.component]
+
+
+@dataclass
+class SitePatch:
+    """Set ``values`` at ``site`` for rows × columns of one batch (the intervened prompt pass).
+
+    - ``columns``: (R, n) long, padded-batch token columns of each batch row (R = batch rows);
+      a column may repeat within a row only with the same value.
+    - ``values``: (R, n, d) — the new activation at those columns (d = d_head for head sites).
+    - ``heads``: (R,) long, the query head of each row (head sites only).
+    - ``featurizer`` / ``feature_mask``: when set, the patch is an interchange *through* the
+      featurizer: ``inverse(where(mask, f(values), f(base)), error(base))`` — only the masked
+      features move; with the identity featurizer and an all-true mask this equals setting ``values``.
+    """
+
+    site: Site
+    columns: "torch.Tensor"
+    values: "torch.Tensor"
+    heads: "torch.Tensor | None" = None
+    featurizer: Any = None
+    feature_mask: "torch.Tensor | None" = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def new_values(self, base_values: "torch.Tensor") -> "torch.Tensor":
+        """The values to write, given the base run's values (R, n, d) at the same columns."""
+        if self.featurizer is None:
+            return self.values.to(base_values.dtype)
+        return featurized_swap(self.featurizer, self.feature_mask, base_values, self.values)
+
+
+def featurized_swap(featurizer: Any, feature_mask: "torch.Tensor | None", base: "torch.Tensor",
+                    source: "torch.Tensor") -> "torch.Tensor":
+    """``inverse(where(mask, f(source), f(base)), error(base))``: only the masked features move
+    (all of them when ``feature_mask`` is None). Shapes: (..., d) in and out."""
+    import torch
+
+    features_base, error_base = featurizer.featurize(base)
+    features_source, _ = featurizer.featurize(source.to(base.dtype))
+    if feature_mask is None:
+        mixed = features_source
+    else:
+        mixed = torch.where(feature_mask.to(features_base.device), features_source, features_base)
+    return featurizer.inverse(mixed, error_base).to(base.dtype)
