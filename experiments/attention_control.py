@@ -110,7 +110,8 @@ class RecordAttention:
     ``heads`` selects query heads for probs and queries (None: all). ``query_positions`` selects the
     prompt-pass query columns of ``probs``: a list shared by all rows, or a (B, n) per-row tensor
     (None: all); decoding steps always record their new queries. Padding key columns get
-    probability 0 (masked). ``steps="prompt"`` records the prompt pass only, ``"all"`` every forward.
+    probability 0 (masked) for every real query; a padding query (every key masked) holds eager
+    attention's uniform spread. ``steps="prompt"`` records the prompt pass only, ``"all"`` every forward.
     """
 
     layers: int | Sequence[int]
