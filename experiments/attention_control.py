@@ -11,7 +11,8 @@ Coordinates. Batch rows are the rows of the padded batch. Positions are *cache c
 columns of the left-padded prompt (0 .. T-1), then the generated tokens (T, T+1, ...). In a forward
 whose keys hold ``K`` positions and whose queries hold ``Q`` new tokens, query ``i`` sits at
 coordinate ``K - Q + i``. A forward is a *prompt pass* when it has no cached keys (``K == Q``), a
-*decoding step* otherwise.
+*decoding step* otherwise. A layer whose cache dropped old keys (a sliding-window cache once
+generation passes the window) has no such coordinates: ops on it raise instead of misplacing.
 
 Ops (plain frozen dataclasses, tensors allowed):
 
@@ -274,7 +275,8 @@ class AttentionController:
     records: list[AttentionRecord] = field(default_factory=list)
     step: int = -1
     _last_layer: int | None = None
-    _step_key_len: int | None = None
+    _expected_keys: int | None = None  # cache length of the current forward, when known
+    _tracked: bool = False  # the context saw the prompt pass, so cache lengths can be counted
 
     def get(self, layer: int, step: int = 0, op_index: int | None = None) -> AttentionRecord:
         """The record of ``layer`` in forward ``step`` (``op_index`` disambiguates several record ops)."""
@@ -288,10 +290,17 @@ class AttentionController:
         return hits[0]
 
     # called once per attention call
-    def _begin(self, layer: int, key_len: int) -> None:
+    def _begin(self, layer: int, query_len: int, key_len: int) -> None:
+        """Advance the forward counter when layers restart; count the expected cache length."""
         if self._last_layer is None or layer <= self._last_layer:
             self.step += 1
-            self._step_key_len = key_len
+            if key_len == query_len:  # prompt pass: no cached keys
+                self._tracked = True
+                self._expected_keys = key_len
+            elif self._tracked:
+                self._expected_keys += query_len
+            else:  # entered mid-generation: trust the first layer of each forward
+                self._expected_keys = key_len
         self._last_layer = layer
 
 
@@ -447,7 +456,7 @@ def controlled_attention_forward(
     offset = k_len - q_len
     prompt = offset == 0
     if controller is not None:
-        controller._begin(layer, k_len)
+        controller._begin(layer, q_len, k_len)
         for op in controller.ops:
             if isinstance(op, RecordAttention):
                 hit = layer in op.layers and (prompt or op.steps == "all")
@@ -459,9 +468,9 @@ def controlled_attention_forward(
                 hit = layer == op.layer and (prompt or op.steps == "all")
             if hit:
                 ops.append(op)
-        if ops and k_len != controller._step_key_len:
+        if ops and k_len != controller._expected_keys:
             raise RuntimeError(
-                f"layer {layer} sees {k_len} keys while this forward's first layer saw {controller._step_key_len} "
+                f"layer {layer} sees {k_len} keys where the cache holds {controller._expected_keys} positions "
                 "(a sliding-window cache dropped old keys): cache coordinates are ambiguous, interventions refused"
             )
 
