@@ -374,7 +374,9 @@ def _row_targets(rows: torch.Tensor | None, matrix: torch.Tensor | None, batch: 
     """Resolve ``rows`` (None: all) against a per-row (R, n) matrix (R == B or 1 when rows is None)."""
     if rows is None:
         if matrix is not None and matrix.shape[0] not in (1, batch):
-            raise ValueError(f"{what}: {matrix.shape[0]} position rows for a batch of {batch} (pass rows=, or use 1 or {batch})")
+            raise ValueError(
+                f"{what}: {matrix.shape[0]} position rows for a batch of {batch} (pass rows=, or use 1 or {batch})"
+            )
         rows = torch.arange(batch)
         if matrix is not None and matrix.shape[0] == 1:
             matrix = matrix.expand(batch, -1)
