@@ -1,0 +1,615 @@
+"""Attention-level interventions: record and rewrite attention probabilities, queries and keys.
+
+Works through transformers' attention-function registry: :data:`ATTENTION_IMPLEMENTATION` names an
+eager attention function (``softmax(Q Kᵀ · scaling + mask [+ softcap]) V``, grouped-query heads read
+kv head ``h // groups``) registered with both ``AttentionInterface`` and ``AttentionMaskInterface``
+(without the mask registration the causal mask would be silently dropped). Inside
+``with attention_control(model, ops) as ctl:`` the model runs on that function and ``ops`` act in
+every forward: the prompt pass and every cached decoding step.
+
+Coordinates. Batch rows are the rows of the padded batch. Positions are *cache coordinates*: the
+columns of the left-padded prompt (0 .. T-1), then the generated tokens (T, T+1, ...). In a forward
+whose keys hold ``K`` positions and whose queries hold ``Q`` new tokens, query ``i`` sits at
+coordinate ``K - Q + i``. A forward is a *prompt pass* when it has no cached keys (``K == Q``), a
+*decoding step* otherwise. A layer whose cache dropped old keys (a sliding-window cache once
+generation passes the window) has no such coordinates: ops on it raise instead of misplacing.
+
+Ops (plain frozen dataclasses, tensors allowed):
+
+* :class:`RecordAttention` -- probabilities (B, h, q, K), queries (B, h, Q, d) after rotary,
+  keys/values (B, KV, K, d) before grouped-query expansion; into ``controller.records``.
+* :class:`TransplantAttention` -- overwrite the probabilities of given rows/heads/query positions.
+* :class:`BlockAttention` -- a blocked key gets exactly zero probability (``-inf`` before the softmax).
+* :class:`ScaleQK` -- multiply one query head's queries, or the keys that head sees, by a factor.
+
+Order inside one attention call: ScaleQK -> logits (+ softcap) + mask -> BlockAttention -> softmax
+-> TransplantAttention -> RecordAttention -> (dropout, training only) -> probabilities @ V.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+ATTENTION_IMPLEMENTATION = "controlled_eager_attention"
+"""Name under which the controllable attention function is registered (both registries)."""
+
+_CONTROLLER_ATTR = "_attention_controller"
+
+Steps = Literal["prompt", "all"]
+IndexLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+class UnmatchedKeysWarning(UserWarning):
+    """``align_source_probs``: some (row, head, query) keeps no probability mass (all keys unmatched)."""
+
+
+# ---------------------------------------------------------------------------- input normalisation
+def _as_index_vector(value: IndexLike | int | None, name: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value, dtype=torch.long)
+    if tensor.ndim == 0:
+        tensor = tensor[None]
+    if tensor.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D list of indices, got shape {tuple(tensor.shape)}")
+    if (tensor < 0).any():
+        raise ValueError(f"{name} must be non-negative, got {tensor.tolist()}")
+    return tensor
+
+
+def _as_index_matrix(value: IndexLike | None, name: str) -> torch.Tensor | None:
+    """(R, n) LongTensor; -1 marks padding, other negatives are rejected."""
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value, dtype=torch.long)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must have shape (rows, n), got shape {tuple(tensor.shape)}")
+    if (tensor < -1).any():
+        raise ValueError(f"{name} may contain -1 as padding but no other negative value, got {tensor.tolist()}")
+    return tensor
+
+
+def _as_layers(value: int | Sequence[int] | None, name: str = "layers") -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    layers = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+    if not layers or min(layers) < 0:
+        raise ValueError(f"{name} must be a non-empty list of non-negative layer indices, got {layers}")
+    return layers
+
+
+def _as_heads(value: int | Sequence[int] | None, name: str = "heads") -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    heads = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+    if not heads or min(heads) < 0:
+        raise ValueError(f"{name} must be a non-empty list of non-negative head indices, got {heads}")
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"{name} contains a repeated head: {heads}")
+    return heads
+
+
+def _check_steps(steps: str) -> None:
+    if steps not in ("prompt", "all"):
+        raise ValueError(f"steps must be 'prompt' or 'all', got {steps!r}")
+
+
+# ---------------------------------------------------------------------------- ops
+@dataclass(frozen=True, eq=False)
+class RecordAttention:
+    """Record per layer: ``"probs"`` (B, h_sel, q_sel, K), ``"query"`` (B, h_sel, Q, d) after rotary
+    (and after any ScaleQK), ``"key"``/``"value"`` (B, KV, K, d) before grouped-query expansion.
+
+    ``heads`` selects query heads for probs and queries (None: all). ``query_positions`` selects the
+    prompt-pass query columns of ``probs``: a list shared by all rows, or a (B, n) per-row tensor
+    (None: all); decoding steps always record their new queries. Padding key columns get
+    probability 0 (masked) for every real query; a padding query (every key masked) holds eager
+    attention's uniform spread. ``steps="prompt"`` records the prompt pass only, ``"all"`` every forward.
+    """
+
+    layers: int | Sequence[int]
+    heads: int | Sequence[int] | None = None
+    query_positions: IndexLike | None = None
+    what: tuple[str, ...] = ("probs",)
+    steps: Steps = "prompt"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _as_layers(self.layers))
+        object.__setattr__(self, "heads", _as_heads(self.heads))
+        what = (self.what,) if isinstance(self.what, str) else tuple(self.what)
+        unknown = set(what) - {"probs", "query", "key", "value"}
+        if unknown or not what:
+            raise ValueError(f"what must be a non-empty subset of ('probs', 'query', 'key', 'value'), got {what}")
+        object.__setattr__(self, "what", what)
+        _check_steps(self.steps)
+        qp = self.query_positions
+        if qp is not None:
+            tensor = torch.as_tensor(qp, dtype=torch.long)
+            if tensor.ndim not in (1, 2) or (tensor < 0).any():
+                raise ValueError("query_positions must be a list of non-negative columns or a (B, n) tensor of them")
+            object.__setattr__(self, "query_positions", tensor)
+
+
+@dataclass(frozen=True, eq=False)
+class TransplantAttention:
+    """Replace probabilities in the prompt pass: ``probs`` (R, len(heads), n, K) is written to batch rows
+    ``rows`` (R,), query columns ``query_positions`` (R, n; -1 = skip) and query ``heads`` of
+    ``layer``, before multiplying by V. ``K`` must equal the prompt width.
+    """
+
+    layer: int
+    heads: int | Sequence[int]
+    rows: IndexLike
+    query_positions: IndexLike
+    probs: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if int(self.layer) < 0:
+            raise ValueError(f"layer must be non-negative, got {self.layer}")
+        object.__setattr__(self, "heads", _as_heads(self.heads))
+        rows = _as_index_vector(self.rows, "rows")
+        qpos = _as_index_matrix(self.query_positions, "query_positions")
+        probs = torch.as_tensor(self.probs)
+        expected = (len(rows), len(self.heads), qpos.shape[1])
+        if qpos.shape[0] != len(rows):
+            raise ValueError(f"query_positions has {qpos.shape[0]} rows but rows has {len(rows)}")
+        if probs.ndim != 4 or tuple(probs.shape[:3]) != expected:
+            raise ValueError(
+                f"probs must have shape (rows, heads, n, K) = ({expected[0]}, {expected[1]}, {expected[2]}, K), "
+                f"got {tuple(probs.shape)}"
+            )
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "query_positions", qpos)
+        object.__setattr__(self, "probs", probs)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockAttention:
+    """Give keys at ``key_positions`` (R, m; -1 = padding; cache coordinates) exactly zero probability.
+
+    ``rows`` (R,) picks the batch rows (None: all rows; then R is the batch size, or 1 to apply the
+    same keys to every row). ``query_positions`` (R, n; -1 padding; cache coordinates) restricts which
+    queries lose the keys; None means every query later than the blocked key, in the prompt pass and
+    in every decoding step. ``layers``/``heads``: None = all. A query whose every key ends up blocked
+    attends to nothing (zero probabilities, zero output).
+    """
+
+    key_positions: IndexLike
+    rows: IndexLike | None = None
+    query_positions: IndexLike | None = None
+    layers: int | Sequence[int] | None = None
+    heads: int | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        keys = _as_index_matrix(self.key_positions, "key_positions")
+        rows = _as_index_vector(self.rows, "rows")
+        qpos = _as_index_matrix(self.query_positions, "query_positions")
+        if rows is not None and len(rows) != keys.shape[0]:
+            raise ValueError(f"key_positions has {keys.shape[0]} rows but rows has {len(rows)}")
+        if qpos is not None and qpos.shape[0] != keys.shape[0]:
+            raise ValueError(f"query_positions has {qpos.shape[0]} rows but key_positions has {keys.shape[0]}")
+        object.__setattr__(self, "key_positions", keys)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "query_positions", qpos)
+        object.__setattr__(self, "layers", _as_layers(self.layers))
+        object.__setattr__(self, "heads", _as_heads(self.heads))
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleQK:
+    """Multiply query head ``head`` of ``layer``'s queries (``target="query"``) or the keys that head
+    sees (``target="key"``: a per-head copy, other heads sharing its kv head are untouched) by
+    ``factor``, after rotary, before the logits.
+
+    ``positions``: None = all positions; else (R, n) cache coordinates per row (-1 padding) for
+    batch rows ``rows`` (R,) (None: all rows; then R is the batch size or 1). Queries are scaled at
+    the query positions present in a forward, keys at the key positions. ``steps``: "all" (default)
+    or "prompt".
+    """
+
+    layer: int
+    head: int
+    target: Literal["query", "key"]
+    factor: float
+    positions: IndexLike | None = None
+    rows: IndexLike | None = None
+    steps: Steps = "all"
+
+    def __post_init__(self) -> None:
+        if int(self.layer) < 0 or int(self.head) < 0:
+            raise ValueError(f"layer and head must be non-negative, got layer={self.layer}, head={self.head}")
+        if self.target not in ("query", "key"):
+            raise ValueError(f"target must be 'query' or 'key', got {self.target!r}")
+        _check_steps(self.steps)
+        positions = _as_index_matrix(self.positions, "positions")
+        rows = _as_index_vector(self.rows, "rows")
+        if rows is not None and positions is not None and positions.shape[0] != len(rows):
+            raise ValueError(f"positions has {positions.shape[0]} rows but rows has {len(rows)}")
+        object.__setattr__(self, "positions", positions)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "factor", float(self.factor))
+
+
+AttentionOp = RecordAttention | TransplantAttention | BlockAttention | ScaleQK
+
+
+# ---------------------------------------------------------------------------- records / controller
+@dataclass
+class AttentionRecord:
+    """What one :class:`RecordAttention` captured at one layer in one forward.
+
+    ``step``: index of the forward inside the context (0 = first forward, normally the prompt pass);
+    ``prompt``: whether that forward had no cached keys; ``query_offset``: cache coordinate of the
+    forward's first query. Tensors not asked for are None.
+    """
+
+    op_index: int
+    layer: int
+    step: int
+    prompt: bool
+    query_offset: int
+    heads: tuple[int, ...]
+    query_positions: torch.Tensor | None
+    probs: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionController:
+    """Live state of one :func:`attention_control` context: the ops, the forward counter, the records."""
+
+    model: nn.Module
+    ops: tuple[AttentionOp, ...]
+    num_layers: int
+    num_heads: int
+    records: list[AttentionRecord] = field(default_factory=list)
+    step: int = -1
+    _last_layer: int | None = None
+    _expected_keys: int | None = None  # cache length of the current forward, when known
+    _tracked: bool = False  # the context saw the prompt pass, so cache lengths can be counted
+
+    def get(self, layer: int, step: int = 0, op_index: int | None = None) -> AttentionRecord:
+        """The record of ``layer`` in forward ``step`` (``op_index`` disambiguates several record ops)."""
+        hits = [r for r in self.records if r.layer == layer and r.step == step
+                and (op_index is None or r.op_index == op_index)]
+        if not hits:
+            have = sorted({(r.layer, r.step) for r in self.records})
+            raise KeyError(f"no record for layer {layer}, step {step}; recorded (layer, step) pairs: {have}")
+        if len(hits) > 1:
+            raise KeyError(f"{len(hits)} records for layer {layer}, step {step}; pass op_index")
+        return hits[0]
+
+    # called once per attention call
+    def _begin(self, layer: int, query_len: int, key_len: int) -> None:
+        """Advance the forward counter when layers restart; count the expected cache length."""
+        if self._last_layer is None or layer <= self._last_layer:
+            self.step += 1
+            if key_len == query_len:  # prompt pass: no cached keys
+                self._tracked = True
+                self._expected_keys = key_len
+            elif self._tracked:
+                self._expected_keys += query_len
+            else:  # entered mid-generation: trust the first layer of each forward
+                self._expected_keys = key_len
+        self._last_layer = layer
+
+
+def _validate_ops(ops: Sequence[AttentionOp], num_layers: int, num_heads: int) -> tuple[AttentionOp, ...]:
+    checked = []
+    for i, op in enumerate(ops):
+        if not isinstance(op, (RecordAttention, TransplantAttention, BlockAttention, ScaleQK)):
+            raise TypeError(f"op {i} is a {type(op).__name__}, not an attention op")
+        layers = [op.layer] if isinstance(op, (TransplantAttention, ScaleQK)) else (op.layers or [])
+        heads = [op.head] if isinstance(op, ScaleQK) else (op.heads or [])
+        for layer in layers:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"op {i} ({type(op).__name__}): layer {layer} out of range (model has {num_layers})")
+        for head in heads:
+            if not 0 <= head < num_heads:
+                raise ValueError(f"op {i} ({type(op).__name__}): head {head} out of range (model has {num_heads})")
+        checked.append(op)
+    return tuple(checked)
+
+
+@contextmanager
+def attention_control(model: PreTrainedModel, ops: Sequence[AttentionOp] = ()) -> Iterator[AttentionController]:
+    """Run ``model`` on the controllable attention and apply ``ops`` in every forward inside the block.
+
+    Yields an :class:`AttentionController`; its ``records`` fill up as forwards run. The previous
+    attention implementation is restored on exit, also after an exception. The ops live on this
+    model's attention modules only (no global state); one context per model at a time.
+    """
+    register_attention()
+    if getattr(model, _CONTROLLER_ATTR, None) is not None:
+        raise RuntimeError("attention_control is already active on this model; nesting is not supported")
+    config = model.config
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(config.num_attention_heads)
+    controller = AttentionController(model, _validate_ops(ops, num_layers, num_heads), num_layers, num_heads)
+    previous = config._attn_implementation
+    modules = list(model.modules())
+    try:
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        if config._attn_implementation != ATTENTION_IMPLEMENTATION:
+            raise RuntimeError(
+                f"{type(model).__name__} does not accept attention implementation {ATTENTION_IMPLEMENTATION!r} "
+                "(its attention does not dispatch through transformers' AttentionInterface)"
+            )
+        for module in modules:
+            module.__dict__[_CONTROLLER_ATTR] = controller
+        yield controller
+    finally:
+        for module in modules:
+            module.__dict__.pop(_CONTROLLER_ATTR, None)
+        if config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
+# ---------------------------------------------------------------------------- the attention function
+def _expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, KV, K, d) -> (B, KV*groups, K, d); query head h reads kv head h // groups."""
+    if groups == 1:
+        return states
+    b, kv, k, d = states.shape
+    return states[:, :, None, :, :].expand(b, kv, groups, k, d).reshape(b, kv * groups, k, d)
+
+
+def _check_rows(rows: torch.Tensor, batch: int, what: str) -> None:
+    if len(rows) and int(rows.max()) >= batch:
+        raise ValueError(f"{what}: row {int(rows.max())} out of range for a batch of {batch}")
+
+
+def _row_targets(rows: torch.Tensor | None, matrix: torch.Tensor | None, batch: int, what: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resolve ``rows`` (None: all) against a per-row (R, n) matrix (R == B or 1 when rows is None)."""
+    if rows is None:
+        if matrix is not None and matrix.shape[0] not in (1, batch):
+            raise ValueError(
+                f"{what}: {matrix.shape[0]} position rows for a batch of {batch} (pass rows=, or use 1 or {batch})"
+            )
+        rows = torch.arange(batch)
+        if matrix is not None and matrix.shape[0] == 1:
+            matrix = matrix.expand(batch, -1)
+    _check_rows(rows, batch, what)
+    return rows, matrix
+
+
+def _coordinate_hits(positions: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(R, n) cache coordinates (-1 padding) -> (R, length) bool: which of ``start .. start+length-1`` are named."""
+    local = positions - start
+    valid = (positions >= 0) & (local >= 0) & (local < length)
+    hits = torch.zeros(positions.shape[0], length + 1, dtype=torch.bool, device=positions.device)
+    hits.scatter_(1, torch.where(valid, local, torch.full_like(local, length)), True)
+    return hits[:, :length]
+
+
+def _scale_factors(op: ScaleQK, batch: int, start: int, length: int, device: torch.device) -> torch.Tensor:
+    """(B, length) multipliers for one ScaleQK on the coordinates ``start .. start+length-1``."""
+    rows, positions = _row_targets(op.rows, op.positions, batch, "ScaleQK")
+    factors = torch.ones(batch, length, device=device)
+    if positions is None:
+        factors[rows.to(device)] = op.factor
+    else:
+        hits = _coordinate_hits(positions.to(device), start, length)
+        for i, row in enumerate(rows.tolist()):
+            factors[row, hits[i]] = op.factor
+    return factors
+
+
+def _block_mask(ops: list[BlockAttention], batch: int, heads: int, offset: int, q_len: int, k_len: int,
+                device: torch.device) -> torch.Tensor:
+    """(B, H, q, K) bool: True where a BlockAttention removes the key."""
+    blocked = torch.zeros(batch, heads, q_len, k_len, dtype=torch.bool, device=device)
+    q_coords = offset + torch.arange(q_len, device=device)
+    k_coords = torch.arange(k_len, device=device)
+    later = q_coords[:, None] > k_coords[None, :]  # (q, K)
+    for op in ops:
+        rows, keys = _row_targets(op.rows, op.key_positions, batch, "BlockAttention")
+        key_hit = _coordinate_hits(keys.to(device), 0, k_len)  # (R, K)
+        if op.query_positions is None:
+            hit = key_hit[:, None, :] & later[None]
+        else:
+            qpos = op.query_positions
+            if op.rows is None and qpos.shape[0] == 1:
+                qpos = qpos.expand(batch, -1)
+            query_hit = _coordinate_hits(qpos.to(device), offset, q_len)  # (R, q)
+            hit = query_hit[:, :, None] & key_hit[:, None, :]
+        head_sel = torch.zeros(heads, dtype=torch.bool, device=device)
+        head_sel[list(op.heads) if op.heads is not None else slice(None)] = True
+        for i, row in enumerate(rows.tolist()):
+            blocked[row] |= hit[i][None] & head_sel[:, None, None]
+    return blocked
+
+
+def controlled_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with interventions. query (B, H, Q, d); key/value (B, KV, K, d); returns
+    (output (B, Q, H, d), probabilities (B, H, Q, K)). Softmax in float32, cast back to the query dtype.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    batch, num_heads, q_len, _ = query.shape
+    k_len = key.shape[-2]
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if num_heads != key.shape[1] * groups:
+        raise ValueError(f"{num_heads} query heads do not match {key.shape[1]} kv heads x {groups} groups")
+    controller: AttentionController | None = module.__dict__.get(_CONTROLLER_ATTR)
+    ops: list[AttentionOp] = []
+    layer = int(getattr(module, "layer_idx", -1))
+    offset = k_len - q_len
+    prompt = offset == 0
+    if controller is not None:
+        controller._begin(layer, q_len, k_len)
+        for op in controller.ops:
+            if isinstance(op, RecordAttention):
+                hit = layer in op.layers and (prompt or op.steps == "all")
+            elif isinstance(op, TransplantAttention):
+                hit = layer == op.layer and prompt
+            elif isinstance(op, BlockAttention):
+                hit = op.layers is None or layer in op.layers
+            else:
+                hit = layer == op.layer and (prompt or op.steps == "all")
+            if hit:
+                ops.append(op)
+        if ops and k_len != controller._expected_keys:
+            raise RuntimeError(
+                f"layer {layer} sees {k_len} keys where the cache holds {controller._expected_keys} positions "
+                "(a sliding-window cache dropped old keys): cache coordinates are ambiguous, interventions refused"
+            )
+
+    key_states = _expand_kv(key, groups)
+    value_states = _expand_kv(value, groups)
+    for op in ops:
+        if isinstance(op, ScaleQK):
+            if op.target == "query":
+                factors = _scale_factors(op, batch, offset, q_len, query.device).to(query.dtype)
+                query = query.clone()
+                query[:, op.head] = query[:, op.head] * factors[:, :, None]
+            else:
+                factors = _scale_factors(op, batch, 0, k_len, key.device).to(key.dtype)
+                key_states = key_states.clone()
+                key_states[:, op.head] = key_states[:, op.head] * factors[:, :, None]
+
+    logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        logits = logits + attention_mask
+    blocks = [op for op in ops if isinstance(op, BlockAttention)]
+    if blocks:
+        blocked = _block_mask(blocks, batch, num_heads, offset, q_len, k_len, logits.device)
+        logits = logits.masked_fill(blocked, float("-inf"))
+    probs = nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
+    if blocks:
+        probs = torch.nan_to_num(probs, nan=0.0)  # every key blocked: attend to nothing
+    probs = probs.to(query.dtype)
+
+    for op in ops:
+        if isinstance(op, TransplantAttention):
+            probs = _transplant(probs, op, layer)
+    for index, op in enumerate(controller.ops if controller is not None else ()):
+        if op in ops and isinstance(op, RecordAttention):
+            _record(controller, index, op, layer, prompt, offset, probs, query, key, value)
+
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def _transplant(probs: torch.Tensor, op: TransplantAttention, layer: int) -> torch.Tensor:
+    batch, num_heads, q_len, k_len = probs.shape
+    if op.probs.shape[-1] != k_len:
+        raise ValueError(f"TransplantAttention at layer {layer}: probs have {op.probs.shape[-1]} keys, "
+                         f"the prompt pass has {k_len}")
+    _check_rows(op.rows, batch, f"TransplantAttention at layer {layer}")
+    if int(op.query_positions.max()) >= q_len:
+        raise ValueError(f"TransplantAttention at layer {layer}: query position {int(op.query_positions.max())} "
+                         f"out of range for a prompt of {q_len} columns")
+    device = probs.device
+    qpos = op.query_positions.to(device)
+    valid = (qpos >= 0)[:, None, :].expand(-1, len(op.heads), -1)  # (R, h, n)
+    rows = op.rows.to(device)[:, None, None].expand_as(valid)
+    heads = torch.tensor(op.heads, device=device)[None, :, None].expand_as(valid)
+    cols = qpos[:, None, :].expand_as(valid)
+    probs = probs.clone()
+    probs[rows[valid], heads[valid], cols[valid]] = op.probs.to(device, probs.dtype)[valid]
+    return probs
+
+
+def _record(controller: AttentionController, index: int, op: RecordAttention, layer: int, prompt: bool,
+            offset: int, probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    batch = probs.shape[0]
+    heads = op.heads if op.heads is not None else tuple(range(probs.shape[1]))
+    head_index = torch.tensor(heads, device=probs.device)
+    positions = op.query_positions if prompt else None
+    record = AttentionRecord(index, layer, controller.step, prompt, offset, heads,
+                             positions.clone() if positions is not None else None)
+    if "probs" in op.what:
+        selected = probs.index_select(1, head_index)
+        if positions is not None:
+            pos = positions.to(probs.device)
+            if pos.ndim == 1:
+                selected = selected.index_select(2, pos)
+            else:
+                if pos.shape[0] != batch:
+                    raise ValueError(f"RecordAttention: query_positions has {pos.shape[0]} rows for a batch of {batch}")
+                idx = pos[:, None, :, None].expand(-1, len(heads), -1, selected.shape[-1])
+                selected = selected.gather(2, idx)
+        record.probs = selected.detach()
+    if "query" in op.what:
+        record.query = query.index_select(1, head_index).detach()
+    if "key" in op.what:
+        record.key = key.detach().clone()
+    if "value" in op.what:
+        record.value = value.detach().clone()
+    controller.records.append(record)
+
+
+# ---------------------------------------------------------------------------- helpers
+def align_source_probs(source_probs: torch.Tensor, key_map: torch.Tensor) -> torch.Tensor:
+    """Map source attention (R, h, n, Ks) onto base keys: (R, h, n, Kb).
+
+    Rule: base key j of row r takes the source probability of key ``key_map[r, j]``; ``-1`` (unmatched)
+    gets 0; each (row, head, query) is then renormalised to sum 1 over the base keys. A source key
+    named by several base keys lends its mass to each before renormalising. A (row, head, query)
+    whose matched keys carry no mass stays all zero and is reported with an UnmatchedKeysWarning.
+    """
+    if source_probs.ndim != 4:
+        raise ValueError(f"source_probs must have shape (R, h, n, Ks), got {tuple(source_probs.shape)}")
+    key_map = torch.as_tensor(key_map, dtype=torch.long, device=source_probs.device)
+    rows, _, _, source_keys = source_probs.shape
+    if key_map.ndim != 2 or key_map.shape[0] != rows:
+        raise ValueError(f"key_map must have shape ({rows}, Kb), got {tuple(key_map.shape)}")
+    if (key_map < -1).any() or (key_map >= source_keys).any():
+        raise ValueError(f"key_map entries must be -1 or a source key in 0..{source_keys - 1}")
+    matched = key_map >= 0
+    index = key_map.clamp(min=0)[:, None, None, :].expand(-1, source_probs.shape[1], source_probs.shape[2], -1)
+    aligned = source_probs.gather(3, index) * matched[:, None, None, :].to(source_probs.dtype)
+    total = aligned.sum(-1, keepdim=True)
+    empty = total.squeeze(-1) <= 0
+    if empty.any():
+        where = empty.nonzero().tolist()
+        warnings.warn(
+            f"align_source_probs: {len(where)} (row, head, query) entries keep no mass and stay zero, "
+            f"e.g. {where[:5]}", UnmatchedKeysWarning, stacklevel=2,
+        )
+    return torch.where(total > 0, aligned / total.clamp(min=torch.finfo(aligned.dtype).tiny), aligned)
+
+
+_REGISTERED = False
+
+
+def register_attention() -> str:
+    """Register :data:`ATTENTION_IMPLEMENTATION` with AttentionInterface and AttentionMaskInterface (idempotent).
+
+    The mask registration reuses transformers' eager mask (0 / dtype-min float mask): without it,
+    mask creation returns no mask for an unknown name and the model would attend to the future.
+    """
+    global _REGISTERED
+    if not _REGISTERED:
+        AttentionInterface.register(ATTENTION_IMPLEMENTATION, controlled_attention_forward)
+        AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)
+        _REGISTERED = True
+    return ATTENTION_IMPLEMENTATION
+
+
+register_attention()
