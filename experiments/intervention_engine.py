@@ -20,7 +20,15 @@ import torch
 
 from causal.raw_results import CellSpec
 from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
-from experiments.model_units import ModelUnit
+from experiments.attention_control import (
+    BlockAttention,
+    RecordAttention,
+    ScaleQK,
+    TransplantAttention,
+    align_source_probs,
+    attention_control,
+)
+from experiments.model_units import ATTENTION_PATTERN, ModelUnit
 from experiments.pipeline import LMPipeline, PromptBatch
 from experiments.sites import Site, SitePatch
 from experiments.token_positions import TokenPositionError
@@ -28,6 +36,14 @@ from experiments.token_positions import TokenPositionError
 #: Intervention kinds on activations. ``interchange``: the value of the counterfactual run;
 #: ``zero_ablation``: zeros; ``mean_ablation``: ``Cell.ablation_values`` (a mean over a reference dataset).
 SITE_KINDS = ("interchange", "zero_ablation", "mean_ablation")
+#: Attention-level kinds (units are ``AttentionPattern``s; see ``experiments.attention_control``):
+#: ``attention_block``: keys at the unit's position get zero probability from every later query, in the
+#: prompt pass and every decoding step; ``attention_transplant``: the probabilities of the unit's query
+#: positions come from the counterfactual run, keys aligned by unpadded index or by ``key_roles``
+#: (unmatched keys get 0, rows renormalised); ``qk_scale``: ``parameters = {"target": "query"|"key",
+#: "factor": float}`` at the unit's positions (``"all_positions": True``: every position).
+ATTENTION_KINDS = ("attention_block", "attention_transplant", "qk_scale")
+KINDS = SITE_KINDS + ATTENTION_KINDS
 
 
 @dataclass
@@ -35,6 +51,8 @@ class Cell:
     """An intervention site: units acted on together, with one intervention ``kind``.
 
     ``ablation_values[i]`` (mean ablation): the (d,) value written at unit i's positions.
+    ``key_roles`` (attention transplant): token positions whose tokens correspond between base and
+    counterfactual prompts (keys are aligned role by role; without roles, by unpadded index).
     ``parameters``: JSON-able settings recorded in the results manifest (e.g. a hash of the means).
     """
 
@@ -43,16 +61,29 @@ class Cell:
     kind: str = "interchange"
     parameters: dict[str, Any] = field(default_factory=dict)
     ablation_values: list[torch.Tensor] | None = None
+    key_roles: list[Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SITE_KINDS:
-            raise ValueError(f"unknown intervention kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown intervention kind {self.kind!r}; known: {', '.join(KINDS)}")
+        attention = [u.component == ATTENTION_PATTERN for u in self.units]
+        if self.units and any(attention) != (self.kind in ATTENTION_KINDS) or len(set(attention)) > 1:
+            raise ValueError(f"cell {self.cell_id!r}: kind {self.kind!r} needs "
+                             f"{'attention_pattern' if self.kind in ATTENTION_KINDS else 'activation'} units only")
+        if self.kind == "qk_scale" and (self.parameters.get("target") not in ("query", "key")
+                                        or not isinstance(self.parameters.get("factor"), (int, float))):
+            raise ValueError(f"cell {self.cell_id!r}: qk_scale needs parameters target ('query'|'key') and factor")
+        if self.key_roles:
+            self.parameters = {**self.parameters, "key_roles": [p.id for p in self.key_roles]}
         if self.kind == "mean_ablation" and (self.ablation_values is None or len(self.ablation_values) != len(self.units)):
             raise ValueError(f"cell {self.cell_id!r}: mean ablation needs one ablation value per unit")
 
     @property
     def signature(self) -> tuple:
         """Cells with equal signatures share forwards: same kind, sites, featurizers and feature choice."""
+        if self.kind in ATTENTION_KINDS:
+            return (self.kind, repr(sorted(self.parameters.items())),
+                    *((u.layer, u.head) for u in self.units))
         return (self.kind, *((u.site, u.address.featurizer_id, u.address.featurizer_sha256, u.feature_indices)
                              for u in self.units))
 
@@ -118,21 +149,27 @@ class InterventionEngine:
 
         sites = sorted({unit.site for group in groups for cell in group if cell.kind == "interchange"
                         for unit in cell.units}, key=lambda s: (s.layer, s.component))
-        sources = self.backend.collect(sites, cf_batch.model_inputs()) if sites else {}
+        sources: dict[Any, Any] = self.backend.collect(sites, cf_batch.model_inputs()) if sites else {}
+        transplant_layers = sorted({u.layer for group in groups for cell in group
+                                    if cell.kind == "attention_transplant" for u in cell.units})
+        if transplant_layers:  # the counterfactual run's attention probabilities, (B, H, T, T) per layer
+            with attention_control(pipeline.model, [RecordAttention(transplant_layers)]) as control:
+                pipeline.model.base_model(**cf_batch.model_inputs(), use_cache=False)
+            sources.update({("probs", layer): control.get(layer).probs for layer in transplant_layers})
 
         # token indices of each (position, example), padded-batch coordinates, computed once per part
         base_cols: dict[int, list[list[int]]] = {}
         source_cols: dict[int, list[list[int]]] = {}
         for group in groups:
             for cell in group:
-                for unit in cell.units:
-                    pos = unit.position
+                for pos in [u.position for u in cell.units] + list(cell.key_roles or []):
                     if id(pos) in base_cols:
                         continue
                     base_cols[id(pos)], source_cols[id(pos)] = [], []
                     for b, (base, cf) in enumerate(zip(bases, counterfactuals)):
                         on_base = pos.index(base)
-                        on_source = pos.counterfactual_index(cf) if cell.kind == "interchange" else on_base
+                        on_source = (pos.counterfactual_index(cf)
+                                     if cell.kind in ("interchange", "attention_transplant") else on_base)
                         if len(on_base) != len(on_source):
                             raise TokenPositionError(
                                 f"token position {pos.id!r} selects {len(on_base)} token(s) in the base "
@@ -144,7 +181,11 @@ class InterventionEngine:
 
         cell_rows: list[dict[str, Any]] = []
         for group in groups:
-            cell_rows.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+            if group[0].kind in ATTENTION_KINDS:
+                cell_rows.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
+                                                           source_cols, example_indices))
+            else:
+                cell_rows.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
         return base_rows, cell_rows
 
     def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
@@ -201,7 +242,76 @@ class InterventionEngine:
             patches.append(SitePatch(site, columns, values, heads, featurizer, mask))
 
         generation = pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
-        out_rows = pipeline.output_rows(generation, [example_indices[b] for _ in group for b in range(n_pairs)])
+        return self._rows(generation, group, example_indices)
+
+    def _rows(self, generation: Any, group: list[Cell], example_indices: list[int]) -> list[dict[str, Any]]:
+        n_pairs = len(example_indices)
+        out_rows = self.pipeline.output_rows(generation, [example_indices[b] for _ in group for b in range(n_pairs)])
         for r, row in enumerate(out_rows):
             row["cell_id"] = group[r // n_pairs].cell_id
         return out_rows
+
+    def _key_map(self, cell: Cell, base_batch: PromptBatch, cf_batch: PromptBatch, b: int,
+                 base_cols: dict[int, list[list[int]]], source_cols: dict[int, list[list[int]]]) -> list[int]:
+        """For base row b: the source column each base column's key reads (-1 = unmatched)."""
+        width = base_batch.input_ids.shape[1]
+        mapping = [-1] * width
+        if cell.key_roles:
+            for role in cell.key_roles:
+                for bc, sc in zip(base_cols[id(role)][b], source_cols[id(role)][b]):
+                    mapping[bc] = sc
+            return mapping
+        pad_b, pad_s, n_s = base_batch.pad_offsets[b], cf_batch.pad_offsets[b], cf_batch.lengths[b]
+        for j in range(pad_b, width):
+            if j - pad_b < n_s:
+                mapping[j] = j - pad_b + pad_s
+        return mapping
+
+    def _run_attention_group(
+        self,
+        group: list[Cell],
+        base_batch: PromptBatch,
+        cf_batch: PromptBatch,
+        sources: dict[Any, Any],
+        base_cols: dict[int, list[list[int]]],
+        source_cols: dict[int, list[list[int]]],
+        example_indices: list[int],
+    ) -> list[dict[str, Any]]:
+        """Attention-level cells: build the ops for cells × pairs rows, decode under ``attention_control``."""
+        pipeline = self.pipeline
+        n_pairs = len(example_indices)
+        kind = group[0].kind
+        rows = base_batch.select([b for _ in group for b in range(n_pairs)])
+        device = pipeline.device
+        n_rows = len(group) * n_pairs
+        pair_of_row = [b for _ in group for b in range(n_pairs)]
+        ops: list[Any] = []
+        for slot, first in enumerate(group[0].units):
+            units = [cell.units[slot] for cell in group]
+            base_idx = [base_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
+            width = max(len(ix) for ix in base_idx)
+            columns = torch.tensor([ix + [-1] * (width - len(ix)) for ix in base_idx], device=device)
+            heads = None if first.head is None else [first.head]
+            if kind == "attention_block":
+                ops.append(BlockAttention(columns, layers=[first.layer], heads=heads))
+            elif kind == "qk_scale":
+                params = group[0].parameters
+                positions = None if params.get("all_positions") else columns
+                ops.append(ScaleQK(first.layer, first.head, params["target"], params["factor"], positions=positions))
+            else:  # attention_transplant
+                src_idx = [source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
+                probs = sources[("probs", first.layer)]  # (B, H, Ts, Ts)
+                head_list = list(range(probs.shape[1])) if first.head is None else [first.head]
+                src = torch.tensor([ix + [ix[-1]] * (width - len(ix)) for ix in src_idx], device=device)
+                pair = torch.tensor(pair_of_row, device=device)
+                picked = probs[pair][:, head_list]  # (R, h, Ts, Ts)
+                picked = picked.gather(2, src[:, None, :, None].expand(-1, len(head_list), -1, picked.shape[-1]))
+                key_map = torch.tensor(
+                    [self._key_map(group[r // n_pairs], base_batch, cf_batch, pair_of_row[r], base_cols, source_cols)
+                     for r in range(n_rows)], device=device)
+                aligned = align_source_probs(picked, key_map)
+                ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
+                                               columns, aligned.to(probs.dtype)))
+        with attention_control(pipeline.model, ops):
+            generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.model(**inputs))
+        return self._rows(generation, group, example_indices)

@@ -28,7 +28,12 @@ class UnitError(ValueError):
     """A model unit does not exist in this model (layer or head out of range, unknown component)."""
 
 
-COMPONENTS = tuple(_COMPONENT_HEADS)  # the components every backend supports
+ATTENTION_PATTERN = "attention_pattern"
+"""Pseudo-component of attention-level cells (block / transplant / Q-K scale): the attention of
+``layer`` (one ``head``, or all heads when None); the position names the keys to block, the queries
+to transplant, or the positions to scale. Not a backend site."""
+
+COMPONENTS = (*_COMPONENT_HEADS, ATTENTION_PATTERN)  # activation components every backend supports, + attention
 
 
 @dataclass
@@ -45,7 +50,9 @@ class ModelUnit:
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise UnitError(f"unknown component {self.component!r}; known: {', '.join(COMPONENTS)}")
-        if (self.component == "head_attention_value_output") != (self.head is not None):
+        if self.component == ATTENTION_PATTERN:
+            pass  # head optional: None = every head of the layer
+        elif (self.component == "head_attention_value_output") != (self.head is not None):
             raise UnitError("a head index is required for head units and only for them")
         if not (hasattr(self.featurizer, "featurize") and hasattr(self.featurizer, "inverse")):
             raise UnitError(f"featurizer {self.featurizer!r} lacks featurize(x) -> (f, error) / inverse(f, error)")
@@ -75,6 +82,8 @@ class ModelUnit:
     @property
     def site(self) -> Site:
         """The backend-neutral site: layer -1 of the residual stream is the input of block 0."""
+        if self.component == ATTENTION_PATTERN:
+            raise UnitError("an attention_pattern unit acts inside the attention function, not at a backend site")
         if self.layer == -1:
             return Site(0, "block_input")
         return Site(self.layer, self.component)
@@ -109,3 +118,8 @@ def MLPOutput(layer: int, position: TokenPosition) -> ModelUnit:
 
 def AttentionHead(layer: int, head: int, position: TokenPosition) -> ModelUnit:
     return ModelUnit(layer, "head_attention_value_output", position, head=head)
+
+
+def AttentionPattern(layer: int, position: TokenPosition, head: int | None = None) -> ModelUnit:
+    """The attention probabilities of ``layer`` (one head, or all when None), for attention-level cells."""
+    return ModelUnit(layer, ATTENTION_PATTERN, position, head=head)
