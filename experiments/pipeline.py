@@ -169,11 +169,23 @@ class LMPipeline:
         return text
 
     def tokenize_one(self, prompt: PromptLike) -> dict[str, Any]:
-        """Unpadded ids and character offsets of one prompt: {"input_ids": [...], "offsets": [(s, e), ...], "text": str}."""
+        """Unpadded ids and character offsets of one prompt: {"input_ids": [...], "offsets": [(s, e), ...], "text": str}.
+
+        Memoised per prompt text (a bounded cache): token positions ask for the same prompt once per
+        position and side, so a part tokenises each prompt once. Treat the result as read-only.
+        """
         text = self.prompt_text(prompt)
+        cache = self.__dict__.setdefault("_tokenized", {})
+        hit = cache.get(text)
+        if hit is not None:
+            return hit
         add_special = not self.use_chat_template
         enc = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        return {"input_ids": list(enc["input_ids"]), "offsets": [tuple(o) for o in enc["offset_mapping"]], "text": text}
+        result = {"input_ids": list(enc["input_ids"]), "offsets": [tuple(o) for o in enc["offset_mapping"]], "text": text}
+        if len(cache) >= 65536:
+            cache.clear()
+        cache[text] = result
+        return result
 
     def load(self, prompts: Sequence[PromptLike]) -> PromptBatch:
         """Tokenise and left-pad a batch; position ids count real tokens from 0 (pads get 0)."""

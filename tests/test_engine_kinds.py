@@ -224,3 +224,26 @@ def test_attention_kinds_need_attention_units(pipelines):
         Cell("x", [AttentionPattern(0, pos, head=0)], kind="qk_scale", parameters={"factor": 2.0})
     with pytest.raises(ValueError, match="unknown intervention kind"):
         Cell("x", [ResidualStream(0, pos)], kind="steer")
+
+
+def test_a_part_tokenises_each_prompt_once(model_dirs):
+    """Token positions ask for every prompt once per position and side; the pipeline tokenises it once."""
+    from experiments.pipeline import LMPipeline
+
+    pipeline = LMPipeline(str(model_dirs["llama"]), max_new_tokens=1, device="cpu")
+    positions = [TokenPosition(lambda s, i=i: [i], pipeline, id=f"p{i}") for i in range(4)] + [last_token_position(pipeline)]
+    calls = []
+    original = type(pipeline.tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            calls.append(text)
+        return original(self, text, *args, **kwargs)
+
+    type(pipeline.tokenizer).__call__ = counting
+    try:
+        cells = [Cell(f"c{p.id}", [ResidualStream(0, p)]) for p in positions]
+        InterventionEngine(pipeline).run_part(BASES, SOURCES, EXAMPLES, group_cells(cells, 64))
+    finally:
+        type(pipeline.tokenizer).__call__ = original
+    assert sorted(calls) == sorted(p["raw_input"] for p in BASES + SOURCES)

@@ -26,13 +26,8 @@ from tasks.general_addition.organism import ORGANISM_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMOS = ROOT / "demos"
-NOTEBOOKS = [
-    "01_addition_causal_models.ipynb",
-    "02_token_positions.ipynb",
-    "03_counterfactuals_and_carries.ipynb",
-    "04_localize_with_patching.ipynb",
-]
-NEEDS_ORGANISM = set(NOTEBOOKS[1:])
+NOTEBOOKS = sorted(p.name for p in DEMOS.glob("*.ipynb"))  # every tutorial in demos/, in order
+NEEDS_ORGANISM = {name for name in NOTEBOOKS if not name.startswith("01_")}
 CELL_TIMEOUT_S = 600
 
 
