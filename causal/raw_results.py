@@ -609,10 +609,12 @@ class RawResults:
             return damaged("file is missing although the part is recorded as finished")
         if record is not None:
             entry = record.files[kind]  # type: ignore[index]
-            if len(data) != entry.n_bytes:
-                return damaged(f"file has {len(data)} bytes, its record says {entry.n_bytes} (truncated or replaced)")
+            if len(data) < entry.n_bytes:
+                return damaged(f"file has {len(data)} bytes, its record says {entry.n_bytes}: "
+                               f"truncated or replaced (sha256 mismatch)")
             if hashlib.sha256(data).hexdigest() != entry.sha256:
-                return damaged("file content differs from its record (sha256 mismatch): replaced or modified")
+                size = f", {len(data)} bytes vs {entry.n_bytes} recorded" if len(data) != entry.n_bytes else ""
+                return damaged(f"file content differs from its record (sha256 mismatch{size}): replaced or modified")
         try:
             frame = _parse_parquet(data)
         except Exception as exc:  # pyarrow raises several types for damaged files
@@ -819,16 +821,15 @@ class RawResultsWriter:
         """Record the parts of a folder written before part records existed that pass the content checks."""
         legacy = RawResults(self.root)
         legacy._warned_legacy = True
-        recorded = 0
-        for did in legacy.dataset_ids:
-            for part in range(self.manifest.n_parts(did)):
-                if not legacy.is_finished(did, part):
-                    continue
-                if all(legacy._load_part(kind, did, part)[1] is None for kind in PART_KINDS):
-                    files = {kind: part_path(self.root, kind, did, part).read_bytes() for kind in PART_KINDS}
-                    self._write_record(did, part, files)
-                    recorded += 1
+        intact = [
+            (did, part) for did in legacy.dataset_ids for part in range(self.manifest.n_parts(did))
+            if legacy.is_finished(did, part)
+            and all(legacy._load_part(kind, did, part)[1] is None for kind in PART_KINDS)
+        ]
+        for did, part in intact:  # (the first record makes the folder one with part records)
+            self._write_record(did, part, {kind: part_path(self.root, kind, did, part).read_bytes() for kind in PART_KINDS})
         self._write_parts_format()
+        recorded = len(intact)
         self.log(f"{self.root}: written before part records existed; recorded {recorded} part(s) that pass the "
                  f"content checks (their bytes are trusted as found); any others are recomputed")
 
