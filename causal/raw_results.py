@@ -273,18 +273,6 @@ def _parse_parquet(data: bytes) -> pd.DataFrame:
     return pq.read_table(pa.BufferReader(data)).to_pandas()
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
-    try:
-        return pq.read_table(path).to_pandas()
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise ResultsError(
-            f"results file {path} is corrupted ({type(exc).__name__}: {exc}). "
-            f"Delete it and rerun the same command to recompute just that part."
-        ) from exc
-
-
 def part_file_name(index: int) -> str:
     return f"part_{index:05d}.parquet"
 
@@ -339,6 +327,7 @@ class FolderLock:
         self.timeout = timeout
         self.poll_seconds = poll_seconds
         self._fd: int | None = None
+        self._owner_pid: int | None = None  # a forked child inherits the object but must not release the lock
         self.taken_over: dict[str, Any] | None = None  # holder info left in the file by a dead process
 
     @property
@@ -413,7 +402,7 @@ class FolderLock:
         if previous and previous.get("pid") != os.getpid():
             self.taken_over = previous
         self._write_holder(fd)
-        self._fd = fd
+        self._fd, self._owner_pid = fd, os.getpid()
         return None
 
     def _try_exclusive(self) -> dict[str, Any] | None:
@@ -431,7 +420,7 @@ class FolderLock:
                 return self._try_exclusive()
             return holder
         self._write_holder(fd)
-        self._fd = fd
+        self._fd, self._owner_pid = fd, os.getpid()
         return None
 
     def release(self) -> None:
@@ -440,7 +429,8 @@ class FolderLock:
             return
         fd, self._fd = self._fd, None
         try:
-            self.path.unlink(missing_ok=True)
+            if self._owner_pid == os.getpid():
+                self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
