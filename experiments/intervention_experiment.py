@@ -8,6 +8,7 @@ Score it afterwards against any causal model with ``causal.compute_interchange_s
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -132,26 +133,35 @@ class InterventionExperiment:
         datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
         results_dir: str | Path | None = None,
         verbose: bool = True,
+        wait_for_lock: bool = False,
+        lock_timeout: float | None = None,
     ) -> RawResults:
-        """Run every cell on every pair; resume a folder holding the same experiment. Returns the results."""
+        """Run every cell on every pair; resume a folder holding the same experiment. Returns the results.
+
+        On resume every finished part is verified (sha256, rows); damaged ones are deleted, reported
+        on stderr and recomputed. The folder is locked while this runs: a second writer raises
+        ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
+        """
         items = list(as_dataset_dict(datasets).values())
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
-        writer = RawResultsWriter(root, self._manifest(items, groups))
-        k = self.config.counterfactual_index
-        bs = self.config.batch_size
-        todo = [(d, p) for d in items for p in range(-(-len(d) // bs)) if not writer.has_part(d.id, p)]
-        for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
-            indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
-            examples = [dataset[i] for i in indices]
-            for i, ex in zip(indices, examples):
-                if len(ex["counterfactual_inputs"]) <= k:
-                    raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k}")
-            base_rows, cell_rows = self.engine.run_part(
-                [ex["input"] for ex in examples], [ex["counterfactual_inputs"][k] for ex in examples], indices, groups
-            )
-            writer.write_part(dataset.id, part, base_rows, cell_rows)
-        return writer.results()
+        with RawResultsWriter(root, self._manifest(items, groups), wait=wait_for_lock, timeout=lock_timeout) as writer:
+            for problem in writer.discard_damaged_parts():
+                print(f"{root}: recomputing damaged {problem}", file=sys.stderr, flush=True)
+            k = self.config.counterfactual_index
+            bs = self.config.batch_size
+            todo = [(d, p) for d in items for p in writer.missing_parts(d.id)]
+            for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
+                indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
+                examples = [dataset[i] for i in indices]
+                for i, ex in zip(indices, examples):
+                    if len(ex["counterfactual_inputs"]) <= k:
+                        raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k}")
+                base_rows, cell_rows = self.engine.run_part(
+                    [ex["input"] for ex in examples], [ex["counterfactual_inputs"][k] for ex in examples], indices, groups
+                )
+                writer.write_part(dataset.id, part, base_rows, cell_rows)
+            return writer.results()
 
 
 class PatchUnits(InterventionExperiment):

@@ -113,7 +113,7 @@ class LMPipeline:
         else:
             self.name = str(model_or_name)
             self.model, self.tokenizer = self._load(self.name, _resolve_dtype(dtype))
-        self.model.eval()
+        self.model.eval().requires_grad_(False)  # fixed once: kernels must not depend on when pyvene wraps it
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

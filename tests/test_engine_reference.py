@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
@@ -163,12 +164,21 @@ def _tables(results: RawResults) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(pipelines, tmp_path_factory):
-    """family -> (base table, intervened table) of a run that was never interrupted."""
+    """family -> (base table, intervened table, folder) of a run that was never interrupted."""
     out = {}
     for family in FAMILIES:
         folder = tmp_path_factory.mktemp(f"clean-{family}")
-        out[family] = _tables(sweep(pipelines[family]).perform_interventions(dataset(), results_dir=folder, verbose=False))
+        out[family] = (*_tables(sweep(pipelines[family]).perform_interventions(dataset(), results_dir=folder, verbose=False)),
+                       folder)
     return out
+
+
+def assert_same_parquet_files(folder, reference) -> None:
+    """Every part file of ``folder`` holds exactly the table of the same file in ``reference``."""
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(folder) for p in folder.rglob("*.parquet")) and files
+    for rel in files:
+        assert pq.read_table(folder / rel).equals(pq.read_table(reference / rel)), f"{rel} differs"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,20 +199,23 @@ def test_resume_after_kill(family, pipelines, uninterrupted, tmp_path, monkeypat
     base, cells = _tables(results)
     pd.testing.assert_frame_equal(base, uninterrupted[family][0])
     pd.testing.assert_frame_equal(cells, uninterrupted[family][1])
+    assert_same_parquet_files(folder, uninterrupted[family][2])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resume_after_deleted_part_file(family, pipelines, uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("deleted", "part"), [("cells/toy/part_00000.parquet", 0), ("parts/toy/part_00002.json", 2)])
+def test_resume_after_deleted_part_file(family, deleted, part, pipelines, uninterrupted, tmp_path, monkeypatch):
     pipeline = pipelines[family]
     folder = tmp_path / "partial"
     sweep(pipeline).perform_interventions(dataset(), results_dir=folder, verbose=False)
-    (folder / "cells" / "toy" / "part_00000.parquet").unlink()
+    (folder / deleted).unlink()
     calls = _count_parts(monkeypatch)
     results = sweep(pipeline).perform_interventions(dataset(), results_dir=folder, verbose=False)
-    assert calls == [[0, 1]]
+    assert calls == [PARTS[part]]
     base, cells = _tables(results)
     pd.testing.assert_frame_equal(base, uninterrupted[family][0])
     pd.testing.assert_frame_equal(cells, uninterrupted[family][1])
+    assert_same_parquet_files(folder, uninterrupted[family][2])
 
 
 def test_rerun_in_same_process_on_a_fresh_pipeline_resumes(model_dirs, tmp_path, monkeypatch):
