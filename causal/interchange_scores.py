@@ -2,8 +2,27 @@
 
 `compute_interchange_scores` reads a results folder (see `causal.raw_results`), labels each
 counterfactual example with the causal model's output under an interchange of each group
-of target variables, and applies a checker to every intervened output: the interchange
-intervention accuracy (IIA) of each cell, with 95% Wilson score intervals.
+of target variables, and applies a checker. Per (target-variable group, dataset, cell) it
+reports three proportions on the same pairs, each with a 95% Wilson score interval:
+
+* **IIA** (``accuracy``): the checker on the intervened output against the interchange label;
+* **floor** (``floor``): the checker on the *unintervened* base output against the same labels:
+  what a patch that changes nothing scores. An IIA near its floor shows no effect;
+* **informative IIA** (``informative_accuracy``, ``n_informative``): the IIA restricted to the
+  *informative* pairs, those whose interchange label differs from the causal model's label of
+  the base input without intervention. Only there must the patch move the output.
+
+Scores over several datasets are pooled over pairs (`InterchangeScores.pooled`), never averaged
+over datasets, and can always be broken down per dataset family (`InterchangeScores.per_family`).
+
+**Where a variable lives.** A cell is *above its floor* when it has informative pairs and its
+informative IIA is strictly greater than the upper end of the 95% Wilson interval of its floor
+(the floor on all its pairs, the same pairs the IIA is computed on). The *best cell* of a group
+(`InterchangeScores.best_cells`, the one rule used by summaries, step scripts and heatmaps) is,
+among the cells above their floor, the one with the highest informative IIA; ties go to the
+higher lower bound of the informative IIA's interval, then the earlier layer (of the cell's
+first unit), then the earlier cell in the manifest. When no cell is above its floor, no cell is
+reported as the location of that group ("no cell carries X").
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +46,16 @@ from causal.raw_results import RawResults, ResultsError, atomic_write_json, atom
 Z_95 = 1.959963984540054
 
 ADDRESS_COLUMNS = ["layer", "component", "head", "position_id"]
-TABLE_COLUMNS = ["target_variables", "dataset_id", "cell_id", *ADDRESS_COLUMNS, "n_units", "n", "n_correct",
-                 "accuracy", "ci_low", "ci_high"]
+COUNT_COLUMNS = ["n", "n_correct", "floor_correct", "n_informative", "n_informative_correct"]
+"""Additive counts: pooling over datasets sums them, every rate is derived from them."""
+SCORE_COLUMNS = ["n", "n_correct", "accuracy", "ci_low", "ci_high",
+                 "floor_correct", "floor", "floor_ci_low", "floor_ci_high",
+                 "n_informative", "n_informative_correct", "informative_accuracy", "informative_ci_low",
+                 "informative_ci_high", "above_floor"]
+TABLE_COLUMNS = ["target_variables", "dataset_id", "cell_id", *ADDRESS_COLUMNS, "n_units", *SCORE_COLUMNS]
+POOLED_COLUMNS = [c for c in TABLE_COLUMNS if c != "dataset_id"]
 PER_EXAMPLE_COLUMNS = ["target_variables", "dataset_id", "cell_id", "example_index", "expected", "output_text",
-                       "correct"]
+                       "correct", "base_label", "informative", "base_correct_on_label"]
 BASE_COLUMNS = ["dataset_id", "n", "n_correct", "accuracy", "ci_low", "ci_high"]
 
 
@@ -50,14 +76,32 @@ def wilson_interval(successes: int | np.ndarray, n: int | np.ndarray, z: float =
     return low, high
 
 
-def _with_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
-    n = frame["n"].to_numpy()
-    k = frame["n_correct"].to_numpy()
+def _rate(k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Proportion ``k / n`` (NaN where ``n == 0``) with its 95% Wilson interval."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        frame["accuracy"] = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+        p = np.where(n > 0, k / np.maximum(n, 1), np.nan)
     low, high = wilson_interval(k, n)
-    frame["ci_low"] = low
-    frame["ci_high"] = high
+    return p, np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+
+
+def _with_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``accuracy``, ``ci_low``, ``ci_high`` from ``n`` and ``n_correct``."""
+    frame["accuracy"], frame["ci_low"], frame["ci_high"] = _rate(frame["n_correct"].to_numpy(), frame["n"].to_numpy())
+    return frame
+
+
+def _with_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add every rate column (IIA, floor, informative IIA, ``above_floor``) from the counts in `COUNT_COLUMNS`."""
+    frame = _with_accuracy(frame)
+    n = frame["n"].to_numpy()
+    frame["floor"], frame["floor_ci_low"], frame["floor_ci_high"] = _rate(frame["floor_correct"].to_numpy(), n)
+    informative = _rate(frame["n_informative_correct"].to_numpy(), frame["n_informative"].to_numpy())
+    frame["informative_accuracy"], frame["informative_ci_low"], frame["informative_ci_high"] = informative
+    with np.errstate(invalid="ignore"):
+        frame["above_floor"] = (frame["n_informative"].to_numpy() > 0) & (
+            frame["informative_accuracy"].to_numpy() > frame["floor_ci_high"].to_numpy())
     return frame
 
 
@@ -110,12 +154,14 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 class InterchangeScores:
-    """Interchange intervention accuracies (IIA) of every (target-variable group, dataset, cell).
+    """IIA, floor and informative IIA of every (target-variable group, dataset, cell); see the module docstring.
 
-    ``table``: one row per (target_variables, dataset_id, cell_id) with the cell's address
-    (of its first unit), ``n``, ``n_correct``, ``accuracy``, ``ci_low``, ``ci_high`` (95% Wilson).
-    ``per_example``: one row per (group, dataset, cell, example). ``base_accuracy``: the checker
-    on unintervened outputs per dataset. ``averaged()``: pooled over datasets.
+    ``table``: one row per (target_variables, dataset_id, cell_id) with the cell's address (of its
+    first unit), the counts `COUNT_COLUMNS` and the rates with 95% Wilson intervals (`SCORE_COLUMNS`).
+    ``per_example``: one row per (group, dataset, cell, example) with ``correct``, ``informative``,
+    ``base_correct_on_label``. ``base_accuracy``: the checker on unintervened outputs against the
+    causal model's base labels, per dataset. ``pooled()``: over datasets, pooled over pairs;
+    ``per_family()``: per dataset; ``best_cells()``: where each group lives, if anywhere.
     """
 
     def __init__(
@@ -134,31 +180,118 @@ class InterchangeScores:
         ]
         self.metadata = dict(metadata or {})
 
-    def averaged(self) -> pd.DataFrame:
-        """One row per (target_variables, cell_id): counts pooled over all examples of all datasets."""
-        if self.table.empty:
-            return pd.DataFrame(columns=[c for c in TABLE_COLUMNS if c != "dataset_id"])
-        keys = ["target_variables", "cell_id"]
-        first = self.table.groupby(keys, sort=False)[[*ADDRESS_COLUMNS, "n_units"]].first()
-        sums = self.table.groupby(keys, sort=False)[["n", "n_correct"]].sum()
-        frame = first.join(sums).reset_index()
-        frame = _with_accuracy(frame)
-        return frame[[c for c in TABLE_COLUMNS if c != "dataset_id"]]
+    @property
+    def dataset_ids(self) -> list[str]:
+        """Scored datasets (families), in manifest order."""
+        return list(dict.fromkeys(self.table["dataset_id"]))
 
-    def best(self, top_k: int = 3) -> pd.DataFrame:
-        """The ``top_k`` cells of each group by pooled accuracy (ties: manifest order)."""
-        averaged = self.averaged()
-        averaged["_order"] = range(len(averaged))
-        ranked = averaged.sort_values(["accuracy", "_order"], ascending=[False, True], kind="stable",
-                                      na_position="last")
-        group_order = {name: i for i, name in enumerate(dict.fromkeys(averaged["target_variables"]))}
-        ranked = ranked.groupby("target_variables", sort=False).head(top_k)
-        ranked = ranked.assign(_group=ranked["target_variables"].map(group_order))
-        ranked = ranked.sort_values(["_group", "accuracy", "_order"], ascending=[True, False, True], kind="stable")
-        return ranked.drop(columns=["_order", "_group"]).reset_index(drop=True)
+    def pooled(self, dataset_ids: list[str] | None = None) -> pd.DataFrame:
+        """One row per (target_variables, cell_id): counts summed over the pairs of all (or the given) datasets.
+
+        Pooling weighs every pair once, so a large family counts more than a small one; rates are
+        recomputed from the pooled counts (not averaged over datasets).
+        """
+        table = self.table
+        if dataset_ids is not None:
+            unknown = sorted(set(dataset_ids) - set(table["dataset_id"]))
+            if unknown:
+                raise KeyError(f"datasets {unknown} are not in these scores (have {self.dataset_ids})")
+            table = table[table["dataset_id"].isin(dataset_ids)]
+        if table.empty:
+            return pd.DataFrame(columns=POOLED_COLUMNS)
+        keys = ["target_variables", "cell_id"]
+        first = table.groupby(keys, sort=False)[[*ADDRESS_COLUMNS, "n_units"]].first()
+        sums = table.groupby(keys, sort=False)[COUNT_COLUMNS].sum()
+        frame = first.join(sums).reset_index()
+        frame = _with_scores(frame)
+        return frame[POOLED_COLUMNS]
+
+    def averaged(self) -> pd.DataFrame:
+        """Deprecated alias of `pooled` (the counts were always pooled over pairs, never averaged)."""
+        warnings.warn("InterchangeScores.averaged() is deprecated; use pooled()", DeprecationWarning, stacklevel=2)
+        return self.pooled()
+
+    def per_family(self, target_variables: str | None = None, cell_id: str | None = None) -> pd.DataFrame:
+        """The scores per dataset (family): one row per (group, cell, dataset), datasets in manifest order.
+
+        Optionally restricted to one group (its ``"+"``-joined name) and/or one cell.
+        """
+        table = self.table
+        if target_variables is not None:
+            table = table[table["target_variables"] == target_variables]
+        if cell_id is not None:
+            table = table[table["cell_id"] == cell_id]
+        if table.empty and (target_variables is not None or cell_id is not None):
+            raise KeyError(f"no scores for target variables {target_variables!r}, cell {cell_id!r}")
+        order = {name: i for i, name in enumerate(dict.fromkeys(self.table["target_variables"]))}
+        cells = {name: i for i, name in enumerate(dict.fromkeys(self.table["cell_id"]))}
+        datasets = {name: i for i, name in enumerate(self.dataset_ids)}
+        keys = pd.DataFrame({"g": table["target_variables"].map(order), "c": table["cell_id"].map(cells),
+                             "d": table["dataset_id"].map(datasets)}, index=table.index)
+        return table.loc[keys.sort_values(["g", "c", "d"], kind="stable").index].reset_index(drop=True)
+
+    def _scope(self, dataset_id: str | None) -> pd.DataFrame:
+        if dataset_id is None:
+            return self.pooled()
+        rows = self.table[self.table["dataset_id"] == dataset_id]
+        if rows.empty:
+            raise KeyError(f"dataset {dataset_id!r} is not in these scores (have {self.dataset_ids})")
+        return rows.drop(columns=["dataset_id"]).reset_index(drop=True)
+
+    def ranked(self, dataset_id: str | None = None) -> pd.DataFrame:
+        """Every cell of every group, best first by the best-cell rule (module docstring), pooled or on one dataset.
+
+        Adds ``rank`` (0 = best, within the group). The rule ranks all cells; `best_cells` then skips the
+        ones not above their floor.
+        """
+        frame = self._scope(dataset_id).copy()
+        if frame.empty:
+            return frame.assign(rank=pd.Series(dtype=np.int64))
+        frame["_order"] = range(len(frame))
+        frame["_group"] = frame["target_variables"].map(
+            {name: i for i, name in enumerate(dict.fromkeys(frame["target_variables"]))})
+        frame["_acc"] = frame["informative_accuracy"].astype(float).fillna(-1.0)
+        frame["_low"] = frame["informative_ci_low"].astype(float).fillna(-1.0)
+        frame["_layer"] = pd.to_numeric(frame["layer"], errors="coerce").astype(float).fillna(math.inf)
+        frame = frame.sort_values(["_group", "_acc", "_low", "_layer", "_order"],
+                                  ascending=[True, False, False, True, True], kind="stable")
+        frame["rank"] = frame.groupby("_group", sort=False).cumcount()
+        return frame.drop(columns=["_order", "_group", "_acc", "_low", "_layer"]).reset_index(drop=True)
+
+    def best(self, top_k: int = 3, dataset_id: str | None = None) -> pd.DataFrame:
+        """The ``top_k`` first cells of each group by the best-cell rule (whether above their floor or not)."""
+        ranked = self.ranked(dataset_id)
+        return ranked[ranked["rank"] < top_k].reset_index(drop=True)
+
+    def best_cells(self, dataset_id: str | None = None) -> pd.DataFrame:
+        """One row per group: where it lives, by the one best-cell rule (module docstring).
+
+        ``located`` is True when some cell is above its floor; the row is then that group's best such
+        cell. Otherwise ``located`` is False ("no cell carries the group") and the row holds the
+        top-ranked cell only for reference: it must not be reported as a location.
+        """
+        ranked = self.ranked(dataset_id)
+        rows = []
+        for _, frame in ranked.groupby("target_variables", sort=False):
+            passing = frame[frame["above_floor"].astype(bool)]
+            row = (passing if len(passing) else frame).iloc[0].copy()
+            row["located"] = bool(len(passing))
+            rows.append(row)
+        if not rows:
+            return pd.DataFrame(columns=[*ranked.columns, "located"])
+        return pd.DataFrame(rows).drop(columns=["rank"]).reset_index(drop=True)
+
+    def location(self, target_variables: str, dataset_id: str | None = None) -> str | None:
+        """The best cell's id for one group (its ``"+"``-joined name), or None when no cell carries it."""
+        best = self.best_cells(dataset_id)
+        rows = best[best["target_variables"] == target_variables]
+        if rows.empty:
+            raise KeyError(f"no scores for target variables {target_variables!r}")
+        row = rows.iloc[0]
+        return str(row["cell_id"]) if row["located"] else None
 
     def summary(self, top_k: int = 3) -> str:
-        """Per target-variable group, its best cells (pooled accuracy with 95% CI), plus base accuracy."""
+        """Per group: its best cell or "no cell carries", then its ``top_k`` ranked cells; plus base accuracy."""
         lines: list[str] = []
         header = "interchange intervention accuracy"
         if self.metadata.get("experiment_id"):
@@ -166,24 +299,27 @@ class InterchangeScores:
         if self.metadata.get("causal_model_id"):
             header += f", causal model {self.metadata['causal_model_id']!r}"
         lines.append(header)
+        lines.append("  (IIA and floor over all pairs of all datasets, pooled; informative IIA on the pairs whose label "
+                     "the interchange changes; best cell = highest informative IIA above its floor's 95% CI)")
         for row in self.base_accuracy.itertuples(index=False):
             lines.append(
                 f"  base (no intervention) on {row.dataset_id}: {_fmt_acc(row.accuracy)} "
                 f"({row.n_correct}/{row.n}, 95% CI {_fmt_ci(row.ci_low, row.ci_high)})"
             )
         best = self.best(top_k)
-        averaged = self.averaged()
-        n_cells = averaged.groupby("target_variables", sort=False).size().to_dict()
+        located = self.best_cells().set_index("target_variables")
+        n_cells = self.pooled().groupby("target_variables", sort=False).size().to_dict()
         for name, frame in best.groupby("target_variables", sort=False):
-            lines.append(f"{name}: best {len(frame)} of {n_cells.get(name, 0)} cells")
+            where = located.loc[name]
+            verdict = (f"carried by {where['cell_id']}" if where["located"] else
+                       f"no cell carries {name}")
+            lines.append(f"{name}: {verdict}; best {len(frame)} of {n_cells.get(name, 0)} cells")
             for row in frame.itertuples(index=False):
                 head = "" if _clean(row.head) is None else f" head {int(row.head)}"
                 if row.n_units > 1:
                     head += f" (+{row.n_units - 1} more units)"
-                lines.append(
-                    f"  {row.cell_id} (layer {row.layer} {row.component}{head} @ {row.position_id}): "
-                    f"{_fmt_acc(row.accuracy)} ({row.n_correct}/{row.n}, 95% CI {_fmt_ci(row.ci_low, row.ci_high)})"
-                )
+                lines.append(f"  {row.cell_id} (layer {row.layer} {row.component}{head} @ {row.position_id}): "
+                             + format_scores(row._asdict()))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -200,7 +336,7 @@ class InterchangeScores:
         return path.with_name(f"{stem}.per_example.parquet")
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``path`` (JSON: table, averaged, base_accuracy records) and ``<stem>.per_example.parquet`` beside it."""
+        """Write ``path`` (JSON: table, pooled, best_cells, base_accuracy records) and ``<stem>.per_example.parquet``."""
         path = Path(path)
         parquet_path = self.per_example_path(path)
         atomic_write_parquet(parquet_path, self.per_example)
@@ -210,7 +346,8 @@ class InterchangeScores:
                 "metadata": {k: _clean(v) if not isinstance(v, (list, dict)) else v for k, v in self.metadata.items()},
                 "target_variables": self.target_variables,
                 "table": _records(self.table),
-                "averaged": _records(self.averaged()),
+                "pooled": _records(self.pooled()),
+                "best_cells": _records(self.best_cells()),
                 "base_accuracy": _records(self.base_accuracy),
                 "per_example_file": parquet_path.name,
             },
@@ -225,17 +362,37 @@ class InterchangeScores:
         blob = json.loads(path.read_text())
         table = pd.DataFrame(blob["table"], columns=TABLE_COLUMNS)
         table["head"] = table["head"].astype("Int64")
+        table["above_floor"] = table["above_floor"].fillna(False).astype(bool)
         per_example = pd.read_parquet(path.with_name(blob["per_example_file"]))
         base = pd.DataFrame(blob["base_accuracy"], columns=BASE_COLUMNS)
         return cls(table, per_example, base, blob.get("target_variables"), blob.get("metadata"))
 
 
-def _fmt_acc(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+def format_scores(row: Any) -> str:
+    """``"informative IIA 0.812 (26/32, 95% CI [...]); IIA ...; floor ..."`` for one table row (mapping or Series)."""
+    get = row.get if hasattr(row, "get") else row.__getitem__
+    return (
+        f"informative IIA {_fmt_acc(get('informative_accuracy'))} "
+        f"({_fmt_int(get('n_informative_correct'))}/{_fmt_int(get('n_informative'))}, "
+        f"95% CI {_fmt_ci(get('informative_ci_low'), get('informative_ci_high'))}); "
+        f"IIA {_fmt_acc(get('accuracy'))} ({_fmt_int(get('n_correct'))}/{_fmt_int(get('n'))}, "
+        f"95% CI {_fmt_ci(get('ci_low'), get('ci_high'))}); "
+        f"floor {_fmt_acc(get('floor'))} (95% CI {_fmt_ci(get('floor_ci_low'), get('floor_ci_high'))})"
+    )
 
 
-def _fmt_ci(low: float, high: float) -> str:
-    if low is None or (isinstance(low, float) and math.isnan(low)):
+def _fmt_int(value: Any) -> str:
+    return "n/a" if _clean(value) is None else str(int(value))
+
+
+def _fmt_acc(value: Any) -> str:
+    value = _clean(value)
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_ci(low: Any, high: Any) -> str:
+    low, high = _clean(low), _clean(high)
+    if low is None or high is None:
         return "n/a"
     return f"[{low:.3f}, {high:.3f}]"
 
@@ -284,6 +441,14 @@ def _check_rows(
     return np.fromiter((check(t, labels[i]) for t, i in zip(texts, indices)), dtype=bool, count=len(indices))
 
 
+def _differs(label: Any, base_label: Any) -> bool:
+    """Whether an interchange label differs from the base label (by ``!=``; by ``str`` where ``!=`` is not a bool)."""
+    try:
+        return bool(label != base_label)
+    except (TypeError, ValueError):
+        return str(label) != str(base_label)
+
+
 def compute_interchange_scores(
     raw_results: RawResults | str | os.PathLike[str],
     causal_model: CausalModel,
@@ -299,7 +464,9 @@ def compute_interchange_scores(
     a given dataset are not scored. For each group (variable names, ``"a<-b"`` allowed) and
     dataset, the expected output of example i is
     ``causal_model.run_interchange(input, {v: counterfactual_inputs[counterfactual_index] for v in group})["raw_output"]``,
-    and a cell is correct on example i when ``checker(output_text, expected)``.
+    and a cell is correct on example i when ``checker(output_text, expected)``. The floor applies the
+    checker to the unintervened output of example i instead; example i is informative when ``expected``
+    differs from ``causal_model.label_data`` of its base input.
     ``include_pairs`` adds every pair of the single-variable groups as a joint group.
     ``counterfactual_index`` defaults to the one the experiment patched from (recorded in its manifest).
     """
@@ -349,7 +516,8 @@ def compute_interchange_scores(
     group_names = [_group_name(g) for g in groups]
     n_groups, n_datasets, n_cells = len(groups), len(scored_ids), len(cell_ids)
     # per-row arrays, concatenated over (dataset, group) chunks and sorted once at the end
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("g", "d", "c", "e", "expected", "text", "correct")}
+    chunks: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("g", "d", "c", "e", "expected", "text", "correct", "base_label", "informative", "floor")}
     base_rows: list[dict[str, Any]] = []
     for d_index, dataset_id in enumerate(scored_ids):
         dataset = given[dataset_id]
@@ -377,19 +545,33 @@ def compute_interchange_scores(
 
         base = results.base_outputs(dataset_id)
         base_labels = causal_model.label_data(dataset)
-        bad = [int(i) for i in base["example_index"] if not 0 <= int(i) < size]
+        base_index = base["example_index"].to_numpy(dtype=np.int64) if len(base) else np.zeros(0, np.int64)
+        bad = [int(i) for i in base_index if not 0 <= int(i) < size]
         if bad:
             raise ResultsError(
                 f"base results for dataset {dataset_id!r} refer to example {bad[0]}, but the dataset has {size} examples"
             )
-        base_correct = [
-            check(text, base_labels[int(i)]) for i, text in zip(base["example_index"], base["output_text"])
-        ]
-        base_rows.append({"dataset_id": dataset_id, "n": len(base_correct), "n_correct": int(sum(base_correct))})
+        has_base = np.zeros(size, dtype=bool)
+        has_base[base_index] = True
+        if len(indices) and not has_base[indices].all():
+            missing = int(indices[~has_base[indices]][0])
+            raise ResultsError(
+                f"results for dataset {dataset_id!r} hold intervened outputs for example {missing} "
+                f"but no base (unintervened) output for it: the floor cannot be computed"
+            )
+        base_texts = base["output_text"].tolist() if len(base) else []
+        base_codes, base_uniques = pd.factorize(np.asarray(base_texts, dtype=object), use_na_sentinel=False)
+        base_correct = _check_rows(check, base_texts, base_codes, base_uniques, base_labels, base_index)
+        base_rows.append({"dataset_id": dataset_id, "n": len(base_correct), "n_correct": int(base_correct.sum())})
 
         for g_index, group in enumerate(groups):
             labels = causal_model.label_counterfactual_data(dataset, group, counterfactual_index)
             label_strings = np.asarray([str(label) for label in labels], dtype=object)
+            # floor: the unintervened output of each example checked against its interchange label
+            floor_example = np.zeros(size, dtype=bool)
+            floor_example[base_index] = _check_rows(check, base_texts, base_codes, base_uniques, labels, base_index)
+            informative_example = np.fromiter(
+                (_differs(label, base_label) for label, base_label in zip(labels, base_labels)), dtype=bool, count=size)
             n_rows = len(indices)
             chunks["g"].append(np.full(n_rows, g_index, dtype=np.int64))
             chunks["d"].append(np.full(n_rows, d_index, dtype=np.int64))
@@ -398,15 +580,20 @@ def compute_interchange_scores(
             chunks["expected"].append(label_strings[indices])
             chunks["text"].append(text_array)
             chunks["correct"].append(_check_rows(check, texts, text_codes, text_uniques, labels, indices))
+            chunks["base_label"].append(np.asarray([str(label) for label in base_labels], dtype=object)[indices])
+            chunks["informative"].append(informative_example[indices])
+            chunks["floor"].append(floor_example[indices])
 
     def joined(key: str, dtype: Any) -> np.ndarray:
         return np.concatenate(chunks[key]) if chunks[key] else np.zeros(0, dtype=dtype)
 
     g_arr, d_arr, c_arr, e_arr = (joined(k, np.int64) for k in ("g", "d", "c", "e"))
     expected_arr, text_arr, correct_arr = joined("expected", object), joined("text", object), joined("correct", bool)
+    base_label_arr, informative_arr, floor_arr = joined("base_label", object), joined("informative", bool), joined("floor", bool)
     order = np.lexsort((e_arr, c_arr, d_arr, g_arr))
     g_arr, d_arr, c_arr, e_arr = g_arr[order], d_arr[order], c_arr[order], e_arr[order]
     correct_arr = correct_arr[order].astype(bool)
+    informative_arr, floor_arr = informative_arr[order].astype(bool), floor_arr[order].astype(bool)
     per_example = pd.DataFrame(
         {
             "target_variables": pd.Categorical.from_codes(g_arr, categories=group_names).astype(str)
@@ -417,6 +604,9 @@ def compute_interchange_scores(
             "expected": expected_arr[order],
             "output_text": text_arr[order],
             "correct": correct_arr,
+            "base_label": base_label_arr[order],
+            "informative": informative_arr,
+            "base_correct_on_label": floor_arr,
         },
         columns=PER_EXAMPLE_COLUMNS,
     )
@@ -424,20 +614,28 @@ def compute_interchange_scores(
     # counts per (group, dataset, cell), in that order
     keys = (g_arr * n_datasets + d_arr) * n_cells + c_arr
     n_keys = n_groups * n_datasets * n_cells
-    n = np.bincount(keys, minlength=n_keys) if n_keys else np.zeros(0, dtype=np.int64)
-    k = np.bincount(keys, weights=correct_arr.astype(np.int64), minlength=n_keys) if n_keys else np.zeros(0)
+    def count(weights: np.ndarray | None) -> np.ndarray:
+        if not n_keys:
+            return np.zeros(0, dtype=np.int64)
+        counted = np.bincount(keys, weights=None if weights is None else weights.astype(np.int64), minlength=n_keys)
+        return np.rint(counted).astype(np.int64)
+
+    n = count(None)
     present = np.flatnonzero(n)
     counts = pd.DataFrame(
         {
             "target_variables": [group_names[int(x // (n_datasets * n_cells))] for x in present],
             "dataset_id": [scored_ids[int(x // n_cells % n_datasets)] for x in present],
             "cell_id": [cell_ids[int(x % n_cells)] for x in present],
-            "n": n[present].astype(np.int64),
-            "n_correct": np.rint(k[present]).astype(np.int64),
+            "n": n[present],
+            "n_correct": count(correct_arr)[present],
+            "floor_correct": count(floor_arr)[present],
+            "n_informative": count(informative_arr)[present],
+            "n_informative_correct": count(correct_arr & informative_arr)[present],
         }
     )
     table = counts.merge(address, on="cell_id", how="left", sort=False)
-    table = _with_accuracy(table)[TABLE_COLUMNS].reset_index(drop=True)
+    table = _with_scores(table)[TABLE_COLUMNS].reset_index(drop=True)
 
     base_accuracy = _with_accuracy(pd.DataFrame(base_rows, columns=["dataset_id", "n", "n_correct"]))
     base_accuracy = base_accuracy[BASE_COLUMNS].reset_index(drop=True)
@@ -445,6 +643,7 @@ def compute_interchange_scores(
         "experiment_id": manifest.experiment_id,
         "experiment_type": manifest.experiment_type,
         "causal_model_id": causal_model.id,
+        "model_name": manifest.model.get("name"),
         "counterfactual_index": counterfactual_index,
         "include_pairs": include_pairs,
         "results_root": str(results.root),

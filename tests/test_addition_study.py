@@ -120,8 +120,9 @@ def test_run_all_test_mode_end_to_end(tmp_path):
     # Law: patching the embedding of a digit token is the same as changing that input digit, so the
     # carry graph's label for that digit must match the organism wherever it adds correctly.
     scores = json.loads((study / "scores" / "residual_stream__carry.json").read_text())
-    rows = [r for r in scores["averaged"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L-1@digit_0_0"]
-    assert rows and rows[0]["accuracy"] >= 0.9
+    rows = [r for r in scores["pooled"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L-1@digit_0_0"]
+    assert rows and rows[0]["accuracy"] >= 0.9 and rows[0]["informative_accuracy"] >= 0.9
+    assert [e["id"] for e in metadata["experiments"]] == ["residual_stream", "attention_heads"]
 
 
 def test_chat_template_keeps_eq_and_shifts_positions():
@@ -152,3 +153,127 @@ def test_scoring_step_needs_no_torch(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
     assert (study / "scores" / "summary.md").exists()
+
+
+# ---------------------------------------------------------------- step 3 on a hand-written study (no network)
+
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+
+from causal.raw_results import CellSpec, DatasetRecord, RawResultsWriter, ResultsManifest, UnitAddress  # noqa: E402
+
+STEP3 = REPO / "tasks/general_addition/03_compute_scores_and_visualize.py"
+
+
+def _step3():
+    spec = importlib.util.spec_from_file_location("addition_step3", STEP3)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_study(folder: Path, positions=("digit_0_0", "last"), model_name: str = "addition-llama") -> Path:
+    """A study with two small families and one residual-stream experiment whose outputs are written by hand:
+    the cell at the first position answers as if its digit(s) were interchanged, the other cell changes nothing."""
+    carry = build_addition_model(2)
+    datasets = make_addition_datasets(2, 8, seed=1, families=["random", "flip_carry_0"], model=carry)
+    for name, dataset in datasets.items():
+        dataset.save(folder / "datasets" / name)
+    moved = ["digit_0_1", "digit_0_0"] if positions[0] == "addend_0" else ["digit_0_0"]
+    cells = [CellSpec(cell_id=f"L-1@{positions[0]}", units=[UnitAddress(layer=-1, component="block_output", position_id=positions[0])]),
+             CellSpec(cell_id=f"L0@{positions[1]}", units=[UnitAddress(layer=0, component="block_output", position_id=positions[1])])]
+    manifest = ResultsManifest(
+        experiment_id="residual_stream", experiment_type="patch_residual_stream",
+        model={"name": model_name, "use_chat_template": False},
+        datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets.values()],
+        cells=cells, example_batch_size=8, cell_groups=[[c.cell_id for c in cells]])
+    writer = RawResultsWriter(folder / "raw" / "residual_stream", manifest)
+
+    def row(i, text, **extra):
+        return {**extra, "example_index": i, "output_text": text, "output_token_ids": [1], "topk_token_ids": [[1]],
+                "topk_logits": [[0.0]]}
+
+    for dataset in datasets.values():
+        base = carry.label_data(dataset)
+        patched = carry.label_counterfactual_data(dataset, moved)
+        cell_rows = [row(i, patched[i], cell_id=cells[0].cell_id) for i in range(len(dataset))]
+        cell_rows += [row(i, base[i], cell_id=cells[1].cell_id) for i in range(len(dataset))]
+        writer.write_part(dataset.id, 0, [row(i, base[i]) for i in range(len(dataset))], cell_rows)
+    metadata = {"model": "organism", "digits": 2, "seed": 1, "size": 8, "template": "compact", "families": None,
+                "pairs_per_family": 8, "chat": False, "test": True, "datasets": list(datasets),
+                "filter": [{"dataset_id": d, "input_accuracy": 1.0, "kept_pairs": 8, "total_pairs": 8} for d in datasets],
+                "experiments": [{"id": "residual_stream", "type": "patch_residual_stream", "folder": "raw/residual_stream"}]}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder
+
+
+def test_step3_scores_listed_experiments_into_a_fresh_folder(tmp_path):
+    study = _write_study(tmp_path / "study")
+    (study / "scores").mkdir()
+    (study / "scores" / "stale_from_an_old_run.json").write_text("{}")
+    shutil.copytree(study / "raw" / "residual_stream", study / "raw" / "residual_stream_backup")
+    out = _step3().main(["--results", str(study)])
+    assert out == study / "scores"
+    assert not (out / "stale_from_an_old_run.json").exists()  # replaced as a whole, no mix of old and new
+    assert not list(study.glob(".scores*"))  # no temporary folder left behind
+    assert sorted(p.name for p in out.glob("*.json")) == ["residual_stream__carry.json", "residual_stream__tens_no_carry.json"]
+    summary = (out / "summary.md").read_text()
+    assert "ignored `raw/residual_stream_backup`" in summary
+    assert "| digit_0_0 | `L-1@digit_0_0` |" in summary  # patched cell moves the answer on every informative pair
+    assert "| digit_0_1 | no cell carries it" in summary  # that cell holds the ones digit only
+    assert "`digit_0_0` at `L-1@digit_0_0` (best cell):" in summary and "| flip_carry_0 |" in summary
+    assert list((out / "heatmaps" / "residual_stream").glob("*.png"))
+    scores = json.loads((out / "residual_stream__carry.json").read_text())
+    row = next(r for r in scores["pooled"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L0@last")
+    assert row["n_informative_correct"] == 0 and row["accuracy"] == row["floor"]  # changes nothing: IIA = floor
+
+
+def test_step3_target_vars_go_to_their_own_folder(tmp_path):
+    study = _write_study(tmp_path / "study")
+    default = _step3().main(["--results", str(study)])
+    before = (default / "summary.md").read_text()
+    out = _step3().main(["--results", str(study), "--target-vars", "carry_0"])
+    assert out == study / "scores_carry_0"
+    assert (default / "summary.md").read_text() == before
+    assert "| carry_0 |" in (out / "summary.md").read_text() and "| digit_0_0 |" not in (out / "summary.md").read_text()
+
+
+def test_step3_refuses_missing_or_foreign_results(tmp_path):
+    step3 = _step3()
+    study = _write_study(tmp_path / "missing")
+    metadata = json.loads((study / "metadata.json").read_text())
+    metadata["experiments"].append({"id": "attention_heads", "type": "patch_attention_heads", "folder": "raw/attention_heads"})
+    (study / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit, match="'attention_heads' is listed .* holds no manifest.json"):
+        step3.main(["--results", str(study)])
+    assert not (study / "scores").exists() and not list(study.glob(".scores*"))
+
+    other = _write_study(tmp_path / "other_model", model_name="gpt2")
+    with pytest.raises(SystemExit, match="computed on model 'gpt2'.*'organism'"):
+        step3.main(["--results", str(other)])
+
+    regenerated = _write_study(tmp_path / "regenerated")
+    first = regenerated / "datasets" / "random"
+    shutil.rmtree(first)
+    make_addition_datasets(2, 8, seed=2, families=["random"])["random"].save(first)
+    with pytest.raises(SystemExit, match="'random' has fingerprint"):
+        step3.main(["--results", str(regenerated)])
+
+    unrecorded = _write_study(tmp_path / "unrecorded")
+    metadata = json.loads((unrecorded / "metadata.json").read_text())
+    del metadata["experiments"]
+    (unrecorded / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit, match="records no experiments"):
+        step3.main(["--results", str(unrecorded)])
+
+
+def test_step3_scores_whole_addends_for_multi_digit_tokens(tmp_path):
+    step3 = _step3()
+    assert step3.default_targets(2, ["addend_0", "op", "addend_1", "last"])[:3] == [
+        ["digit_0_1", "digit_0_0"], ["digit_1_1", "digit_1_0"], ["carry_0"]]
+    assert step3.default_targets(2, ["digit_0_1", "digit_0_0", "last"])[0] == ["digit_0_1"]
+    study = _write_study(tmp_path / "study", positions=("addend_0", "last"))
+    summary = (step3.main(["--results", str(study)]) / "summary.md").read_text()
+    assert "| digit_0_1+digit_0_0 | `L-1@addend_0` |" in summary
+    assert "| digit_0_0 |" not in summary and "| digit_0_1 |" not in summary
+    assert "| digit_0_1+digit_0_0 | 1.000 |" in summary  # informative IIA at its own position (the embeddings)

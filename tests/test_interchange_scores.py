@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -156,7 +157,9 @@ def test_accuracies_per_cell_and_dataset(results):
 
 def test_averaged_pools_examples(results):
     scores = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker)
-    averaged = scores.averaged()
+    with pytest.warns(DeprecationWarning, match="pooled"):
+        averaged = scores.averaged()
+    pd.testing.assert_frame_equal(averaged, scores.pooled())
     assert "dataset_id" not in averaged.columns
     c1 = cell_row(averaged, "carry_0", "c1")
     assert (c1["n"], c1["n_correct"]) == (6, 5) and c1["accuracy"] == pytest.approx(5 / 6)
@@ -168,7 +171,7 @@ def test_per_example_and_base_accuracy(results):
     scores = compute_interchange_scores(results, CARRY, {"hand": HAND, "hand2": HAND2}, [["carry_0"]], checker)
     per = scores.per_example
     assert list(per.columns) == ["target_variables", "dataset_id", "cell_id", "example_index", "expected",
-                                 "output_text", "correct"]
+                                 "output_text", "correct", "base_label", "informative", "base_correct_on_label"]
     assert len(per) == 12
     hand_c1 = per[(per.dataset_id == "hand") & (per.cell_id == "c1")]
     assert hand_c1["example_index"].tolist() == [0, 1, 2, 3]
@@ -187,14 +190,14 @@ def test_irrelevant_variable_scores_like_base(results):
 
 
 def test_two_causal_models_give_different_accuracies(results):
-    with_carry = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker).averaged()
+    with_carry = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker).pooled()
     without = compute_interchange_scores(results, NO_CARRY, [HAND, HAND2], [["carry_0"]], checker)
     assert cell_row(with_carry, "carry_0", "c1")["n_correct"] == 5
     assert cell_row(with_carry, "carry_0", "c2")["n_correct"] == 1
     assert cell_row(without.table, "carry_0", "c1", "hand")["accuracy"] == 0.5
     assert cell_row(without.table, "carry_0", "c2", "hand")["accuracy"] == 0.5
-    assert cell_row(without.averaged(), "carry_0", "c1")["n_correct"] == 3
-    assert cell_row(without.averaged(), "carry_0", "c2")["n_correct"] == 3
+    assert cell_row(without.pooled(), "carry_0", "c1")["n_correct"] == 3
+    assert cell_row(without.pooled(), "carry_0", "c2")["n_correct"] == 3
     assert without.base_accuracy.set_index("dataset_id").loc["hand", "n_correct"] == 1
 
 
@@ -252,17 +255,21 @@ def test_save_load_and_summary(results, tmp_path):
     path = tmp_path / "out" / "scores.json"
     scores.save(path)
     blob = json.loads(path.read_text())
-    assert {"table", "averaged", "base_accuracy"} <= set(blob)
-    assert len(blob["table"]) == 8 and len(blob["averaged"]) == 4
-    c1 = next(r for r in blob["averaged"] if r["target_variables"] == "carry_0" and r["cell_id"] == "c1")
-    assert c1["n_correct"] == 5 and c1["head"] is None
+    assert {"table", "pooled", "best_cells", "base_accuracy"} <= set(blob)
+    assert len(blob["table"]) == 8 and len(blob["pooled"]) == 4
+    c1 = next(r for r in blob["pooled"] if r["target_variables"] == "carry_0" and r["cell_id"] == "c1")
+    assert c1["n_correct"] == 5 and c1["head"] is None and c1["n_informative"] == 5 and c1["floor_correct"] == 0
+    assert [(r["target_variables"], r["cell_id"], r["located"]) for r in blob["best_cells"]] == [
+        ("carry_0", "c1", True), ("s0", "c1", False)]  # s0 moves on no informative pair
     per = pd.read_parquet(tmp_path / "out" / "scores.per_example.parquet")
     assert len(per) == len(scores.per_example) == 24
     loaded = InterchangeScores.load(path)
-    pd.testing.assert_frame_equal(loaded.averaged(), scores.averaged(), check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.pooled(), scores.pooled(), check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.best_cells(), scores.best_cells(), check_dtype=False)
     text = scores.summary(top_k=1)
     carry_block = text.split("carry_0:")[1].split("s0:")[0]
-    assert "c1" in carry_block and "0.833" in carry_block and "c2" not in carry_block
+    assert "carried by c1" in carry_block and "IIA 0.833" in carry_block and "c2" not in carry_block
+    assert "informative IIA 1.000 (5/5" in carry_block and "floor 0.000" in carry_block
     assert "base (no intervention) on hand: 0.750" in text
 
 
@@ -277,7 +284,7 @@ def test_non_string_labels(results):
 
     scores = compute_interchange_scores(results, int_model, [HAND, HAND2], [["carry_0"]], int_checker)
     assert set(seen) == {int}
-    assert cell_row(scores.averaged(), "carry_0", "c1")["n_correct"] == 5
+    assert cell_row(scores.pooled(), "carry_0", "c1")["n_correct"] == 5
     assert scores.per_example["expected"].tolist()[:4] == ["115", "35", "90", "70"]
 
 
@@ -295,3 +302,117 @@ def test_writer_refuses_a_non_empty_folder_without_manifest(tmp_path):
     (tmp_path / "cells" / "stray.parquet").write_bytes(b"x")
     with pytest.raises(ResultsError, match="not empty"):
         write_results(tmp_path)
+
+
+# ---------------------------------------------------------------- floors, informative pairs, best cell
+# carry_0 on HAND: labels "115" "35" "90" "70"; the carry model's base labels "125" "25" "100" "70", so
+# examples 0-2 are informative and example 3 is not (the network's wrong base output "99" does not matter).
+# Base outputs "125" "25" "100" "99" match none of the labels: floor 0/4. HAND2: both pairs informative, floor 0/2.
+
+
+def test_floor_and_informative_counts_per_dataset(results):
+    scores = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"]], checker)
+    c1 = cell_row(scores.table, "carry_0", "c1", "hand")
+    assert (c1["floor_correct"], c1["floor"]) == (0, 0.0)
+    assert (c1["floor_ci_low"], c1["floor_ci_high"]) == pytest.approx(wilson_interval(0, 4))
+    assert (c1["n_informative"], c1["n_informative_correct"], c1["informative_accuracy"]) == (3, 3, 1.0)
+    assert (c1["informative_ci_low"], c1["informative_ci_high"]) == pytest.approx(wilson_interval(3, 3))
+    assert bool(c1["above_floor"])
+    c2 = cell_row(scores.table, "carry_0", "c2", "hand")  # outputs the base answers: right only where nothing moves
+    assert (c2["accuracy"], c2["n_informative"], c2["n_informative_correct"]) == (0.25, 3, 0)
+    assert not c2["above_floor"]
+    per = scores.per_example
+    hand_c1 = per[(per.dataset_id == "hand") & (per.cell_id == "c1")]
+    assert hand_c1["informative"].tolist() == [True, True, True, False]
+    assert hand_c1["base_label"].tolist() == ["125", "25", "100", "70"]
+    assert hand_c1["base_correct_on_label"].tolist() == [False, False, False, False]
+
+
+def test_a_variable_that_changes_nothing_has_a_high_floor_and_no_cell(results):
+    # parity_a never changes the answer: labels = base labels. The network's base outputs hit 3 of 4,
+    # so the floor is 0.75 and c2 (which reproduces the base answers) scores IIA 1.0 without any effect.
+    scores = compute_interchange_scores(results, CARRY, [HAND], [["parity_a"], ["carry_0"]], checker)
+    c2 = cell_row(scores.table, "parity_a", "c2", "hand")
+    assert (c2["accuracy"], c2["floor"], c2["n_informative"]) == (1.0, 0.75, 0)
+    assert math.isnan(c2["informative_accuracy"]) and not c2["above_floor"]
+    per = scores.per_example
+    assert per[(per.target_variables == "parity_a")]["base_correct_on_label"].tolist()[:4] == [True, True, True, False]
+    best = scores.best_cells().set_index("target_variables")
+    assert not best.loc["parity_a", "located"] and scores.location("parity_a") is None
+    assert best.loc["carry_0", "located"] and scores.location("carry_0") == "c1"
+    assert "no cell carries parity_a" in scores.summary()
+
+
+def test_floor_uses_the_same_pairs_under_another_hypothesis(results):
+    # NO_CARRY labels carry_0 on HAND "115" "25" "90" "70" and base "115" "25" "90" "70": nothing is informative
+    # there; base outputs hit "25" (example 1): floor 1/4
+    scores = compute_interchange_scores(results, NO_CARRY, [HAND], [["carry_0"]], checker)
+    row = cell_row(scores.table, "carry_0", "c1", "hand")
+    assert (row["floor_correct"], row["n_informative"]) == (1, 0)
+
+
+def test_pooled_sums_pairs_and_per_family_breaks_it_down(results):
+    scores = compute_interchange_scores(results, CARRY, [HAND, HAND2], [["carry_0"], ["s0"]], checker)
+    c1 = cell_row(scores.pooled(), "carry_0", "c1")
+    assert (c1["n"], c1["n_correct"], c1["floor_correct"], c1["n_informative"], c1["n_informative_correct"]) == (6, 5, 0, 5, 5)
+    # pooled over pairs (5/6), not the mean of the per-dataset accuracies (0.75 and 1.0 -> 0.875)
+    assert c1["accuracy"] == pytest.approx(5 / 6)
+    assert (c1["floor_ci_low"], c1["floor_ci_high"]) == pytest.approx(wilson_interval(0, 6))
+    families = scores.per_family("carry_0", "c1")
+    assert families["dataset_id"].tolist() == ["hand", "hand2"]
+    assert families["accuracy"].tolist() == [0.75, 1.0] and families["n_informative"].tolist() == [3, 2]
+    only = scores.pooled(["hand2"])
+    pd.testing.assert_series_equal(
+        cell_row(only, "carry_0", "c2")[["n", "n_correct", "accuracy", "informative_accuracy"]],
+        cell_row(scores.per_family("carry_0", "c2"), "carry_0", "c2", "hand2")[
+            ["n", "n_correct", "accuracy", "informative_accuracy"]], check_names=False)
+    everything = scores.per_family()
+    assert len(everything) == len(scores.table) == 8
+    assert list(zip(everything["target_variables"], everything["cell_id"], everything["dataset_id"]))[:4] == [
+        ("carry_0", "c1", "hand"), ("carry_0", "c1", "hand2"), ("carry_0", "c2", "hand"), ("carry_0", "c2", "hand2")]
+    with pytest.raises(KeyError, match="'nope'"):
+        scores.pooled(["nope"])
+    # the best cell can be asked on one family too
+    assert scores.best_cells("hand2").set_index("target_variables").loc["carry_0", "cell_id"] == "c1"
+
+
+def _scores_from_counts(rows: list[dict]) -> InterchangeScores:
+    from causal.interchange_scores import TABLE_COLUMNS, _with_scores
+
+    frame = pd.DataFrame([{"target_variables": "v", "dataset_id": "d", "component": "block_output", "head": None,
+                           "n_units": 1, "floor_correct": 0, **r} for r in rows])
+    frame["n_correct"] = frame["n_informative_correct"]
+    table = _with_scores(frame)[TABLE_COLUMNS]
+    return InterchangeScores(table, pd.DataFrame(), pd.DataFrame(columns=["dataset_id"]))
+
+
+def test_best_cell_rule_and_tie_breaks():
+    base = {"n": 8, "n_informative": 4, "position_id": "p"}
+    # a and b tie on informative IIA (0.75); b has more informative pairs, hence the higher lower CI bound
+    scores = _scores_from_counts([
+        {**base, "cell_id": "a", "layer": 0, "n_informative_correct": 3},
+        {**base, "cell_id": "b", "layer": 3, "n_informative": 8, "n": 8, "n_informative_correct": 6},
+    ])
+    assert scores.ranked()["cell_id"].tolist() == ["b", "a"]
+    assert scores.location("v") == "b"
+    # identical scores: the earlier layer wins, then manifest order
+    scores = _scores_from_counts([
+        {**base, "cell_id": "late", "layer": 2, "n_informative_correct": 3},
+        {**base, "cell_id": "first", "layer": 1, "n_informative_correct": 3},
+        {**base, "cell_id": "second", "layer": 1, "n_informative_correct": 3},
+    ])
+    assert scores.ranked()["cell_id"].tolist() == ["first", "second", "late"]
+    assert scores.best(top_k=2)["cell_id"].tolist() == ["first", "second"]
+    # the top informative IIA sits on its floor: the next cell that clears its own floor is the location
+    scores = _scores_from_counts([
+        {**base, "cell_id": "high_floor", "layer": 0, "n_informative_correct": 4, "floor_correct": 8},
+        {**base, "cell_id": "clears", "layer": 1, "n_informative_correct": 3},
+    ])
+    best = scores.best_cells().iloc[0]
+    assert (best["cell_id"], best["located"]) == ("clears", True)
+    # an informative IIA under the floor's upper CI bound is no location, however it ranks
+    scores = _scores_from_counts([{**base, "cell_id": "x", "layer": 0, "n_informative_correct": 1, "floor_correct": 1}])
+    row = scores.table.iloc[0]
+    assert row["informative_accuracy"] == 0.25 and row["floor_ci_high"] > 0.25 and not row["above_floor"]
+    best = scores.best_cells().iloc[0]
+    assert (best["cell_id"], best["located"]) == ("x", False) and scores.location("v") is None

@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> Path:
     args = study_parser(__doc__).parse_args(argv)
     size = min(args.size, 24) if args.test else args.size
     out = study_dir(args)
+    experiments = []
     if (out / "metadata.json").exists() and (out / "raw").exists():
         # new datasets would orphan the raw results already computed on the old ones
-        check_same_study(args, read_metadata(out), (*STEP1_SETTINGS, "seed", "size", "families", "test"))
+        previous = read_metadata(out)
+        check_same_study(args, previous, (*STEP1_SETTINGS, "seed", "size", "families", "test"))
+        experiments = previous.get("experiments", [])  # same datasets: step 2's records stay valid
     pipeline = load_pipeline(args)
     causal_model = build_addition_model(args.digits)
     families = args.families or ADDITION_FAMILIES(args.digits)
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> Path:
         "families": args.families, "pairs_per_family": size,
         "chat": args.chat, "test": args.test, "datasets": saved,
         "filter": [r.model_dump() for r in reports],
+        **({"experiments": experiments} if experiments else {}),
     })
     print(f"datasets and metadata written to {out}")
     return out

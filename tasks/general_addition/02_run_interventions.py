@@ -4,7 +4,8 @@
 
 Runs a residual-stream sweep (every layer incl. -1 = embeddings × every addition token position)
 and a single-head sweep at the last position. A killed run, rerun with the same arguments,
-resumes where it stopped.
+resumes where it stopped. Each finished experiment is recorded in the study's metadata.json under
+``experiments`` (id, type, folder relative to the study): step 3 scores exactly those.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from tasks.general_addition.study import (  # noqa: E402
     read_metadata,
     study_dir,
     study_parser,
+    write_metadata,
 )
 from tasks.general_addition.token_positions import addition_token_positions  # noqa: E402
+
+
+def record_experiment(out: Path, experiment_id: str, experiment_type: str, folder: Path) -> None:
+    """Add (or refresh) one finished experiment in ``metadata["experiments"]``, keeping the others listed."""
+    metadata = read_metadata(out)
+    entry = {"id": experiment_id, "type": experiment_type, "folder": folder.relative_to(out).as_posix()}
+    listed = [e for e in metadata.get("experiments", []) if e.get("id") != experiment_id]
+    write_metadata(out, {**metadata, "experiments": [*listed, entry]})
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -38,6 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows}
     residual = PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})
     residual.perform_interventions(datasets, results_dir=out / "raw" / "residual_stream")
+    record_experiment(out, "residual_stream", residual.experiment_type, out / "raw" / "residual_stream")
     print(f"residual stream: {len(residual.cells)} cells × {sum(len(d) for d in datasets.values())} pairs")
     head_layers = [l for l in layers if l >= 0]
     if not args.no_heads and not head_layers:
@@ -46,6 +57,7 @@ def main(argv: list[str] | None = None) -> Path:
         heads = PatchAttentionHeads(pipeline, PatchAttentionHeads.every_head(pipeline, head_layers),
                                     [p for p in positions if p.id == "last"], config={**config, "id": "attention_heads"})
         heads.perform_interventions(datasets, results_dir=out / "raw" / "attention_heads")
+        record_experiment(out, "attention_heads", heads.experiment_type, out / "raw" / "attention_heads")
         print(f"attention heads: {len(heads.cells)} cells")
     print(f"raw results written to {out / 'raw'}")
     return out
