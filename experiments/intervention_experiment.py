@@ -123,6 +123,24 @@ class InterventionExperiment:
                     probe[pid] += [pos.index(first["input"]), pos.counterfactual_index(first["counterfactual_inputs"][k])]
         return probe
 
+    def _check_inputs(self, datasets: list[CounterfactualDataset]) -> None:
+        """Refuse, before anything is written, an empty dataset, an example without counterfactual
+        input #k, or a prompt the model cannot take (empty, too long)."""
+        k = self.config.counterfactual_index
+        for dataset in datasets:
+            if len(dataset) == 0:
+                raise ValueError(f"dataset {dataset.id!r} has no examples")
+            prompts, labels = [], []
+            for i, example in enumerate(dataset):
+                have = len(example["counterfactual_inputs"])
+                if have <= k:
+                    raise ValueError(f"example {i} of dataset {dataset.id!r} has {have} counterfactual input(s); "
+                                     f"counterfactual_index {k} needs at least {k + 1}")
+                prompts += [example["input"], example["counterfactual_inputs"][k]]
+                labels += [f"dataset {dataset.id!r} example {i} input",
+                           f"dataset {dataset.id!r} example {i} counterfactual input #{k}"]
+            self.pipeline.check_prompts(prompts, labels=labels)
+
     def perform_interventions(
         self,
         datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
@@ -131,6 +149,7 @@ class InterventionExperiment:
     ) -> RawResults:
         """Run every cell on every pair; resume a folder holding the same experiment. Returns the results."""
         items = list(as_dataset_dict(datasets).values())
+        self._check_inputs(items)
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
         writer = RawResultsWriter(root, self._manifest(items, groups))

@@ -28,7 +28,7 @@ from tasks.general_addition.causal_models import (  # noqa: E402
     output_digit_var,
 )
 from tasks.general_addition.checker import addition_checker  # noqa: E402
-from tasks.general_addition.study import load_datasets, read_metadata  # noqa: E402
+from tasks.general_addition.study import add_debug_option, load_datasets, read_metadata, run_step  # noqa: E402
 
 
 def default_targets(n_digits: int) -> list[str]:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--results", type=Path, required=True, help="study folder written by steps 1 and 2")
     parser.add_argument("--target-vars", nargs="*", default=None, help="variables to score, one group each (default: all)")
     parser.add_argument("--include-pairs", action="store_true", help="also score every pair of the target variables jointly")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     folder = args.results
     metadata = read_metadata(folder)
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_step(main))
