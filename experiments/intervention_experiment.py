@@ -124,12 +124,10 @@ class InterventionExperiment:
         return probe
 
     def _check_inputs(self, datasets: list[CounterfactualDataset]) -> None:
-        """Refuse, before anything is written, an empty dataset, an example without counterfactual
-        input #k, or a prompt the model cannot take (empty, too long)."""
+        """Refuse, before anything is written, an example without counterfactual input #k or with a
+        prompt the model cannot take (empty, too long)."""
         k = self.config.counterfactual_index
         for dataset in datasets:
-            if len(dataset) == 0:
-                raise ValueError(f"dataset {dataset.id!r} has no examples")
             prompts, labels = [], []
             for i, example in enumerate(dataset):
                 have = len(example["counterfactual_inputs"])

@@ -288,9 +288,9 @@ class LMPipeline:
             if n == 0:
                 raise PromptError(f"{label} {shown} tokenises to no token")
             if limit is not None and n + extra > limit:
-                need = f"{n} tokens" + (f" + {extra} generated" if extra else "")
+                need = f"; with {extra + 1} generated tokens it needs {n + extra} positions" if extra else ""
                 raise PromptError(
-                    f"{label} {shown} needs {need} positions but {self.name!r} takes at most {limit} "
+                    f"{label} {shown} has {n} tokens{need} but {self.name!r} takes at most {limit} "
                     f"(config max_position_embeddings / n_positions)"
                 )
 
