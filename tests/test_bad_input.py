@@ -269,6 +269,7 @@ def test_missing_study_files_are_one_line_errors(tmp_path):
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_unknown_model_is_a_one_line_error_from_step_1(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     start = time.perf_counter()
