@@ -132,8 +132,8 @@ class InterventionExperiment:
             for i, example in enumerate(dataset):
                 have = len(example["counterfactual_inputs"])
                 if have <= k:
-                    raise ValueError(f"example {i} of dataset {dataset.id!r} has {have} counterfactual input(s); "
-                                     f"counterfactual_index {k} needs at least {k + 1}")
+                    raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k} "
+                                     f"(it has {have}; counterfactual_index is {k})")
                 prompts += [example["input"], example["counterfactual_inputs"][k]]
                 labels += [f"dataset {dataset.id!r} example {i} input",
                            f"dataset {dataset.id!r} example {i} counterfactual input #{k}"]

@@ -193,7 +193,7 @@ class LMPipeline:
                 source, dtype=dtype if dtype is not None else "auto", local_files_only=local_only, **placement
             )
         except OSError as exc:
-            raise ModelLoadError(f"could not load model {name!r}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"could not load model {name!r}: {_first_line(exc)}") from exc
         return model.to(self.device), tokenizer
 
     # ------------------------------------------------------------------ architecture facts

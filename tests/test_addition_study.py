@@ -87,6 +87,7 @@ def test_position_outside_prompt_is_an_error(organism):
         beyond.index(setting_from_addends(58, 67, 2))
 
 
+@pytest.mark.slow
 def test_filter_keeps_pairs_the_organism_gets_right(organism):
     datasets = make_addition_datasets(2, 24, seed=3, families=["random", "flip_carry_0"])
     kept, reports = FilterExperiment(organism, build_addition_model(2), addition_checker).filter(datasets, verbose=False)
