@@ -128,6 +128,22 @@ class InterventionExperiment:
                     probe[pid] += [pos.index(first["input"]), pos.counterfactual_index(first["counterfactual_inputs"][k])]
         return probe
 
+    def _check_inputs(self, datasets: list[CounterfactualDataset]) -> None:
+        """Refuse, before anything is written, an example without counterfactual input #k or with a
+        prompt the model cannot take (empty, too long)."""
+        k = self.config.counterfactual_index
+        for dataset in datasets:
+            prompts, labels = [], []
+            for i, example in enumerate(dataset):
+                have = len(example["counterfactual_inputs"])
+                if have <= k:
+                    raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k} "
+                                     f"(it has {have}; counterfactual_index is {k})")
+                prompts += [example["input"], example["counterfactual_inputs"][k]]
+                labels += [f"dataset {dataset.id!r} example {i} input",
+                           f"dataset {dataset.id!r} example {i} counterfactual input #{k}"]
+            self.pipeline.check_prompts(prompts, labels=labels)
+
     def perform_interventions(
         self,
         datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
@@ -143,6 +159,7 @@ class InterventionExperiment:
         ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
         """
         items = list(as_dataset_dict(datasets).values())
+        self._check_inputs(items)
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
         with RawResultsWriter(root, self._manifest(items, groups), wait=wait_for_lock, timeout=lock_timeout) as writer:

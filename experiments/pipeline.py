@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 PromptLike = str | dict[str, Any]
@@ -20,6 +22,10 @@ PromptLike = str | dict[str, Any]
 
 class ModelLoadError(ValueError):
     """The model name or folder could not be loaded."""
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take: empty, or longer than the model's maximum positions."""
 
 
 @dataclass
@@ -82,6 +88,56 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.is_offline_mode() or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_cache_only(name: str) -> bool:
+    """Whether a hub name must be loaded from the local cache; refuses at once a name that is neither.
+
+    One metadata request (``HUB_PROBE_TIMEOUT_S``) tells a missing repo or an unreachable hub apart before
+    ``from_pretrained`` would spend a minute retrying downloads. Offline (``HF_HUB_OFFLINE``) or
+    unreachable, a name already in the hub cache is loaded from there.
+    """
+    try:
+        cached = isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:
+        raise ModelLoadError(f"model {name!r} is neither a local folder nor a valid hub name") from None
+    if _hub_offline():
+        if not cached:
+            raise ModelLoadError(f"model {name!r} is neither a local folder nor in the hub cache, "
+                                 "and HF_HUB_OFFLINE is set")
+        return True
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        return False  # exists; from_pretrained reports whether this token has access
+    except RepositoryNotFoundError:
+        if cached:
+            return True
+        raise ModelLoadError(f"model {name!r} is neither a local folder nor a model on the hub "
+                             "(if it is private or gated, log in with `hf auth login`)") from None
+    except HfHubHTTPError:
+        return False  # the hub answered with some other error: let from_pretrained try and report it
+    except HFValidationError:
+        raise ModelLoadError(f"model {name!r} is neither a local folder nor a valid hub name") from None
+    except Exception as exc:  # noqa: BLE001 -- connection refused, DNS failure, timeout: the hub is out of reach
+        if cached:
+            return True
+        raise ModelLoadError(f"model {name!r} is neither a local folder nor reachable: the hub did not answer "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+    return False
+
+
 class LMPipeline:
     """A causal LM ready for interventions.
 
@@ -100,6 +156,9 @@ class LMPipeline:
         tokenizer: PreTrainedTokenizerBase | None = None,
         top_k: int = 5,
     ):
+        for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.device = resolve_device(device)
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template
@@ -124,17 +183,17 @@ class LMPipeline:
         looks_local = local.exists() or name.startswith((".", "/", "~"))
         if looks_local and not (local / "config.json").exists():
             raise ModelLoadError(f"model folder {name!r} does not exist or has no config.json")
+        source = str(local) if looks_local else name
+        local_only = False if looks_local else _hub_cache_only(name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
             # on a GPU, load the weights straight onto it (an 8B model need not pass through CPU memory)
             placement = {"device_map": {"": str(self.device)}} if self.device.type == "cuda" else {}
             model = AutoModelForCausalLM.from_pretrained(
-                str(local) if looks_local else name, dtype=dtype if dtype is not None else "auto", **placement
+                source, dtype=dtype if dtype is not None else "auto", local_files_only=local_only, **placement
             )
         except OSError as exc:
-            raise ModelLoadError(
-                f"could not load model {name!r}: not a local HF folder and not reachable on the hub ({exc})"
-            ) from exc
+            raise ModelLoadError(f"could not load model {name!r}: {_first_line(exc)}") from exc
         return model.to(self.device), tokenizer
 
     # ------------------------------------------------------------------ architecture facts
@@ -154,6 +213,15 @@ class LMPipeline:
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
+    @property
+    def max_positions(self) -> int | None:
+        """Longest sequence (prompt + generated tokens) the model takes; None when the config sets no limit."""
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     # ------------------------------------------------------------------ text <-> tokens
     def prompt_text(self, prompt: PromptLike) -> str:
         """The exact string that is tokenised for a prompt (raw_input, chat template applied if asked)."""
@@ -162,7 +230,11 @@ class LMPipeline:
         text = prompt["raw_input"] if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a string or a setting with 'raw_input', got {type(text).__name__}")
+        if not text:
+            raise PromptError(f"empty prompt{'' if isinstance(prompt, str) else f' in setting {prompt!r:.200}'}")
         if self.use_chat_template:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise PromptError(f"use_chat_template is set but the tokenizer of {self.name!r} has no chat template")
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
@@ -195,8 +267,44 @@ class LMPipeline:
         attention_mask = enc["attention_mask"].to(self.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         lengths = attention_mask.sum(-1).tolist()
+        self._check_lengths(texts, lengths, extra=0)
         width = input_ids.shape[1]
         return PromptBatch(input_ids, attention_mask, position_ids, lengths, [width - n for n in lengths])
+
+    def check_prompts(
+        self, prompts: Sequence[PromptLike], max_new_tokens: int | None = None, labels: Sequence[str] | None = None
+    ) -> None:
+        """Refuse, naming the first culprit (``labels[i]``, default "prompt #i"), a prompt that is empty or
+        leaves no room for the answer (tokens + ``max_new_tokens`` - 1 beyond the model's maximum positions)."""
+        labels = list(labels) if labels is not None else [f"prompt #{i}" for i in range(len(prompts))]
+        texts = []
+        for label, prompt in zip(labels, prompts):
+            try:
+                texts.append(self.prompt_text(prompt))
+            except PromptError as exc:
+                raise PromptError(f"{label}: {exc}") from None
+        if not texts:
+            return
+        ids = self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+        steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self._check_lengths(texts, [len(row) for row in ids], extra=steps - 1, labels=labels)
+
+    def _check_lengths(
+        self, texts: Sequence[str], lengths: Sequence[int], extra: int, labels: Sequence[str] | None = None
+    ) -> None:
+        """Each prompt has >= 1 token and ``length + extra`` fits the model's positions."""
+        limit = self.max_positions
+        for i, (text, n) in enumerate(zip(texts, lengths)):
+            label = labels[i] if labels is not None else f"prompt #{i}"
+            shown = repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+            if n == 0:
+                raise PromptError(f"{label} {shown} tokenises to no token")
+            if limit is not None and n + extra > limit:
+                need = f"; with {extra + 1} generated tokens it needs {n + extra} positions" if extra else ""
+                raise PromptError(
+                    f"{label} {shown} has {n} tokens{need} but {self.name!r} takes at most {limit} "
+                    f"(config max_position_embeddings / n_positions)"
+                )
 
     def dump(self, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Decode generated ids to strings (special tokens dropped)."""
@@ -223,6 +331,15 @@ class LMPipeline:
         run the plain model on that cache, so an intervention touches the prompt pass only.
         """
         steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if steps < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {steps}")
+        limit = self.max_positions
+        longest = max(range(len(batch.lengths)), key=lambda b: batch.lengths[b], default=0)
+        if limit is not None and batch.lengths and batch.lengths[longest] + steps - 1 > limit:
+            raise PromptError(
+                f"prompt #{longest} has {batch.lengths[longest]} tokens; with {steps} generated tokens it needs "
+                f"{batch.lengths[longest] + steps - 1} positions but {self.name!r} takes at most {limit}"
+            )
         inputs = {**batch.model_inputs(), "use_cache": steps > 1, "logits_to_keep": 1}
         out = prompt_forward(inputs)
         logits = out.logits[:, -1, :].float()

@@ -7,11 +7,12 @@ adds each row's left-padding offset. A position outside the prompt is an error.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 from experiments.pipeline import LMPipeline
 
-Indexer = Callable[[dict[str, Any]], list[int]]
+Indexer = Callable[[dict[str, Any]], int | list[int]]
 
 
 class TokenPositionError(ValueError):
@@ -19,7 +20,7 @@ class TokenPositionError(ValueError):
 
 
 class TokenPosition:
-    """A named token position. ``indexer(setting) -> list[int]`` (unpadded indices, negative = from the end).
+    """A named token position. ``indexer(setting) -> int | list[int]`` (unpadded indices, negative = from the end).
 
     ``counterfactual_indexer`` (optional) locates the source tokens on the counterfactual side when
     they sit elsewhere than on the base side; by default both sides use ``indexer``.
@@ -32,6 +33,13 @@ class TokenPosition:
         id: str,
         counterfactual_indexer: Indexer | None = None,
     ):
+        if not isinstance(id, str) or not id:
+            raise ValueError(f"a token position needs a non-empty string id, got {id!r}")
+        for name, fn in (("indexer", indexer), ("counterfactual_indexer", counterfactual_indexer)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"the {name} of token position {id!r} must be callable, got {type(fn).__name__}")
+        if indexer is None:
+            raise TypeError(f"token position {id!r} needs an indexer")
         self.indexer = indexer
         self.counterfactual_indexer = counterfactual_indexer
         self.pipeline = pipeline
@@ -39,8 +47,7 @@ class TokenPosition:
 
     def _resolve(self, indexer: Indexer, setting: dict[str, Any]) -> list[int]:
         length = len(self.pipeline.tokenize_one(setting)["input_ids"])
-        raw = indexer(setting)
-        indices = [raw] if isinstance(raw, int) else list(raw)
+        indices = self._as_indices(indexer(setting), setting)
         if not indices:
             raise TokenPositionError(f"token position {self.id!r} selects no token in {setting.get('raw_input')!r}")
         out = []
@@ -53,6 +60,21 @@ class TokenPosition:
                 )
             out.append(j)
         return out
+
+    def _as_indices(self, raw: Any, setting: dict[str, Any]) -> list[int]:
+        """An indexer's answer as a list of ints; anything else (None, floats, nested lists, bools) is refused."""
+        def is_int(x: Any) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        if is_int(raw):
+            return [int(raw)]
+        if isinstance(raw, (list, tuple)) and all(is_int(i) for i in raw):
+            return [int(i) for i in raw]
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        raise TokenPositionError(
+            f"the indexer of token position {self.id!r} must return an int or a list of ints, got "
+            f"{type(raw).__name__} {shown} for {setting.get('raw_input')!r}"
+        )
 
     def index(self, setting: dict[str, Any]) -> list[int]:
         """Base-side token indices (non-negative, validated)."""

@@ -67,6 +67,7 @@ def test_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     )
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_greedy_accuracy_left_padded(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     problems = random_problems(2, N_PER_WIDTH, seed=1) + random_problems(3, N_PER_WIDTH, seed=2)

@@ -87,6 +87,7 @@ def test_position_outside_prompt_is_an_error(organism):
         beyond.index(setting_from_addends(58, 67, 2))
 
 
+@pytest.mark.slow
 def test_filter_keeps_pairs_the_organism_gets_right(organism):
     datasets = make_addition_datasets(2, 24, seed=3, families=["random", "flip_carry_0"])
     kept, reports = FilterExperiment(organism, build_addition_model(2), addition_checker).filter(datasets, verbose=False)
@@ -99,6 +100,7 @@ def test_filter_keeps_pairs_the_organism_gets_right(organism):
     assert wrong[0].kept_pairs == 0  # every flip_carry_0 pair has carry_0 = 1 on one side
 
 
+@pytest.mark.slow
 def test_run_all_test_mode_end_to_end(tmp_path):
     study = tmp_path / "study"
     env = {**os.environ, "PYTHON": sys.executable}
@@ -136,6 +138,7 @@ def test_chat_template_keeps_eq_and_shifts_positions():
     assert positions["last"].index(setting) == [9]
 
 
+@pytest.mark.slow
 def test_scoring_step_needs_no_torch(tmp_path):
     """Step 3 scores a finished study without importing torch (no model, no GPU needed)."""
     study = tmp_path / "study"

@@ -3,7 +3,8 @@
 For GPT-2, Llama (GQA), Gemma 2 (heads x head_dim != hidden), OLMo 2 and Qwen 2 (GQA), every unit
 kind is patched on a left-padded batch whose bases and counterfactuals have different lengths, and
 the engine's outputs (greedy ids, top-k logits per step) must equal ``tests/hook_reference.py``.
-The pyvene 0.1.8 traps of /work/shared/notes/pyvene-on-transformers5.md each get a guard test.
+Each known pitfall of pyvene 0.1.8 on transformers 5 gets a guard test (``test_trap*``): configs without
+``head_dim``, Gemma 2 head width, the unregistered OLMo 2 class, attention weights, multi-position units.
 """
 
 from __future__ import annotations

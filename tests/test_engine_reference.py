@@ -303,6 +303,8 @@ def test_counterfactual_index_selects_the_source(pipelines, tmp_path):
 
 
 def test_positions_sharing_an_id_are_not_confused(pipelines):
+    """The engine keys positions by object, not by id: each cell patches at its own position's tokens.
+    (The experiment refuses such ids: see test_experiment_refuses_two_positions_with_one_id.)"""
     from experiments.intervention_engine import Cell, group_cells
     from experiments.model_units import ResidualStream
 
@@ -311,12 +313,12 @@ def test_positions_sharing_an_id_are_not_confused(pipelines):
     second = TokenPosition(lambda s: [-1], pipeline, id="p")
     cells = [Cell("a", [ResidualStream(0, first)]), Cell("b", [ResidualStream(0, second)])]
     bases, sources = [{"raw_input": b} for b in BASES[:3]], [{"raw_input": s} for s in SOURCES[:3]]
-    try:
-        _, rows = InterventionEngine(pipeline).run_part(bases, sources, [0, 1, 2], group_cells(cells, 8))
-    except ValueError:
-        return  # refusing ambiguous position ids would be a fix too
-    ref = reference_cell(pipeline, bases, sources, [(RefUnit(0, "block_output"), second)])
-    assert_rows_match([r for r in rows if r["cell_id"] == "b"], ref, where="cell b")
+    _, rows = InterventionEngine(pipeline).run_part(bases, sources, [0, 1, 2], group_cells(cells, 8))
+    for cell_id, position in (("a", first), ("b", second)):
+        ref = reference_cell(pipeline, bases, sources, [(RefUnit(0, "block_output"), position)])
+        assert_rows_match([r for r in rows if r["cell_id"] == cell_id], ref, where=f"cell {cell_id}")
+    outputs = {c: [r["output_token_ids"] for r in rows if r["cell_id"] == c] for c in ("a", "b")}
+    assert outputs["a"] != outputs["b"]  # the two positions really are different patches here
 
 
 def test_unequal_base_and_source_position_counts_are_refused(pipelines):

@@ -72,6 +72,7 @@ def test_committed_notebook_has_no_outputs(name: str) -> None:
     assert not dirty, f"{name}: code cells {dirty} have outputs or execution counts; clear them before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name: str, kernel_spec_manager: KernelSpecManager, tmp_path: Path, record_property) -> None:
     if name in NEEDS_ORGANISM and not (ORGANISM_DIR / "config.json").exists():

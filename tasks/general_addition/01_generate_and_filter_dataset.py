@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.filter_experiment import FilterExperiment  # noqa: E402
 from tasks.general_addition.causal_models import build_addition_model  # noqa: E402
 from tasks.general_addition.checker import addition_checker  # noqa: E402
 from tasks.general_addition.counterfactuals import ADDITION_FAMILIES, make_addition_datasets  # noqa: E402
@@ -21,6 +20,7 @@ from tasks.general_addition.study import (  # noqa: E402
     check_same_study,
     load_pipeline,
     read_metadata,
+    run_step,
     study_dir,
     study_parser,
     write_metadata,
@@ -28,7 +28,9 @@ from tasks.general_addition.study import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = study_parser(__doc__).parse_args(argv)
+    args = study_parser(__doc__, step=1).parse_args(argv)
+    from experiments.filter_experiment import FilterExperiment  # torch: after parsing, so --help is instant
+
     size = min(args.size, 24) if args.test else args.size
     out = study_dir(args)
     experiments = []
@@ -65,4 +67,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_step(main))

@@ -15,17 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream  # noqa: E402
 from tasks.general_addition.study import (  # noqa: E402
     check_same_study,
     load_datasets,
     load_pipeline,
     read_metadata,
+    run_step,
     study_dir,
     study_parser,
     write_metadata,
 )
-from tasks.general_addition.token_positions import addition_token_positions  # noqa: E402
 
 
 def record_experiment(out: Path, experiment_id: str, experiment_type: str, folder: Path) -> None:
@@ -37,7 +36,11 @@ def record_experiment(out: Path, experiment_id: str, experiment_type: str, folde
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = study_parser(__doc__).parse_args(argv)
+    args = study_parser(__doc__, step=2).parse_args(argv)
+    # torch: after parsing, so --help is instant
+    from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream
+    from tasks.general_addition.token_positions import addition_token_positions
+
     out = study_dir(args)
     metadata = read_metadata(out)
     check_same_study(args, metadata)
@@ -64,4 +67,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_step(main))

@@ -43,7 +43,13 @@ from tasks.general_addition.causal_models import (  # noqa: E402
     output_digit_var,
 )
 from tasks.general_addition.checker import addition_checker  # noqa: E402
-from tasks.general_addition.study import load_datasets, model_path, read_metadata  # noqa: E402
+from tasks.general_addition.study import (  # noqa: E402
+    add_debug_option,
+    load_datasets,
+    model_path,
+    read_metadata,
+    run_step,
+)
 
 
 class StudyRecordError(SystemExit):
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--target-vars", nargs="*", default=None,
                         help="variables to score, one group each (default: all; digits per addend for multi-digit tokens)")
     parser.add_argument("--include-pairs", action="store_true", help="also score every pair of the target variables jointly")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     folder = args.results
     metadata = read_metadata(folder)
@@ -288,4 +295,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_step(main))
