@@ -247,3 +247,19 @@ def test_a_part_tokenises_each_prompt_once(model_dirs):
     finally:
         type(pipeline.tokenizer).__call__ = original
     assert sorted(calls) == sorted(p["raw_input"] for p in BASES + SOURCES)
+
+
+def test_addition_task_record():
+    from experiments.task import get_task, known_tasks
+
+    task = get_task("general_addition")
+    settings = task.settings(digits=3)
+    assert list(task.causal_models(settings)) == ["carry", "tens_no_carry"]
+    assert task.main_model(settings).id == task.causal_models(settings)["carry"].id
+    assert task.default_targets(settings, ["addend_0", "addend_1", "last"])[0] == ["digit_0_2", "digit_0_1", "digit_0_0"]
+    data = task.make_datasets(settings, ["random"], 4, 0)
+    assert list(data) == ["random"] and len(data["random"]) == 4
+    assert task.organism is not None and (task.organism / "config.json").exists()
+    assert "general_addition" in known_tasks()
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("no_such_task")

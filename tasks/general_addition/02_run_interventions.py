@@ -1,6 +1,6 @@
 """Step 2: interchange interventions on the filtered datasets; writes raw results only (no causal model).
 
-    python tasks/general_addition/02_run_interventions.py --model organism --digits 2 [--batch-size 64] [--layers -1 0 1] [--test]
+    python tasks/general_addition/02_run_interventions.py --model organism --digits 2 [--batch-size 64] [--layers -1 0 1] [--backend hooks|pyvene] [--test]
 
 Runs a residual-stream sweep (every layer incl. -1 = embeddings × every addition token position)
 and a single-head sweep at the last position. A killed run, rerun with the same arguments,
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipeline = load_pipeline(args)
     layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
     positions = addition_token_positions(pipeline, args.digits, metadata["template"])
-    config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows}
+    config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows, "backend": args.backend}
     residual = PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})
     residual.perform_interventions(datasets, results_dir=out / "raw" / "residual_stream")
     record_experiment(out, "residual_stream", residual.experiment_type, out / "raw" / "residual_stream")

@@ -72,6 +72,8 @@ def study_parser(description: str | None, step: int | None = None, prog: str | N
     step2.add_argument("--max-rows", type=int, default=1024, help=help2("cells × pairs folded into one forward"))
     step2.add_argument("--layers", type=int, nargs="*", default=None, help=help2("layers (default: all; -1 = embeddings)"))
     step2.add_argument("--no-heads", action="store_true", help=help2("skip the attention-head sweep"))
+    step2.add_argument("--backend", default="hooks", choices=("hooks", "pyvene"),
+                       help=help2("how interventions reach into the model: plain torch hooks (default) or pyvene"))
     return parser
 
 
