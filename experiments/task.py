@@ -14,7 +14,10 @@ Fields (``S`` is the task's pydantic settings model, e.g. the number of digits a
 - ``default_targets(s, positions_per) -> [[variable, …], …]`` (``positions_per``: "digit" or "addend" …
   as the task's token positions report it; tokenizers that chunk several digits get joint targets);
 - ``sweeps(pipeline, s, positions, config) -> [InterventionExperiment]``: what step 2 runs;
-- ``max_new_tokens(s)``; ``organism``: the shipped model folder (the default ``--model``).
+- ``max_new_tokens(s)``; ``organism``: the shipped model folder (the default ``--model``);
+- optional: ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
+  (the settings part of the folder name), ``summary_extras(scores, s, targets) -> [markdown lines]``
+  (task-specific tables for the main hypothesis' residual-stream scores).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Task:
     max_new_tokens: Callable[[Any], int]
     prompt_formats: dict[str, str] = field(default_factory=dict)
     organism: Path | None = None
+    results_name: str | None = None
+    study_slug: Callable[[Any], str] | None = None
+    summary_extras: Callable[..., list[str]] | None = None
 
     def main_model(self, settings: Any) -> Any:
         """The main hypothesis (the first causal model)."""

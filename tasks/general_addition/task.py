@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experiments.task import Task
 from tasks.general_addition.causal_models import (
+    ADDENDS,
     DEFAULT_TEMPLATE,
     PROMPT_TEMPLATES,
     build_addition_model,
@@ -30,8 +31,8 @@ class AdditionSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    digits: int = Field(2, ge=2, le=4)
-    template: str = DEFAULT_TEMPLATE
+    digits: int = Field(2, ge=2, le=4, description="digits per addend (2, 3 or 4)")
+    template: str = Field(DEFAULT_TEMPLATE, description="prompt format")
 
 
 def causal_models(s: AdditionSettings) -> dict[str, Any]:
@@ -49,13 +50,51 @@ def token_positions(pipeline: Any, s: AdditionSettings) -> list[Any]:
     return addition_token_positions(pipeline, s.digits, s.template)
 
 
+def addend_group(addend: int, n_digits: int) -> list[str]:
+    """All digits of one addend, most significant first: the variables an ``addend_{k}`` token holds."""
+    return [digit_var(addend, place) for place in reversed(range(n_digits))]
+
+
 def default_targets(s: AdditionSettings, position_ids: list[str] | None = None) -> list[list[str]]:
-    """One group per digit (or per addend where tokens hold several digits), carry, output digit, answer."""
+    """Digits (one group per digit, or per addend where the tokens are ``addend_k``), carries, output digits, answer.
+
+    With a tokenizer that puts several digits in one token the positions are ``addend_0``/``addend_1``;
+    a single digit cannot own such a token, so the digits are scored jointly per addend.
+    """
     joint = any(p.startswith("addend_") for p in position_ids or [])
-    digits = ([[digit_var(a, p) for p in reversed(range(s.digits))] for a in (0, 1)] if joint
-              else [[v] for v in digit_vars(s.digits)])
+    digits = [addend_group(a, s.digits) for a in ADDENDS] if joint else [[v] for v in digit_vars(s.digits)]
     return [*digits, *([carry_var(p)] for p in range(s.digits)),
             *([output_digit_var(p)] for p in range(s.digits + 1)), ["raw_output"]]
+
+
+def own_position(group: list[str], n_digits: int) -> str | None:
+    """The token position that holds an input group: a digit's own position, or ``addend_k`` for a whole addend."""
+    if len(group) == 1 and group[0] in digit_vars(n_digits):
+        return group[0]
+    for addend in ADDENDS:
+        if group == addend_group(addend, n_digits):
+            return f"addend_{addend}"
+    return None
+
+
+def own_position_lines(scores: Any, s: AdditionSettings, targets: list[list[str]]) -> list[str]:
+    """Summary table: informative IIA of each input group at its own token position, by layer."""
+    pooled = scores.pooled()
+    layers = sorted(pooled["layer"].unique())
+    fmt = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 (NaN-safe)
+    lines = ["| variable | " + " | ".join("emb" if layer == -1 else f"L{layer}" for layer in layers) + " |",
+             "|---" * (len(layers) + 1) + "|"]
+    for group in targets:
+        position = own_position(group, s.digits)
+        name = "+".join(group)
+        own = pooled[(pooled["target_variables"] == name) & (pooled["position_id"] == position)]
+        if position is None or own.empty:
+            continue
+        value = dict(zip(own["layer"], own["informative_accuracy"]))
+        lines.append(f"| {name} | " + " | ".join(fmt(float(value.get(layer, float("nan")))) for layer in layers) + " |")
+    if len(lines) <= 2:
+        return []
+    return ["", "Informative IIA of each input variable at its own token position, by layer:", "", *lines]
 
 
 def sweeps(pipeline: Any, s: AdditionSettings, positions: list[Any], config: dict[str, Any],
@@ -86,4 +125,7 @@ TASK = Task(
     max_new_tokens=lambda s: s.digits + 2,
     prompt_formats=dict(PROMPT_TEMPLATES),
     organism=ORGANISM,
+    results_name="addition",
+    study_slug=lambda s: f"{s.digits}d",
+    summary_extras=own_position_lines,
 )

@@ -1,0 +1,241 @@
+"""Step 3: score raw results against the task's causal models (no network needed), draw heatmaps, write a summary.
+
+    python -m experiments.steps.score --task general_addition --results results/addition/organism/2d [--target-vars carry_0 raw_output] [--include-pairs]
+
+Scores exactly the experiments step 2 recorded in <study>/metadata.json (``experiments``); a folder
+under raw/ that is not listed (e.g. a backup copy) is ignored with a note, a listed one without a
+manifest is an error, and every manifest must match the study (model, dataset ids, fingerprints).
+Each experiment is scored against every causal model of the task (main hypothesis first): IIA, floor
+(unintervened output vs the same labels) and informative IIA (pairs whose label the interchange
+changes), pooled over pairs and per family, with 95% Wilson CIs. Writes <study>/scores/
+(``scores_<vars>/`` with --target-vars or --include-pairs): one JSON of scores per (experiment,
+hypothesis), heatmaps of the informative IIA under the main hypothesis (PNG) and summary.md. The
+folder is built aside and replaces the old one only once complete. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from causal.counterfactual_dataset import CounterfactualDataset
+from causal.interchange_scores import InterchangeScores, compute_interchange_scores
+from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes
+from experiments.steps.common import add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task
+from experiments.task import Task
+from experiments.visualizations import save_heatmaps
+
+
+class StudyRecordError(SystemExit):
+    """The study's records and its raw results disagree (missing, foreign or unlisted results)."""
+
+
+def scores_folder_name(target_vars: list[str] | None, include_pairs: bool) -> str:
+    """``scores`` for the default run; ``scores_<vars>[_pairs]`` otherwise, so partial runs never replace it."""
+    if not target_vars and not include_pairs:
+        return "scores"
+    name = "scores_" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(target_vars or ["all"])) + ("_pairs" if include_pairs else "")
+    if len(name) > 80:  # keep the folder name short and still unique
+        name = name[:60] + "_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def listed_experiments(folder: Path, metadata: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], Path]], list[str]]:
+    """The experiments step 2 recorded, with their folders; plus notes on raw/ folders that are not listed.
+
+    Raises StudyRecordError when nothing is recorded or a listed experiment has no manifest.
+    """
+    entries = metadata.get("experiments")
+    if not entries:
+        raise StudyRecordError(
+            f"{folder / 'metadata.json'} records no experiments: run step 2 (interventions) (a rerun with the same "
+            f"arguments skips finished parts and records them)")
+    listed = []
+    for entry in entries:
+        path = folder / entry["folder"]
+        if not (path / MANIFEST_NAME).exists():
+            raise StudyRecordError(
+                f"experiment {entry['id']!r} is listed in {folder / 'metadata.json'} but {path} holds no {MANIFEST_NAME}; "
+                f"rerun step 2 (interventions) with the study's arguments to recompute it")
+        listed.append((entry, path))
+    known = {path.resolve() for _, path in listed}
+    raw = folder / "raw"
+    notes = [f"ignored `raw/{p.name}`: not an experiment listed in metadata.json (e.g. a backup copy)"
+             for p in sorted(raw.iterdir()) if p.is_dir() and p.resolve() not in known] if raw.exists() else []
+    return listed, notes
+
+
+def check_manifest(task: Task, raw: RawResults, metadata: dict[str, Any],
+                   datasets: dict[str, CounterfactualDataset]) -> None:
+    """Refuse results computed on another model or other datasets than this study's."""
+    manifest = raw.manifest
+    where = f"results at {raw.root} (experiment {manifest.experiment_id!r})"
+    study_model = str(metadata["model"])
+    accepted = {study_model, Path(model_path(task, study_model)).name}
+    recorded = manifest.model.get("name")
+    if recorded not in accepted:
+        raise StudyRecordError(f"{where} were computed on model {recorded!r}, but this study is on {study_model!r}")
+    if "use_chat_template" in manifest.model and bool(manifest.model["use_chat_template"]) != bool(metadata.get("chat")):
+        raise StudyRecordError(f"{where} used chat template={manifest.model['use_chat_template']}, "
+                               f"but this study's datasets were filtered with chat={metadata.get('chat')}")
+    ids = [record.dataset_id for record in manifest.datasets]
+    if sorted(ids) != sorted(datasets):
+        raise StudyRecordError(f"{where} hold datasets {ids}, but the study has {list(datasets)}")
+    for record in manifest.datasets:
+        fingerprint = datasets[record.dataset_id].fingerprint()
+        if record.fingerprint != fingerprint:
+            raise StudyRecordError(
+                f"{where}: dataset {record.dataset_id!r} has fingerprint {record.fingerprint[:12]}… in the manifest "
+                f"but {fingerprint[:12]}… in the study: the datasets were regenerated after step 2; rerun step 2")
+
+
+def _ci(row: Any, prefix: str) -> str:
+    low, high = row[f"{prefix}ci_low"], row[f"{prefix}ci_high"]
+    return "n/a" if pd.isna(low) else f"[{low:.3f}, {high:.3f}]"
+
+
+def _num(value: Any) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.3f}"
+
+
+def best_cell_lines(scores: InterchangeScores) -> list[str]:
+    """Markdown table: per variable, the best cell (or "no cell") with IIA, floor and informative IIA."""
+    lines = ["| variable | best cell | informative IIA | 95% CI | n informative | IIA | 95% CI | floor | 95% CI | n |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, row in scores.best_cells().iterrows():
+        cell = f"`{row['cell_id']}`" if row["located"] else f"no cell carries it (highest: `{row['cell_id']}`)"
+        lines.append(
+            f"| {row['target_variables']} | {cell} | {_num(row['informative_accuracy'])} | {_ci(row, 'informative_')} | "
+            f"{row['n_informative']} | {_num(row['accuracy'])} | {_ci(row, '')} | {_num(row['floor'])} | "
+            f"{_ci(row, 'floor_')} | {row['n']} |")
+    return lines
+
+
+def per_family_lines(scores: InterchangeScores) -> list[str]:
+    """Per variable, its best (or highest-ranked) cell broken down per family, plus the pooled row."""
+    lines: list[str] = []
+    pooled = scores.pooled().set_index(["target_variables", "cell_id"])
+    for _, best in scores.best_cells().iterrows():
+        group, cell = best["target_variables"], best["cell_id"]
+        status = "best cell" if best["located"] else "no cell carries it; highest-ranked cell"
+        lines += ["", f"`{group}` at `{cell}` ({status}):", "",
+                  "| family | IIA | floor | informative IIA | n informative / n | above floor |", "|---|---|---|---|---|---|"]
+        rows = [(r["dataset_id"], r) for _, r in scores.per_family(group, cell).iterrows()]
+        rows.append(("**pooled**", pooled.loc[(group, cell)]))
+        for family, r in rows:
+            lines.append(
+                f"| {family} | {_num(r['accuracy'])} {_ci(r, '')} | {_num(r['floor'])} {_ci(r, 'floor_')} | "
+                f"{_num(r['informative_accuracy'])} {_ci(r, 'informative_')} | {r['n_informative']}/{r['n']} | "
+                f"{'yes' if r['above_floor'] else 'no'} |")
+    return lines
+
+
+HOW_TO_READ = [
+    "How to read: **IIA** is the share of pairs where the patched output equals the hypothesis' interchange label; "
+    "the **floor** is the same checker on the *unpatched* output (what a patch that changes nothing scores); the "
+    "**informative IIA** is the IIA on the pairs whose label the interchange changes (n informative). Scores over "
+    "families are pooled over pairs. 95% Wilson CIs. A variable's **best cell** is the cell with the highest informative "
+    "IIA among those whose informative IIA is above the upper end of their floor's 95% CI (ties: higher lower CI bound, "
+    "earlier layer, manifest order); when no cell clears its floor the table says \"no cell carries it\".",
+]
+
+
+def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any], targets: list[list[str]],
+                 include_pairs: bool, experiments: list[tuple[dict[str, Any], Path]], notes: list[str],
+                 datasets: dict[str, CounterfactualDataset]) -> list[str]:
+    """Score every listed experiment into ``out`` (scores JSON, heatmaps, summary.md); returns the summary lines."""
+    hypotheses = task.causal_models(settings)
+    main_name = next(iter(hypotheses))
+    described = ", ".join(f"{k} {v}" for k, v in settings.model_dump().items())
+    lines = [f"# {task.name} study: {metadata['model']} ({described})", "", task.description, ""]
+    lines += ["## Filtering (step 1)", "", "| dataset | model accuracy on inputs | pairs kept |", "|---|---|---|"]
+    lines += [f"| {r['dataset_id']} | {r['input_accuracy']:.1%} | {r['kept_pairs']}/{r['total_pairs']} |"
+              for r in metadata["filter"]]
+    lines += ["", "## Experiments scored", ""]
+    lines += [f"- `{entry['id']}` ({entry.get('type', '?')}, `{entry['folder']}`)" for entry, _ in experiments]
+    lines += [f"- note: {note}" for note in notes]
+    lines += ["", *HOW_TO_READ]
+    for entry, raw_folder in experiments:
+        raw = RawResults(raw_folder)
+        experiment = raw.manifest.experiment_id
+        kind = "heads" if raw.manifest.experiment_type == "patch_attention_heads" else "positions"
+        position_order = list(dict.fromkeys(u.position_id for c in raw.manifest.cells for u in c.units))
+        model_name = raw.manifest.model.get("name") or str(metadata["model"])
+        for name, causal_model in hypotheses.items():
+            scores = compute_interchange_scores(raw, causal_model, datasets, targets, task.checker,
+                                                include_pairs=include_pairs)
+            scores.save(out / f"{experiment}__{name}.json")
+            if name == main_name:
+                best = scores.best_cells()
+                highlight = {r["target_variables"]: r["cell_id"] for _, r in best.iterrows() if r["located"]}
+                save_heatmaps(scores.pooled(), out / "heatmaps" / experiment, kind=kind, position_order=position_order,
+                              hypothesis=causal_model.id, model=model_name, highlight=highlight,
+                              unit="residual stream" if kind == "positions" else None)
+            lines += ["", f"## {experiment}: hypothesis `{causal_model.id}`", ""]
+            base = scores.base_accuracy
+            lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
+                f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
+            lines += ["Best cell per variable (pooled over all families):", "", *best_cell_lines(scores)]
+            if name == main_name and kind == "positions" and task.summary_extras is not None:
+                lines += task.summary_extras(scores, settings, targets)
+            lines += ["", f"### {experiment}, `{causal_model.id}`: per family"]
+            lines += per_family_lines(scores)
+    atomic_write_bytes(out / "summary.md", ("\n".join(lines) + "\n").encode())
+    return lines
+
+
+def main(argv: list[str] | None = None, task: str | None = None) -> Path:
+    chosen, rest = split_task(argv, task)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, required=True, help="study folder written by steps 1 and 2")
+    parser.add_argument("--target-vars", nargs="*", default=None,
+                        help="variables to score, one group each (default: all; digits per addend for multi-digit tokens)")
+    parser.add_argument("--include-pairs", action="store_true", help="also score every pair of the target variables jointly")
+    add_debug_option(parser)
+    args = parser.parse_args(rest)
+    folder = args.results
+    metadata = read_metadata(folder)
+    if metadata.get("task", chosen.name) != chosen.name:
+        raise StudyRecordError(f"{folder} holds a study of task {metadata['task']!r}, not {chosen.name!r}")
+    settings = chosen.settings(**{k: metadata[k] for k in chosen.settings.model_fields if k in metadata})
+    experiments, notes = listed_experiments(folder, metadata)
+    datasets = load_datasets(folder)
+    raws = [RawResults(path) for _, path in experiments]
+    for raw in raws:
+        check_manifest(chosen, raw, metadata, datasets)
+    position_ids = [u.position_id for raw in raws for c in raw.manifest.cells for u in c.units]
+    targets = [[v] for v in args.target_vars] if args.target_vars else chosen.default_targets(settings, position_ids)
+    for note in notes:
+        print(f"note: {note}")
+
+    out = folder / scores_folder_name(args.target_vars, args.include_pairs)
+    for stale in folder.glob(f".{out.name}.tmp-*"):  # left by a killed run of this step
+        shutil.rmtree(stale, ignore_errors=True)
+    building = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}.tmp-"))
+    try:
+        lines = write_scores(chosen, settings, building, metadata, targets, args.include_pairs, experiments, notes,
+                             datasets)
+        retired = folder / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, retired)
+        os.replace(building, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    print("\n".join(lines))
+    print(f"\nscores, heatmaps and summary written to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(run_step(main))
