@@ -3,7 +3,7 @@
 Each notebook runs in a fresh kernel started with *this* interpreter (a throwaway kernelspec whose
 argv is ``sys.executable``, so a ``python3`` kernelspec elsewhere on the machine cannot hijack the
 run), with a temporary working directory: notebooks must not write into the repository.
-Notebooks 02-04 need the trained organism checkpoint and are skipped when it is absent.
+Notebooks 02-05 need the trained organism checkpoint and are skipped when it is absent.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ NOTEBOOKS = [
     "02_token_positions.ipynb",
     "03_counterfactuals_and_carries.ipynb",
     "04_localize_with_patching.ipynb",
+    "05_analysis_toolkit.ipynb",
 ]
 NEEDS_ORGANISM = set(NOTEBOOKS[1:])
 CELL_TIMEOUT_S = 600

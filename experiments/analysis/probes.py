@@ -21,7 +21,7 @@ from experiments.analysis.stats import wilson_interval
 from experiments.pipeline import LMPipeline
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2, steps: int = 100
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2, steps: int = 60
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on (N, d) features, labels 0..C-1. Returns (W, b, mean, std)."""
     x = x.double()
