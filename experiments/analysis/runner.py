@@ -301,11 +301,14 @@ def run_patching(ctx: Context) -> None:
                   cmap="RdBu", vmin=-1, vmax=1)
     last = grid.columns[-1]
     per_layer = grid[last]
+    rest = grid.drop(columns=[last]).stack()
+    best_layer, best_col = rest.idxmax()
+    best_name = labels[list(grid.columns).index(best_col)]
     full = per_layer[per_layer >= 0.9]
     rep.figure("interventions", "interventions/patching_grid.png", fig, "Activation patching, layer × position",
                f"{table['pair'].nunique()} pairs; at the last position recovery reaches 0.9 from layer "
                f"{int(full.index[0]) if len(full) else 'none'}; best non-last cell "
-               f"{grid.drop(columns=[last]).stack().idxmax()} ({grid.drop(columns=[last]).stack().max():.2f}).")
+               f"layer {int(best_layer)} at {best_name} ({rest.max():.2f}).")
     rep.summary["patching"] = {"pairs": int(table["pair"].nunique()),
                                "recovery_at_last_position": {int(k): float(v) for k, v in per_layer.items()},
                                "grid": {str(l): {labels[j]: float(grid.iloc[i, j]) for j in range(grid.shape[1])}
@@ -344,7 +347,7 @@ def run_circuits(ctx: Context) -> None:
     rep.figure("circuits", "circuits/neurons.png", fig, f"Neurons separating {task.class_variable}",
                f"Top neuron L{neurons.layer.iloc[0]}N{neurons.neuron.iloc[0]} "
                f"({neurons.metric.iloc[0]} {neurons.score.iloc[0]:.2f}); layers among the top 20: "
-               f"{dict(neurons.layer.value_counts().sort_index())}.")
+               f"{ {int(k): int(v) for k, v in neurons.layer.value_counts().sort_index().items()} }.")
     out["neurons"] = [{"neuron": f"L{r.layer}N{r.neuron}", "score": r.score} for r in neurons.head(5).itertuples()]
     rep.summary["circuits"] = out
 

@@ -27,6 +27,9 @@ from tasks.general_addition.checker import addition_checker
 from tasks.general_addition.organism import ORGANISM_DIR
 from tasks.general_addition.token_positions import addend_spans, addition_token_positions
 
+MAX_NEW_TOKENS = 5
+"""Enough for any 2- or 3-digit sum plus EOS."""
+
 _EXAMPLE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=?\s*$")
 
 
@@ -142,6 +145,6 @@ ANALYSIS = TaskAnalysis(
     corrupt=corrupt,
     probe_variables=("carry_0", "carry_1", "output_digit_0", "output_digit_1"),
     class_variable="carry_0",
-    max_new_tokens=5,
+    max_new_tokens=MAX_NEW_TOKENS,
     organism=ORGANISM_DIR,
 )
