@@ -1,0 +1,175 @@
+"""What the analyses need to reach inside a model: residual stream, final norm, unembedding, neurons.
+
+Built on the component map of ``experiments.architectures`` (no per-model code elsewhere). The
+residual stream has ``L + 1`` layers here: index 0 is the embeddings (the input of block 0) and
+index ``l + 1`` the output of block ``l``; public functions name them by *block* index
+``-1 .. L-1`` (``-1`` = embeddings), as the rest of the project does.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from experiments.architectures import family_of, get_module
+from experiments.hooks_backend import register_site_hook
+from experiments.pipeline import LMPipeline, PromptBatch
+
+#: Module (path template) whose *input* holds the MLP neurons (post-activation), per family.
+NEURON_MODULES: dict[str, str] = {
+    "decoder_layers": "model.layers[{layer}].mlp.down_proj",
+    "gpt2": "transformer.h[{layer}].mlp.c_proj",
+}
+#: The final norm applied to the last residual before the unembedding, per family.
+FINAL_NORMS: dict[str, str] = {"decoder_layers": "model.norm", "gpt2": "transformer.ln_f"}
+
+
+def check_layer(pipeline: LMPipeline, layer: int, allow_embeddings: bool = False) -> int:
+    """``layer`` if it is a block index of the model (or -1 for the embeddings when allowed), else ValueError."""
+    low = -1 if allow_embeddings else 0
+    if not isinstance(layer, int) or not low <= layer < pipeline.num_layers:
+        raise ValueError(f"layer {layer!r} out of range: the model has layers {low}..{pipeline.num_layers - 1}")
+    return layer
+
+
+def check_head(pipeline: LMPipeline, head: int) -> int:
+    """``head`` if it is a query-head index of the model, else ValueError."""
+    if not isinstance(head, int) or not 0 <= head < pipeline.num_heads:
+        raise ValueError(f"head {head!r} out of range: the model has heads 0..{pipeline.num_heads - 1}")
+    return head
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm between the last block and the unembedding (``model.norm`` / ``transformer.ln_f``)."""
+    return get_module(model, FINAL_NORMS[family_of(model).name])
+
+
+def unembed(model: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """Logits from already-normed hidden states: the output embedding, then the final logit softcap if any."""
+    logits = model.get_output_embeddings()(normed)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def neuron_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The module whose input is the MLP's hidden neurons at block ``layer``."""
+    return get_module(model, NEURON_MODULES[family_of(model).name].format(layer=layer))
+
+
+@torch.no_grad()
+def residual_stream(pipeline: LMPipeline, batch: PromptBatch | dict[str, torch.Tensor],
+                    layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """Residual stream ``{block index (-1 = embeddings): (B, T, d)}`` for ``layers`` (None: all, -1 included)."""
+    model = pipeline.model
+    family = family_of(model)
+    wanted = list(range(-1, pipeline.num_layers)) if layers is None else [check_layer(pipeline, l, True) for l in layers]
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in wanted:
+        hook = family.components["block_input" if layer < 0 else "block_output"]
+        module = get_module(model, hook.module.format(layer=max(layer, 0)))
+
+        def grab(t: torch.Tensor, layer: int = layer) -> None:
+            store[layer] = t.detach()
+
+        handles.append(register_site_hook(module, hook.side, grab))
+    inputs = batch.model_inputs() if isinstance(batch, PromptBatch) else batch
+    try:
+        model.base_model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")},
+                         use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: store[layer] for layer in wanted}
+
+
+@torch.no_grad()
+def neuron_activations(pipeline: LMPipeline, batch: PromptBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """MLP hidden activations ``{layer: (B, T, d_mlp)}`` (the input of the MLP's output projection)."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        check_layer(pipeline, layer)
+
+        def grab(t: torch.Tensor, layer: int = layer) -> None:
+            store[layer] = t.detach()
+
+        handles.append(register_site_hook(neuron_module(pipeline.model, layer), "input", grab))
+    try:
+        pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store
+
+
+@dataclass
+class TeacherForced:
+    """Prompt + answer (+ EOS) in one left-padded batch. ``answer_columns[b]``: the columns whose *next-token*
+    prediction is answer token i (the last prompt column first); ``answer_ids[b]``: those target ids."""
+
+    batch: PromptBatch
+    answer_columns: list[list[int]]
+    answer_ids: list[list[int]]
+    prompt_lengths: list[int]
+
+
+def teacher_forced(pipeline: LMPipeline, prompts: Sequence[Any], answers: Sequence[str],
+                   add_eos: bool = True) -> TeacherForced:
+    """Tokenise prompt then answer separately (the answer as the model would generate it) and left-pad."""
+    tok = pipeline.tokenizer
+    rows, targets, plens = [], [], []
+    for prompt, answer in zip(prompts, answers):
+        ids = pipeline.tokenize_one(prompt)["input_ids"]
+        ans = list(tok(answer, add_special_tokens=False)["input_ids"])
+        if add_eos and tok.eos_token_id is not None:
+            ans.append(tok.eos_token_id)
+        rows.append(ids + ans)
+        targets.append(ans)
+        plens.append(len(ids))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    device = pipeline.device
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    offsets = [width - len(r) for r in rows]
+    batch = PromptBatch(input_ids, mask, position_ids, [len(r) for r in rows], offsets)
+    columns = [[offsets[b] + plens[b] - 1 + i for i in range(len(targets[b]))] for b in range(len(rows))]
+    return TeacherForced(batch, columns, targets, plens)
+
+
+@torch.no_grad()
+def answer_logprob(pipeline: LMPipeline, forced: TeacherForced) -> torch.Tensor:
+    """(B,) summed log-probability of each row's answer tokens under the model (as it runs now: hooks apply)."""
+    logits = pipeline.model(**forced.batch.model_inputs(), use_cache=False).logits.float()
+    logp = logits.log_softmax(-1)
+    out = torch.zeros(len(forced.answer_ids))
+    for b, (cols, ids) in enumerate(zip(forced.answer_columns, forced.answer_ids)):
+        out[b] = logp[b, cols, ids].sum().cpu()
+    return out
+
+
+@contextmanager
+def module_hooks(hooks: Sequence[tuple[torch.nn.Module, str, Callable[[torch.Tensor], torch.Tensor | None]]]
+                 ) -> Iterator[None]:
+    """Install ``(module, side, fn)`` hooks for the duration of the block (every forward inside it)."""
+    handles = [register_site_hook(module, side, fn) for module, side, fn in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    """``(start, chunk)`` over ``items`` in chunks of ``size`` (size ≥ 1)."""
+    if size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {size}")
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
