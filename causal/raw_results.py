@@ -507,9 +507,15 @@ class RawResults:
         if not path.exists():
             raise ResultsError(f"{root} holds no {MANIFEST_NAME}: not a results folder (or the run never started)")
         try:
-            return ResultsManifest.model_validate_json(path.read_text())
+            manifest = ResultsManifest.model_validate_json(path.read_text())
         except (ValidationError, ValueError) as exc:
             raise ResultsError(f"{path} is corrupted or from an incompatible version: {exc}") from exc
+        if manifest.format_version > FORMAT_VERSION:
+            raise ResultsError(
+                f"{path} was written in results format {manifest.format_version}, newer than this version reads "
+                f"({FORMAT_VERSION}): update the framework to read it"
+            )
+        return manifest
 
     @property
     def dataset_ids(self) -> list[str]:

@@ -460,3 +460,27 @@ def test_step2_refuses_a_folder_held_by_another_writer(pipelines, tmp_path):
     with FolderLock(root):
         with pytest.raises(ResultsLockedError, match=str(root)):
             _experiment(pipelines["gpt2"]).perform_interventions(_dataset(), results_dir=root, verbose=False)
+
+
+def test_results_format_versions(tmp_path):
+    """Version-1 manifests (no kinds, no featurizers) are read as identity interchanges; newer ones are refused."""
+    import json as _json
+
+    from causal.raw_results import FORMAT_VERSION, MANIFEST_NAME, RawResults, ResultsError
+
+    v1 = {
+        "format_version": 1, "experiment_id": "old", "experiment_type": "patch_residual_stream", "model": {},
+        "settings": {}, "datasets": [{"dataset_id": "d", "fingerprint": "f", "size": 1}],
+        "cells": [{"cell_id": "c", "units": [{"layer": 0, "component": "block_output", "position_id": "last"}],
+                   "featurizer_id": "identity"}],
+        "example_batch_size": 1, "cell_groups": [["c"]],
+    }
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / MANIFEST_NAME).write_text(_json.dumps(v1))
+    manifest = RawResults.read_manifest(tmp_path / "v1")
+    assert manifest.cells[0].kind == "interchange" and manifest.cells[0].units[0].featurizer_id == "identity"
+    newer = {**v1, "format_version": FORMAT_VERSION + 1}
+    (tmp_path / "v9").mkdir()
+    (tmp_path / "v9" / MANIFEST_NAME).write_text(_json.dumps(newer))
+    with pytest.raises(ResultsError, match="newer than this version reads"):
+        RawResults.read_manifest(tmp_path / "v9")
