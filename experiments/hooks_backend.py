@@ -92,15 +92,13 @@ class HooksBackend:
 
     def _patcher(self, patches: list[SitePatch], split: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         def patch(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
+            # in place (inference only): the patched tensor is exactly what the rest of the forward reads
             view = self._split(t) if split else t
             for p in patches:
                 rows = torch.arange(p.columns.shape[0], device=t.device)[:, None]
-                if split:
-                    heads = p.heads[:, None].expand_as(p.columns)
-                    view[rows, p.columns, heads] = p.new_values(view[rows, p.columns, heads])
-                else:
-                    view[rows, p.columns] = p.new_values(view[rows, p.columns])
+                index = (rows, p.columns, p.heads[:, None].expand_as(p.columns)) if split else (rows, p.columns)
+                values = p.values.to(t.dtype) if p.featurizer is None else p.new_values(view[index])
+                view[index] = values
             return t
         return patch
 
