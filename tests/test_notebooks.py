@@ -3,7 +3,7 @@
 Each notebook runs in a fresh kernel started with *this* interpreter (a throwaway kernelspec whose
 argv is ``sys.executable``, so a ``python3`` kernelspec elsewhere on the machine cannot hijack the
 run), with a temporary working directory: notebooks must not write into the repository.
-Notebooks 02-04 need the trained organism checkpoint and are skipped when it is absent.
+Notebooks 02-04 need the addition organism, 06 the decimal organism; each is skipped when its checkpoint is absent.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ pytest.importorskip("ipykernel")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
+from tasks.decimal_comparison.organism import ORGANISM_DIR as DECIMAL_ORGANISM_DIR  # noqa: E402
 from tasks.general_addition.organism import ORGANISM_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,10 @@ NOTEBOOKS = [
     "02_token_positions.ipynb",
     "03_counterfactuals_and_carries.ipynb",
     "04_localize_with_patching.ipynb",
+    "06_decimal_comparison.ipynb",
 ]
-NEEDS_ORGANISM = set(NOTEBOOKS[1:])
+NEEDS_ORGANISM = set(NOTEBOOKS[1:4])
+NEEDS_DECIMAL_ORGANISM = {"06_decimal_comparison.ipynb"}
 CELL_TIMEOUT_S = 600
 
 
@@ -82,6 +85,9 @@ def test_notebook_runs(name: str, kernel_spec_manager: KernelSpecManager, tmp_pa
     if name in NEEDS_ORGANISM and not (ORGANISM_DIR / "config.json").exists():
         pytest.skip(f"organism checkpoint not found in {ORGANISM_DIR}; train it with "
                     f"python -m tasks.general_addition.organism.train_organism")
+    if name in NEEDS_DECIMAL_ORGANISM and not (DECIMAL_ORGANISM_DIR / "config.json").exists():
+        pytest.skip(f"decimal organism not found in {DECIMAL_ORGANISM_DIR}; train it with "
+                    f"python -m tasks.decimal_comparison.organism.train_organism")
     nb = nbformat.read(DEMOS / name, as_version=4)
     demos_before = sorted(p.name for p in DEMOS.iterdir())
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_spec_manager)

@@ -21,6 +21,7 @@ Steps (each writes extracted data under ``<out>/data/`` and raw results under ``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -68,7 +69,12 @@ class StudyConfig(BaseModel):
     roles: list[str] = ["matched", "x", "y", "qmark", "last"]
     transplant_layers: list[int] | None = None
     subset_draws: int = 4
+    subset_layer: int | None = None  # None: the layer whose whole-layer transplant fixes most
+    subset_pools: list[str] = ["all", "even", "odd"]
+    subset_modes: list[str] = ["transplant", "patch"]
     success_threshold: float = 0.8
+    ablation_layers: list[int] | None = None  # None: the two layers whose attention-output patch fixes most
+    neuron_layer: int | None = None  # None: the layer whose MLP-output patch fixes most
     neurons: str | None = None
     max_new_tokens: int | None = None
     batch_size: int = 64
@@ -350,9 +356,11 @@ def transplant_cells(pipeline, layers: Sequence[int], per_head: bool = True):
     return cells
 
 
-def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str):
-    """Head subsets of ``layer``: k random heads (``draws`` per k) from the pools all / even / odd heads;
-    ``mode`` "transplant" (attention patterns) or "patch" (head outputs at matched positions)."""
+def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str,
+                 pools: Sequence[str] = ("all", "even", "odd")):
+    """Head subsets of ``layer``: ``draws`` random k-subsets per k (all of them when fewer exist) from
+    each pool of heads (``all``, ``even``-indexed, ``odd``-indexed); ``mode`` "transplant" (attention
+    patterns at the matched queries) or "patch" (head outputs at the matched positions)."""
     from experiments.intervention_engine import Cell
     from experiments.model_units import AttentionHead, AttentionPattern
     from tasks.decimal_comparison.token_positions import key_roles, role_position
@@ -360,26 +368,31 @@ def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str):
     queries = role_position(pipeline, "matched")
     keys = key_roles(pipeline)
     heads = list(range(pipeline.num_heads))
-    pools = {"all": heads, "even": heads[0::2], "odd": heads[1::2]}
+    known = {"all": heads, "even": heads[0::2], "odd": heads[1::2]}
+    unknown = [p for p in pools if p not in known]
+    if unknown:
+        raise ValueError(f"unknown head pools {unknown}; known: {sorted(known)}")
     rng = random.Random(f"subsets-{seed}-{layer}-{mode}")
-    chosen: dict[tuple[int, ...], str] = {}
-    for pool_name, pool in pools.items():
-        for k in range(1, len(pool) + 1):
-            n_comb = _n_choose(len(pool), k)
-            for _ in range(min(draws, n_comb)):
-                for _try in range(50):
-                    subset = tuple(sorted(rng.sample(pool, k)))
-                    if subset not in chosen:
-                        break
-                chosen.setdefault(subset, pool_name)
     cells = []
-    for subset, pool_name in chosen.items():
-        name = f"{mode}.L{layer}.{pool_name}.k{len(subset)}.h" + "-".join(map(str, subset))
-        if mode == "transplant":
-            units = [AttentionPattern(layer, queries, head=h) for h in subset]
-            cells.append(Cell(name, units, kind="attention_transplant", key_roles=keys))
-        else:
-            cells.append(Cell(name, [AttentionHead(layer, h, queries) for h in subset]))
+    for pool_name in pools:
+        pool = known[pool_name]
+        for k in range(1, len(pool) + 1):
+            if _n_choose(len(pool), k) <= draws:
+                subsets = [tuple(c) for c in itertools.combinations(pool, k)]
+            else:
+                found: set[tuple[int, ...]] = set()
+                while len(found) < draws:
+                    found.add(tuple(sorted(rng.sample(pool, k))))
+                subsets = sorted(found)
+            for subset in subsets:
+                name = f"{mode}.L{layer}.{pool_name}.k{k}.h" + "-".join(map(str, subset))
+                if mode == "transplant":
+                    cells.append(Cell(name, [AttentionPattern(layer, queries, head=h) for h in subset],
+                                      kind="attention_transplant", key_roles=keys))
+                elif mode == "patch":
+                    cells.append(Cell(name, [AttentionHead(layer, h, queries) for h in subset]))
+                else:
+                    raise ValueError(f"mode must be 'transplant' or 'patch', got {mode!r}")
     return cells
 
 
@@ -461,6 +474,7 @@ def neuron_study(pipeline, pairs, correct: str, buggy: Sequence[str], layer: int
     ranking: list[int] = []
     if given:
         candidates = [given]
+        layer = next(iter(given))
     else:
         with torch.no_grad():
             diff = np.mean([acts(f) for f in buggy], axis=0) - acts(correct)
@@ -580,11 +594,13 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             layers if len(layers) <= 8 else critical[:3])
         trows = run_cells(pipeline, transplant_cells(pipeline, t_layers), datasets, out / "raw" / "transplant",
                           "transplant", cfg)
-        best_layer = max(t_layers, key=lambda l: np.mean([r["success"]["rate"] for r in trows
-                                                           if r["cell_id"] == f"transplant.L{l}.all" and r["direction"] == "fix"]))
+        best_layer = cfg.subset_layer if cfg.subset_layer is not None else max(
+            t_layers, key=lambda l: np.mean([r["success"]["rate"] for r in trows
+                                             if r["cell_id"] == f"transplant.L{l}.all" and r["direction"] == "fix"]))
         srows = []
-        for mode in ("transplant", "patch"):
-            srows += run_cells(pipeline, subset_cells(pipeline, best_layer, cfg.subset_draws, cfg.seed, mode), datasets,
+        for mode in cfg.subset_modes:
+            srows += run_cells(pipeline, subset_cells(pipeline, best_layer, cfg.subset_draws, cfg.seed, mode,
+                                                      cfg.subset_pools), datasets,
                                out / "raw" / f"subsets_{mode}", f"subsets_{mode}", cfg)
         subsets = subset_summary(srows, cfg.success_threshold)
         atomic_write_json(data / "transplant.json", {"rows": trows, "layers": t_layers, "subset_layer": best_layer,
@@ -597,7 +613,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
         summary["subsets"] = [s for s in subsets if s["direction"] == "fix"]
 
     if "ablation" in cfg.steps:
-        a_layers = critical[:2]
+        a_layers = cfg.ablation_layers if cfg.ablation_layers is not None else critical[:2]
         ref = [setting(pipeline, p, f) for p in pairs[:32] for f in formats]
         means = head_means(pipeline, a_layers, ref)
         adatasets = {f"fix.{fmt}": same_format_dataset(pipeline, pairs, fmt, f"fix.{fmt}") for fmt in buggy}
@@ -605,7 +621,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                                                                      f"break.{cfg.correct_format}")
         arows = run_cells(pipeline, ablation_cells(pipeline, a_layers, means), adatasets, out / "raw" / "ablation",
                           "ablation", cfg)
-        mlp_layer = _critical_layers(rows, layers, "mlp_output")[0]
+        mlp_layer = cfg.neuron_layer if cfg.neuron_layer is not None else _critical_layers(rows, layers, "mlp_output")[0]
         from tasks.decimal_comparison.neurons import parse_neurons
 
         neurons = neuron_study(pipeline, pairs, cfg.correct_format, buggy, mlp_layer,
@@ -663,6 +679,11 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--roles", nargs="*", default=None, help="positions of the patching sweep")
     p.add_argument("--transplant-layers", type=int, nargs="*", default=None)
     p.add_argument("--subset-draws", type=int, default=4, help="random head subsets per size k")
+    p.add_argument("--subset-layer", type=int, default=None, help="layer of the head-subset sweeps")
+    p.add_argument("--subset-pools", nargs="*", default=None, help="head pools: all even odd")
+    p.add_argument("--subset-modes", nargs="*", default=None, help="transplant and/or patch")
+    p.add_argument("--ablation-layers", type=int, nargs="*", default=None, help="layers of the head ablations")
+    p.add_argument("--neuron-layer", type=int, default=None, help="MLP layer whose neurons are ranked and ablated")
     p.add_argument("--neurons", default=None, help="MLP neurons to ablate, LAYER:N,N;LAYER:N (default: ranked)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
