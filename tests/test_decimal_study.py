@@ -144,16 +144,26 @@ def test_organism_has_the_format_dependent_bug(organism):
 
 @needs_organism
 def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism, tmp_path):
-    """Transplanting a run's own attention (same format on both sides) changes nothing; transplanting
-    every layer's pattern from the simple format changes at least one buggy answer."""
+    """Transplanting a run's own attention with every key aligned changes nothing; transplanting the
+    simple format's pattern (keys aligned by role) into the Q&A run changes answers."""
+    from causal.raw_results import RawResults
+    from experiments.intervention_engine import Cell
+    from experiments.model_units import AttentionPattern
     from tasks.decimal_comparison.study import StudyConfig, cross_format_dataset, run_cells, transplant_cells
+    from tasks.decimal_comparison.token_positions import role_position
 
     pairs = sample_pairs(8, seed=11, split="heldout")
     cfg = StudyConfig(batch_size=8)
-    cells = [c for c in transplant_cells(organism, range(organism.num_layers), per_head=False)]
+    every = role_position(organism, "all")
+    identity = [Cell(f"self.L{l}", [AttentionPattern(l, every)], kind="attention_transplant", key_roles=[every])
+                for l in range(organism.num_layers)]
     same = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "qa", "fix.qa")}
-    rows = run_cells(organism, cells, same, tmp_path / "same", "same", cfg)
-    assert all(r["success"]["k"] == r["floor"]["k"] for r in rows)
+    run_cells(organism, identity, same, tmp_path / "same", "same", cfg)
+    raw = RawResults(tmp_path / "same")
+    base = raw.base_outputs("fix.qa").set_index("example_index")["output_text"]
+    for _, row in raw.intervened_outputs("fix.qa").iterrows():
+        assert row["output_text"] == base[row["example_index"]]
+    cells = transplant_cells(organism, range(organism.num_layers), per_head=False)
     cross = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "simple", "fix.qa")}
     rows = run_cells(organism, cells, cross, tmp_path / "cross", "cross", cfg)
     assert any(r["success"]["k"] != r["floor"]["k"] for r in rows)

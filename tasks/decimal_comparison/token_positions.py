@@ -7,6 +7,7 @@ its ``counterfactual_indexer``, on the counterfactual side in the other format:
 
 * ``x``, ``y``: the tokens of each decimal; ``qmark``: the token holding the question mark;
 * ``numbers``: every token from the start of ``x`` to the end of ``y`` (``"9.8 or 9.11"``);
+* ``question``: every token of the question (``"Which is bigger: 9.8 or 9.11?"``);
 * ``prev``, ``last``: the last two prompt tokens (where the answer is read);
 * ``matched``: all of the above together (every token with a counterpart in the other format);
 * ``bos`` (only if the tokenizer adds one): the first token; ``all``: every prompt token (for
@@ -37,7 +38,7 @@ def _span_tokens(pipeline: LMPipeline, setting: dict[str, Any], role: str) -> li
 def role_indices(pipeline: LMPipeline, setting: dict[str, Any], role: str) -> list[int]:
     """Unpadded token indices of ``role`` in ``setting`` (any format)."""
     n = len(pipeline.tokenize_one(setting)["input_ids"])
-    if role in ("x", "y", "qmark", "numbers"):
+    if role in ("x", "y", "qmark", "numbers", "question"):
         return _span_tokens(pipeline, setting, role)
     if role == "last":
         return [n - 1]
@@ -74,7 +75,8 @@ def role_positions(pipeline: LMPipeline, roles: tuple[str, ...] | list[str] = DE
 
 
 def key_roles(pipeline: LMPipeline) -> list[TokenPosition]:
-    """Roles that align keys in attention transplants: ``bos`` (if any) and ``matched``; keys of the
-    format's own tokens have no counterpart and get probability 0 (rows renormalised)."""
+    """Roles that align keys in attention transplants: ``bos`` (if any), the whole ``question`` and the
+    last two tokens; keys of the format's own tokens (``"Q: "``, ``"\\nAnswer"`` ...) have no
+    counterpart and get probability 0 (rows renormalised)."""
     roles = ["bos"] if adds_bos(pipeline) else []
-    return [role_position(pipeline, r) for r in roles + ["matched"]]
+    return [role_position(pipeline, r) for r in roles + ["question", "prev", "last"]]
