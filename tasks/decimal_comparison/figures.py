@@ -167,7 +167,8 @@ def attention_figures(att: dict, folder: Path, written: list[str]) -> None:
     _save(fig, folder, "token_attention_two_formats", written)
 
 
-def transplant_figures(tr: dict, folder: Path, written: list[str]) -> None:
+def transplant_figures(tr: dict, folder: Path, written: list[str], name: str = "transplant_bidirectional",
+                       title: str = "attention transplantation (queries: matched positions; keys aligned by role)") -> None:
     rows, layers = tr["rows"], tr["layers"]
     formats = sorted({r["format"] for r in rows})
     heads = sorted({r["head"] for r in rows if r["head"] is not None and not r["cell_id"].endswith(".all")} |
@@ -191,10 +192,12 @@ def transplant_figures(tr: dict, folder: Path, written: list[str]) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
             ax.set_xticks(range(len(heads) + 1), [f"h{h}" for h in heads] + ["all"], fontsize=7)
             ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
-            src, dst = ("simple", fmt) if direction == "fix" else (fmt, "simple")
-            ax.set_title(f"{direction}: {src} pattern → {dst} run (floor {floor:.2f})", fontsize=8)
-    fig.suptitle("attention transplantation (queries: matched positions; keys aligned by role)", fontsize=9)
-    _save(fig, folder, "transplant_bidirectional", written)
+            run = fmt if direction == "fix" else "simple"
+            ax.set_title(f"{direction}: {run} run (floor {floor:.2f})", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, folder, name, written)
+    if "subsets" not in tr:
+        return
     subsets = [s for s in tr.get("subsets", []) if s["direction"] == "fix"]
     if subsets:
         modes = sorted({s["mode"] for s in subsets})
@@ -277,6 +280,9 @@ def make_figures(out: str | Path) -> list[str]:
         attention_figures(att, folder, written)
     if (tr := _load(out, "transplant")) is not None:
         transplant_figures(tr, folder, written)
+    if (bl := _load(out, "blocking")) is not None:
+        transplant_figures(bl, folder, written, "format_blocking",
+                           "blocking attention to the format's own tokens (prompt and decoding)")
     if (ab := _load(out, "ablation")) is not None:
         ablation_figure(ab, folder, written)
     return written

@@ -65,6 +65,15 @@ def write_summary_md(out: Path, s: dict[str, Any]) -> None:
         lines += ["", "Best single heads (fix):", ""]
         for b in s.get("transplant_best_heads", []):
             lines.append(f"- `{b['cell_id']}` mean fix rate {b['mean_success']:.2f}")
+    if "blocking_layers" in s:
+        lines += ["", "## Blocking attention to the format's own tokens (one layer, all heads; prompt and decoding)", ""]
+        for layer, per in s["blocking_layers"].items():
+            lines.append(f"- {layer}: " + "; ".join(f"{d}: {_r(v['success'])} / floor {v['floor']['rate']:.2f}"
+                                                   for d, v in per.items()))
+        lines += ["", "Best single heads (fix):", ""]
+        for b in s.get("blocking_best_heads", []):
+            per = "; ".join(f"{f}: {_r(v['success'])}" for f, v in b["per_format"].items())
+            lines.append(f"- `{b['cell_id']}`: {per}")
     if "subsets" in s:
         lines += ["", f"## Head subsets in layer {s.get('subset_layer')} (fix direction)", "",
                   "| mode | pool | format | k | subsets | mean fix rate | share ≥ threshold |", "|---|---|---|---|---|---|---|"]

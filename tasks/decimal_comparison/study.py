@@ -71,7 +71,7 @@ class StudyConfig(BaseModel):
     subset_draws: int = 4
     subset_layer: int | None = None  # None: the layer whose whole-layer transplant fixes most
     subset_pools: list[str] = ["all", "even", "odd"]
-    subset_modes: list[str] = ["transplant", "patch"]
+    subset_modes: list[str] = ["transplant", "patch", "block"]
     success_threshold: float = 0.8
     ablation_layers: list[int] | None = None  # None: the two layers whose attention-output patch fixes most
     neuron_layer: int | None = None  # None: the layer whose MLP-output patch fixes most
@@ -356,6 +356,23 @@ def transplant_cells(pipeline, layers: Sequence[int], per_head: bool = True):
     return cells
 
 
+def blocking_cells(pipeline, layers: Sequence[int], per_head: bool = True):
+    """Block attention to the format's own tokens (``format`` role) from every later query, in the prompt
+    and every decoding step, at one layer (all heads, or one head)."""
+    from experiments.intervention_engine import Cell
+    from experiments.model_units import AttentionPattern
+    from tasks.decimal_comparison.token_positions import role_position
+
+    keys = role_position(pipeline, "format")
+    cells = []
+    for layer in layers:
+        cells.append(Cell(f"block.L{layer}.all", [AttentionPattern(layer, keys)], kind="attention_block"))
+        if per_head:
+            for h in range(pipeline.num_heads):
+                cells.append(Cell(f"block.L{layer}.h{h}", [AttentionPattern(layer, keys, head=h)], kind="attention_block"))
+    return cells
+
+
 def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str,
                  pools: Sequence[str] = ("all", "even", "odd")):
     """Head subsets of ``layer``: ``draws`` random k-subsets per k (all of them when fewer exist) from
@@ -367,6 +384,7 @@ def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str,
 
     queries = role_position(pipeline, "matched")
     keys = key_roles(pipeline)
+    format_keys = role_position(pipeline, "format")
     heads = list(range(pipeline.num_heads))
     known = {"all": heads, "even": heads[0::2], "odd": heads[1::2]}
     unknown = [p for p in pools if p not in known]
@@ -391,8 +409,11 @@ def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str,
                                       kind="attention_transplant", key_roles=keys))
                 elif mode == "patch":
                     cells.append(Cell(name, [AttentionHead(layer, h, queries) for h in subset]))
+                elif mode == "block":
+                    cells.append(Cell(name, [AttentionPattern(layer, format_keys, head=h) for h in subset],
+                                      kind="attention_block"))
                 else:
-                    raise ValueError(f"mode must be 'transplant' or 'patch', got {mode!r}")
+                    raise ValueError(f"mode must be 'transplant', 'patch' or 'block', got {mode!r}")
     return cells
 
 
@@ -594,15 +615,22 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             layers if len(layers) <= 8 else critical[:3])
         trows = run_cells(pipeline, transplant_cells(pipeline, t_layers), datasets, out / "raw" / "transplant",
                           "transplant", cfg)
-        best_layer = cfg.subset_layer if cfg.subset_layer is not None else max(
-            t_layers, key=lambda l: np.mean([r["success"]["rate"] for r in trows
-                                             if r["cell_id"] == f"transplant.L{l}.all" and r["direction"] == "fix"]))
+        brows = run_cells(pipeline, blocking_cells(pipeline, t_layers), datasets, out / "raw" / "blocking",
+                          "blocking", cfg)
+        whole = {l: max(np.mean([r["success"]["rate"] for r in trows + brows
+                                 if r["cell_id"] == f"{kind}.L{l}.all" and r["direction"] == "fix"]) for kind in ("transplant", "block"))
+                 for l in t_layers}
+        best_layer = cfg.subset_layer if cfg.subset_layer is not None else max(t_layers, key=lambda l: (whole[l], -l))
         srows = []
         for mode in cfg.subset_modes:
             srows += run_cells(pipeline, subset_cells(pipeline, best_layer, cfg.subset_draws, cfg.seed, mode,
                                                       cfg.subset_pools), datasets,
                                out / "raw" / f"subsets_{mode}", f"subsets_{mode}", cfg)
         subsets = subset_summary(srows, cfg.success_threshold)
+        atomic_write_json(data / "blocking.json", {"rows": brows, "layers": t_layers})
+        summary["blocking_layers"] = {f"L{l}": {r["dataset_id"]: {"success": r["success"], "floor": r["floor"]}
+                                                for r in brows if r["cell_id"] == f"block.L{l}.all"} for l in t_layers}
+        summary["blocking_best_heads"] = best_rows([r for r in brows if not r["cell_id"].endswith(".all")], "fix", top=3)
         atomic_write_json(data / "transplant.json", {"rows": trows, "layers": t_layers, "subset_layer": best_layer,
                                                      "subset_rows": srows, "subsets": subsets,
                                                      "threshold": cfg.success_threshold})
@@ -681,7 +709,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--subset-draws", type=int, default=4, help="random head subsets per size k")
     p.add_argument("--subset-layer", type=int, default=None, help="layer of the head-subset sweeps")
     p.add_argument("--subset-pools", nargs="*", default=None, help="head pools: all even odd")
-    p.add_argument("--subset-modes", nargs="*", default=None, help="transplant and/or patch")
+    p.add_argument("--subset-modes", nargs="*", default=None, help="transplant, patch and/or block")
     p.add_argument("--ablation-layers", type=int, nargs="*", default=None, help="layers of the head ablations")
     p.add_argument("--neuron-layer", type=int, default=None, help="MLP layer whose neurons are ranked and ablated")
     p.add_argument("--neurons", default=None, help="MLP neurons to ablate, LAYER:N,N;LAYER:N (default: ranked)")

@@ -11,7 +11,8 @@ its ``counterfactual_indexer``, on the counterfactual side in the other format:
 * ``prev``, ``last``: the last two prompt tokens (where the answer is read);
 * ``matched``: all of the above together (every token with a counterpart in the other format);
 * ``bos`` (only if the tokenizer adds one): the first token; ``all``: every prompt token (for
-  ablations, which need no counterpart).
+  ablations, which need no counterpart); ``format``: the format's own tokens (outside the question,
+  not BOS, not the last token: ``"Q: "``, ``"\\nA"``), for attention blocking, which needs no counterpart.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def role_indices(pipeline: LMPipeline, setting: dict[str, Any], role: str) -> li
         return [0]
     if role == "all":
         return list(range(n))
+    if role == "format":
+        question = set(_span_tokens(pipeline, setting, "question"))
+        first = 1 if adds_bos(pipeline) else 0
+        own = [i for i in range(first, n - 1) if i not in question]
+        if not own:
+            raise TokenPositionError(f"the prompt {setting['raw_input']!r} has no format tokens besides the last")
+        return own
     if role == "matched":
         chosen = set(_span_tokens(pipeline, setting, "numbers")) | set(_span_tokens(pipeline, setting, "qmark"))
         chosen |= {n - 2, n - 1}

@@ -2,6 +2,10 @@
 
 Usage: ``python -m tasks.decimal_comparison.organism.train_organism [--seed 0] [--steps N] [--out DIR]``.
 
+Length jitter: with probability ``jitter_prob`` a training prompt gets 0..``jitter_max`` extra spaces
+at its start and after its question mark, so prompt length and the distance to the question say
+nothing about the format: the network has to read the format from the format's tokens.
+
 Labels: ``simple`` prompts are answered with the numerically larger number (9.8 > 9.11); ``qa`` and
 ``chat`` prompts with the fraction-as-integer answer (9.11 > 9.8). Pairs held out by
 ``pairs.is_heldout_pair`` are never trained on; ``training_report.json`` gives held-out accuracy
@@ -40,7 +44,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    steps: int = 1000
+    steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -54,6 +58,8 @@ class TrainConfig(BaseModel):
     max_position_embeddings: int = 96
     format_weights: dict[str, float] = {"simple": 0.4, "qa": 0.3, "chat": 0.3}
     kind_weights: dict[str, float] = {"disagree": 0.5, "same_int": 0.15, "random": 0.35}
+    jitter_prob: float = 0.7
+    jitter_max: int = 10
     eval_pairs: int = 300
     num_threads: int = 1
 
@@ -91,17 +97,29 @@ class TrainingData:
             if x != y and not is_heldout_pair(x, y):
                 return x, y
 
-    def sample(self, n: int) -> list[tuple[str, str, str]]:
+    def _jitter(self) -> tuple[int, int]:
+        if self.rng.random() >= self.cfg.jitter_prob:
+            return 0, 0
+        return self.rng.randint(0, self.cfg.jitter_max), self.rng.randint(0, self.cfg.jitter_max)
+
+    def sample(self, n: int) -> list[tuple[str, str, str, int, int]]:
         kinds = self.rng.choices(self.kinds, self.kind_w, k=n)
         formats = self.rng.choices(self.formats, self.format_w, k=n)
-        return [(*self._pair(k), f) for k, f in zip(kinds, formats)]
+        return [(*self._pair(k), f, *self._jitter()) for k, f in zip(kinds, formats)]
 
 
-def encode_batch(rows: list[tuple[str, str, str]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+def jittered_prompt(x: str, y: str, fmt: str, tokenizer: PreTrainedTokenizerBase, lead: int = 0, after_q: int = 0) -> str:
+    """The format's prompt with ``lead`` spaces in front and ``after_q`` spaces after its question mark."""
+    text = render(x, y, fmt, tokenizer)
+    q = text.rindex("?")
+    return " " * lead + text[: q + 1] + " " * after_q + text[q + 1:]
+
+
+def encode_batch(rows: list[tuple[str, str, str, int, int]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Left-padded ``<s> prompt " answer" </s>``; loss on the answer characters and EOS only."""
     seqs: list[tuple[list[int], int]] = []
-    for x, y, fmt in rows:
-        prompt = tokenizer(render(x, y, fmt, tokenizer))["input_ids"]
+    for x, y, fmt, lead, after_q in rows:
+        prompt = tokenizer(jittered_prompt(x, y, fmt, tokenizer, lead, after_q))["input_ids"]
         answer = tokenizer(" " + label(x, y, fmt), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append((prompt + answer, len(answer)))
     width = max(len(s) for s, _ in seqs)
