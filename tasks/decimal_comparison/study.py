@@ -68,7 +68,7 @@ class StudyConfig(BaseModel):
     layers: list[int] | None = None
     roles: list[str] = ["matched", "x", "y", "qmark", "last"]
     transplant_layers: list[int] | None = None
-    subset_draws: int = 4
+    subset_draws: int = 3
     subset_layer: int | None = None  # None: the layer whose whole-layer transplant fixes most
     subset_pools: list[str] = ["all", "even", "odd"]
     subset_modes: list[str] = ["transplant", "patch", "block"]
@@ -706,7 +706,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
     p.add_argument("--layers", type=int, nargs="*", default=None)
     p.add_argument("--roles", nargs="*", default=None, help="positions of the patching sweep")
     p.add_argument("--transplant-layers", type=int, nargs="*", default=None)
-    p.add_argument("--subset-draws", type=int, default=4, help="random head subsets per size k")
+    p.add_argument("--subset-draws", type=int, default=3, help="random head subsets per size k")
     p.add_argument("--subset-layer", type=int, default=None, help="layer of the head-subset sweeps")
     p.add_argument("--subset-pools", nargs="*", default=None, help="head pools: all even odd")
     p.add_argument("--subset-modes", nargs="*", default=None, help="transplant, patch and/or block")
