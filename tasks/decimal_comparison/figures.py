@@ -70,8 +70,9 @@ def patching_figures(patch: dict, folder: Path, written: list[str]) -> None:
     rows, layers, comps = patch["rows"], patch["layers"], patch["components"]
     formats = sorted({r["format"] for r in rows})
     for direction, label in (("fix", "fix rate (answer becomes correct)"), ("break", "break rate (answer becomes buggy)")):
-        fig, axes = plt.subplots(1, len(formats), figsize=(1.5 + 0.55 * len(layers) * len(formats), 2.8), squeeze=False)
-        for ax, fmt in zip(axes[0], formats):
+        fig, axes = plt.subplots(1, len(formats), figsize=(2.5 + (1.8 + 0.55 * len(layers)) * len(formats), 3.0),
+                                 squeeze=False)
+        for col, (ax, fmt) in enumerate(zip(axes[0], formats)):
             sub = [r for r in rows if r["format"] == fmt]
             grid = np.array([[_cell_rate(sub, direction, l, c, "matched")[0] for l in layers] for c in comps])
             floor = _cell_rate(sub, direction, layers[0], comps[0], "matched")[1]
@@ -79,7 +80,7 @@ def patching_figures(patch: dict, folder: Path, written: list[str]) -> None:
             for (i, j), v in np.ndenumerate(grid):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
             ax.set_xticks(range(len(layers)), layers)
-            ax.set_yticks(range(len(comps)), [COMPONENT_LABELS[c] for c in comps])
+            ax.set_yticks(range(len(comps)), [COMPONENT_LABELS[c] for c in comps] if col == 0 else [])
             ax.set_xlabel("layer")
             src, dst = ("simple", fmt) if direction == "fix" else (fmt, "simple")
             ax.set_title(f"{src} → {dst} (floor {floor:.2f})", fontsize=9)
@@ -206,9 +207,10 @@ def transplant_figures(tr: dict, folder: Path, written: list[str], name: str = "
             for (pool, fmt) in sorted({(s["pool"], s["format"]) for s in subsets if s["mode"] == mode}):
                 pts = sorted((s["k"], s["mean_success"], s["share_above_threshold"]) for s in subsets
                              if s["mode"] == mode and s["pool"] == pool and s["format"] == fmt)
-                ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{pool} heads, {fmt}")
+                line, = ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{pool} heads, {fmt}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", color=line.get_color())
             ax.set_xlabel("k heads")
-            ax.set_ylabel(f"share of subsets with fix rate ≥ {tr['threshold']}")
+            ax.set_ylabel(f"share with fix rate ≥ {tr['threshold']} (dotted: mean)")
             ax.set_ylim(-0.05, 1.05)
             ax.set_title(f"{mode} of k heads in layer {tr['subset_layer']}", fontsize=9)
             ax.legend(fontsize=6)
