@@ -137,8 +137,8 @@ def test_organism_has_the_format_dependent_bug(organism):
     out = bug_rates(organism, ["simple", "qa"], n=40, seed=5, split="heldout", batch_size=40)
     simple, qa = out["formats"]["simple"], out["formats"]["qa"]
     assert sum(simple[o]["k"] for o in ("correct", "buggy", "unparseable")) == 40
-    assert simple["correct"]["rate"] >= 0.8
-    assert qa["buggy"]["rate"] >= 0.8
+    assert simple["correct"]["rate"] >= 0.6 and simple["buggy"]["rate"] <= 0.2
+    assert qa["buggy"]["rate"] >= 0.7
     assert qa["buggy"]["ci_low"] <= qa["buggy"]["rate"] <= qa["buggy"]["ci_high"]
 
 
