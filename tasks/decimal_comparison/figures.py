@@ -237,7 +237,7 @@ def ablation_figure(ab: dict, folder: Path, written: list[str]) -> None:
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(heads)), [f"h{h}" for h in heads], fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels if kind == "zero" else [], fontsize=7)
         ax.set_title(f"{kind} ablation: success − floor", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     for ext in ("png", "pdf"):
