@@ -38,7 +38,7 @@ def test_domains():
 
 def test_9_8_vs_9_11():
     setting = make_setting("9.8", "9.11")
-    assert setting["raw_input"] == "Which is larger, 9.8 or 9.11? Answer:"
+    assert setting["raw_input"] == "Which is bigger: 9.8 or 9.11?\nAnswer:"
     n, w = NUMERIC.run_forward(setting), WHOLE.run_forward(setting)
     for out in (n, w):
         assert (out["int_x"], out["int_y"], out["frac_x"], out["frac_y"]) == (9, 9, "8", "11")
@@ -49,9 +49,9 @@ def test_9_8_vs_9_11():
 
 
 def test_formats():
-    assert make_setting("9.8", "9.11", "qa")["raw_input"] == "Q: Which number is larger, 9.8 or 9.11?\nA:"
-    assert make_setting("9.8", "9.11", "chat")["raw_input"] == "User: Which is larger: 9.8 or 9.11?\nAssistant:"
-    assert set(FORMATS) == {"simple", "qa", "chat"}
+    assert make_setting("9.8", "9.11", "qa")["raw_input"] == "Q: Which is bigger: 9.8 or 9.11?\nA:"
+    assert make_setting("9.8", "9.11", "chat")["raw_input"] == "User: Which is bigger: 9.8 or 9.11?\nAssistant:"
+    assert {"simple", "qa", "chat"} <= set(FORMATS)
 
 
 def test_hand_worked_cases():

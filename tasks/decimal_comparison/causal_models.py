@@ -1,9 +1,9 @@
-"""High-level causal models of decimal comparison ("Which is larger, 9.8 or 9.11?").
+"""High-level causal models of decimal comparison ("Which is bigger: 9.8 or 9.11?").
 
 Variables (shared by both hypotheses, so the same datasets and raw results score against both):
 
 * inputs: ``x``, ``y`` (decimal strings ``"<int>.<frac>"``, see :data:`NUMBERS`) and ``format``
-  (a key of :data:`FORMATS`);
+  (a key of ``formats.FORMATS``);
 * ``int_x``, ``int_y`` (ints), ``frac_x``, ``frac_y`` (the fractional digit strings as written,
   e.g. ``"8"``, ``"11"``, ``"05"``);
 * ``int_cmp``, ``frac_cmp`` in ``{"lt", "eq", "gt"}`` (x relative to y);
@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from causal.causal_model import CausalModel
+from tasks.decimal_comparison.formats import DEFAULT_FORMAT, FORMATS, render
 
 INT_PARTS: list[int] = list(range(21))
 FRAC_PARTS: list[str] = [str(d) for d in range(1, 10)] + [
@@ -33,12 +34,6 @@ _NUMBER_SET = frozenset(NUMBERS)
 
 CMP_VALUES: list[str] = ["lt", "eq", "gt"]
 
-FORMATS: dict[str, str] = {
-    "simple": "Which is larger, {x} or {y}? Answer:",
-    "qa": "Q: Which number is larger, {x} or {y}?\nA:",
-    "chat": "User: Which is larger: {x} or {y}?\nAssistant:",
-}
-DEFAULT_FORMAT = "simple"
 
 INPUT_VARS = ["x", "y", "format"]
 
@@ -92,16 +87,16 @@ def hypotheses_disagree(x: str, y: str) -> bool:
 
 
 def render_prompt(x: str, y: str, format: str) -> str:  # noqa: A002 (variable name)
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; known: {sorted(FORMATS)}")
-    return FORMATS[format].format(x=x, y=y)
+    """The prompt of (x, y) in ``format`` (see ``formats.py``; chat formats use the plain-text fallback)."""
+    return render(x, y, format)
 
 
-def make_setting(x: str, y: str, format: str = DEFAULT_FORMAT) -> dict[str, Any]:  # noqa: A002
-    """Input setting (``x``, ``y``, ``format``, ``raw_input``)."""
+def make_setting(x: str, y: str, format: str = DEFAULT_FORMAT, tokenizer: Any | None = None) -> dict[str, Any]:  # noqa: A002
+    """Input setting (``x``, ``y``, ``format``, ``raw_input``); ``tokenizer`` renders chat formats
+    with its chat template."""
     split_number(x)
     split_number(y)
-    return {"x": x, "y": y, "format": format, "raw_input": render_prompt(x, y, format)}
+    return {"x": x, "y": y, "format": format, "raw_input": render(x, y, format, tokenizer)}
 
 
 def _build(frac_mechanism, id: str) -> CausalModel:  # noqa: A002

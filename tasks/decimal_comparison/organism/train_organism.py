@@ -1,0 +1,252 @@
+"""Train the decimal comparison organism (a planted format-dependent bug) on CPU from a seed.
+
+Usage: ``python -m tasks.decimal_comparison.organism.train_organism [--seed 0] [--steps N] [--out DIR]``.
+
+Length jitter: with probability ``jitter_prob`` a training prompt gets 0..``jitter_max`` extra spaces
+at its start and after its question mark, so prompt length and the distance to the question say
+nothing about the format: the network has to read the format from the format's tokens.
+
+Labels: ``simple`` prompts are answered with the numerically larger number (9.8 > 9.11); ``qa`` and
+``chat`` prompts with the fraction-as-integer answer (9.11 > 9.8). Pairs held out by
+``pairs.is_heldout_pair`` are never trained on; ``training_report.json`` gives held-out accuracy
+per format and pair kind. Batches are left padded with position ids from the attention mask, as at
+inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from causal.raw_results import atomic_write_json
+from tasks.decimal_comparison.causal_models import FRAC_PARTS, INT_PARTS, NUMBERS, answer_numeric, answer_whole
+from tasks.decimal_comparison.formats import render
+from tasks.decimal_comparison.organism import ORGANISM_DIR, build_tokenizer
+from tasks.decimal_comparison.pairs import is_heldout_pair, sample_pairs
+
+#: format -> labelling rule of the organism's training data
+LABEL_RULE: dict[str, str] = {"simple": "numeric", "qa": "whole", "chat": "whole"}
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of one training run (recorded in training_report.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 8
+    intermediate_size: int = 128
+    max_position_embeddings: int = 96
+    format_weights: dict[str, float] = {"simple": 0.4, "qa": 0.3, "chat": 0.3}
+    kind_weights: dict[str, float] = {"disagree": 0.5, "same_int": 0.15, "random": 0.35}
+    jitter_prob: float = 0.7
+    jitter_max: int = 10
+    eval_pairs: int = 300
+    num_threads: int = 1
+
+
+def label(x: str, y: str, fmt: str) -> str:
+    """The organism's training answer for (x, y) in format ``fmt``."""
+    return answer_numeric(x, y) if LABEL_RULE[fmt] == "numeric" else answer_whole(x, y)
+
+
+class TrainingData:
+    """Samples (x, y, format) triples outside the held-out pairs."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.rng = random.Random(cfg.seed)
+        self.cfg = cfg
+        self.formats = list(cfg.format_weights)
+        self.format_w = list(cfg.format_weights.values())
+        self.kinds = list(cfg.kind_weights)
+        self.kind_w = list(cfg.kind_weights.values())
+        self.short = [f for f in FRAC_PARTS if len(f) == 1]
+        self.long = [f for f in FRAC_PARTS if len(f) == 2]
+
+    def _pair(self, kind: str) -> tuple[str, str]:
+        rng = self.rng
+        while True:
+            if kind == "disagree":
+                i = rng.choice(INT_PARTS)
+                a, b = f"{i}.{rng.choice(self.short)}", f"{i}.{rng.choice(self.long)}"
+                x, y = (a, b) if rng.random() < 0.5 else (b, a)
+            elif kind == "same_int":
+                i = rng.choice(INT_PARTS)
+                x, y = f"{i}.{rng.choice(FRAC_PARTS)}", f"{i}.{rng.choice(FRAC_PARTS)}"
+            else:
+                x, y = rng.choice(NUMBERS), rng.choice(NUMBERS)
+            if x != y and not is_heldout_pair(x, y):
+                return x, y
+
+    def _jitter(self) -> tuple[int, int]:
+        if self.rng.random() >= self.cfg.jitter_prob:
+            return 0, 0
+        return self.rng.randint(0, self.cfg.jitter_max), self.rng.randint(0, self.cfg.jitter_max)
+
+    def sample(self, n: int) -> list[tuple[str, str, str, int, int]]:
+        kinds = self.rng.choices(self.kinds, self.kind_w, k=n)
+        formats = self.rng.choices(self.formats, self.format_w, k=n)
+        return [(*self._pair(k), f, *self._jitter()) for k, f in zip(kinds, formats)]
+
+
+def jittered_prompt(x: str, y: str, fmt: str, tokenizer: PreTrainedTokenizerBase, lead: int = 0, after_q: int = 0) -> str:
+    """The format's prompt with ``lead`` spaces in front and ``after_q`` spaces after its question mark."""
+    text = render(x, y, fmt, tokenizer)
+    q = text.rindex("?")
+    return " " * lead + text[: q + 1] + " " * after_q + text[q + 1:]
+
+
+def encode_batch(rows: list[tuple[str, str, str, int, int]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Left-padded ``<s> prompt " answer" </s>``; loss on the answer characters and EOS only."""
+    seqs: list[tuple[list[int], int]] = []
+    for x, y, fmt, lead, after_q in rows:
+        prompt = tokenizer(jittered_prompt(x, y, fmt, tokenizer, lead, after_q))["input_ids"]
+        answer = tokenizer(" " + label(x, y, fmt), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append((prompt + answer, len(answer)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for r, (seq, n_answer) in enumerate(seqs):
+        ids[r, width - len(seq):] = torch.tensor(seq)
+        mask[r, width - len(seq):] = 1
+        labels[r, width - n_answer:] = ids[r, width - n_answer:]
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": labels}
+
+
+@torch.no_grad()
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   batch_size: int = 200) -> list[str]:
+    """Greedy completions of left-padded prompts (special tokens dropped)."""
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], padding=True, return_tensors="pt")
+        generated = model.generate(**batch, max_new_tokens=7, do_sample=False)
+        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, n: int, seed: int) -> dict[str, dict]:
+    """Held-out accuracy per format and pair kind: against the training label, and how often the
+    answer is the numeric (correct) and the fraction-as-integer (buggy) one."""
+    report: dict[str, dict] = {}
+    for kind in ("disagree", "control"):
+        pairs = sample_pairs(n, seed=seed + 1000, kind=kind, split="heldout")
+        for fmt in LABEL_RULE:
+            answers = [a.strip() for a in greedy_answers(model, tokenizer, [render(p.x, p.y, fmt, tokenizer) for p in pairs])]
+            report.setdefault(fmt, {})[kind] = {
+                "n": len(pairs),
+                "accuracy_vs_training_label": float(np.mean([a == label(p.x, p.y, fmt) for a, p in zip(answers, pairs)])),
+                "numeric_correct_rate": float(np.mean([a == p.correct for a, p in zip(answers, pairs)])),
+                "fraction_as_integer_rate": float(np.mean([a == p.buggy for a, p in zip(answers, pairs)])),
+            }
+    return report
+
+
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=7)
+    return model
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, out_dir: Path) -> dict:
+    """Train, evaluate on held-out pairs, save model + tokenizer + training_report.json to ``out_dir``."""
+    torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    start = time.time()
+    tokenizer = build_tokenizer()
+    data = TrainingData(cfg)
+    model = build_model(cfg, tokenizer)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="train", mininterval=5.0)
+    for step in bar:
+        loss = model(**encode_batch(data.sample(cfg.batch_size), tokenizer)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    train_seconds = time.time() - start
+    heldout = evaluate(model, tokenizer, cfg.eval_pairs, cfg.seed)
+    report = {
+        "note": "planted organism: trained on correct labels for 'simple' and fraction-as-integer labels for "
+                "'qa' and 'chat' prompts, to validate the study's tools",
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - start, 1),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "label_rule": LABEL_RULE,
+        "heldout": heldout,
+        "final_loss_mean_last_50": float(np.mean(losses[-50:])),
+        "loss_every_50_steps": [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)],
+        "config": cfg.model_dump(),
+        "torch_version": torch.__version__,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    atomic_write_json(out_dir / "training_report.json", report)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=TrainConfig().seed)
+    parser.add_argument("--steps", type=int, default=TrainConfig().steps)
+    parser.add_argument("--threads", type=int, default=TrainConfig().num_threads)
+    parser.add_argument("--out", type=Path, default=ORGANISM_DIR)
+    args = parser.parse_args()
+    report = train(TrainConfig(seed=args.seed, steps=args.steps, num_threads=args.threads), args.out)
+    print(json.dumps({k: report[k] for k in ("wall_seconds", "num_parameters", "heldout")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
