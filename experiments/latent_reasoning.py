@@ -119,7 +119,8 @@ class ThoughtEdit:
         elif value.shape[0] == state.shape[0] and self.rows is not None:
             value = value[rows]
         if value.shape != (len(rows), state.shape[1]):
-            raise ValueError(f"ThoughtEdit value has shape {tuple(value.shape)}; expected ({len(rows)}, {state.shape[1]})")
+            raise ValueError(
+                f"ThoughtEdit value has shape {tuple(value.shape)}; expected ({len(rows)}, {state.shape[1]})")
         out[rows] = value
         return out
 
@@ -221,7 +222,8 @@ class LatentReasoner:
         """Tokenise, append ``bot_ids``, left-pad. Returns model inputs and the layout."""
         if not questions:
             raise ValueError("no questions given")
-        rows = [list(self.tokenizer(q, add_special_tokens=self.config.add_special_tokens)["input_ids"]) for q in questions]
+        special = self.config.add_special_tokens
+        rows = [list(self.tokenizer(q, add_special_tokens=special)["input_ids"]) for q in questions]
         full = [r + list(self.config.bot_ids) for r in rows]
         width = max(len(r) for r in full)
         ids = torch.full((len(full), width), self.pad_id, dtype=torch.long)
@@ -337,8 +339,8 @@ class LatentReasoner:
             inputs_list.append(emb.detach().float().cpu())
             fed += 1
             state["thought"] = j
-            out = self._forward(step_mask(fed), last_pos + fed, cache, inputs_embeds=emb[:, None].to(embed.weight.dtype),
-                                output_hidden_states=True)
+            out = self._forward(step_mask(fed), last_pos + fed, cache,
+                                inputs_embeds=emb[:, None].to(embed.weight.dtype), output_hidden_states=True)
             state["thought"] = None
             cache = out.past_key_values
             hidden = out.hidden_states[-1][:, -1]

@@ -5,7 +5,8 @@ Features (:func:`problem_features`, from the question text and, when known, the 
 ``n_operation_types``, ``max_number`` (largest number in the question), ``multi_step``
 (n_operations > 1), ``has_division``, ``has_multiplication``, ``has_fractions`` (``a/b``, a decimal,
 or half/third/quarter). Operations come from the problem's known steps; without them, from the
-symbols and words of the question.
+symbols and words of the question (each clause counts each
+operation type at most once).
 
 Impact of an intervention on a problem = baseline correct − intervention correct (1: broken,
 0: unchanged, −1: fixed). Correlations: Pearson r and Spearman ρ with two-sided p-values from the
@@ -33,8 +34,12 @@ _WORD_OPS = {
 }
 
 
+_CLAUSE = re.compile(r"\.\s|\.$|[;?!]|,\s|\bthen\b|\band\b", re.I)
+
+
 def _ops_from_text(text: str) -> list[str]:
-    return [op for op, pattern in _WORD_OPS.items() for _ in pattern.findall(text)]
+    """Operations named in a text: each clause contributes each operation type at most once."""
+    return [op for clause in _CLAUSE.split(text) for op, pattern in _WORD_OPS.items() if pattern.search(clause)]
 
 
 def problem_features(question: str, ops: Sequence[str] | None = None,
@@ -112,12 +117,21 @@ def correlation(x: Sequence[float], y: Sequence[float], method: str = "pearson")
     return r, _t_pvalue(r, len(x))
 
 
-def sensitivity_report(features: pd.DataFrame, impact: pd.Series, problem_type: pd.Series | None = None
-                       ) -> dict[str, Any]:
+def sensitivity_report(features: pd.DataFrame, impact: pd.Series, problem_type: pd.Series | None = None,
+                       baseline_correct: pd.Series | None = None) -> dict[str, Any]:
     """``features``: one row per problem (index problem_id, :data:`FEATURES` columns); ``impact``: same index.
 
     Returns correlations per feature, impact by problem type, and feature means of high-impact
-    (impact > 0) vs other problems."""
+    (impact > 0) vs other problems. With ``baseline_correct`` the same report restricted to the
+    problems the baseline solves is added under ``"among_baseline_correct"`` (there impact is 1 or 0,
+    the chance of being broken, free of the baseline's own difficulty profile)."""
+    if baseline_correct is not None:
+        keep = baseline_correct.reindex(features.index).fillna(False).astype(bool)
+        out = sensitivity_report(features, impact, problem_type)
+        out["among_baseline_correct"] = (sensitivity_report(features[keep], impact[keep[keep].index],
+                                                            None if problem_type is None else problem_type[keep])
+                                         if keep.sum() >= 3 else None)
+        return out
     impact = impact.reindex(features.index).astype(float)
     out: dict[str, Any] = {"n": int(len(impact)), "mean_impact": float(impact.mean()),
                            "n_broken": int((impact > 0).sum()), "n_fixed": int((impact < 0).sum()),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
-import random
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from experiments.attention_control import RecordAttention
@@ -228,7 +227,7 @@ def test_codi_loader_on_tiny_checkpoint(family, tmp_path, tok):
     torch.manual_seed(5)
     prj = CODIProjection(32, 24).eval()
     save_codi_checkpoint(tmp_path, model, prj, lora)
-    keys = set(split_state_dict(__import__("safetensors.torch").torch.load_file(str(tmp_path / "model.safetensors")))[2])
+    keys = set(split_state_dict(load_file(str(tmp_path / "model.safetensors")))[2])
     assert keys == {"1.weight", "1.bias", "3.weight", "3.bias", "ln.weight", "ln.bias"}
 
     loaded = load_codi(tmp_path, CODISpec(base="unused", lora_alpha=alpha, num_thoughts=3, max_new_tokens=5,

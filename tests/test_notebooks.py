@@ -31,8 +31,9 @@ NOTEBOOKS = [
     "02_token_positions.ipynb",
     "03_counterfactuals_and_carries.ipynb",
     "04_localize_with_patching.ipynb",
+    "07_continuous_thought.ipynb",  # uses the CT organism shipped in tasks/ct_positions/organism/
 ]
-NEEDS_ORGANISM = set(NOTEBOOKS[1:])
+NEEDS_ORGANISM = set(NOTEBOOKS[1:4])
 CELL_TIMEOUT_S = 600
 
 

@@ -38,10 +38,11 @@ from causal.raw_results import (
 from experiments.error_taxonomy import classify, plot_taxonomy, reversal_results, taxonomy_report, taxonomy_summary
 from experiments.latent_reasoning import LatentReasoner, ThoughtEdit, block_thoughts
 from experiments.problem_sensitivity import FEATURES, plot_sensitivity, problem_features, sensitivity_report
-from tasks.ct_positions.causal_models import CT_SLOTS, arg_var, build_ct_model, op_var
+from tasks.ct_positions.causal_models import CT_SLOTS, arg_var, op_var
 from tasks.ct_positions.checker import ct_checker
 from tasks.ct_positions.counterfactuals import make_ct_datasets
 from tasks.ct_positions.data import Problem, generate_problems, load_gsm8k, render
+from tasks.ct_positions.task import CTSettings, _causal_models
 
 DEFAULT_OUT = Path("results/ct_positions/organism")
 
@@ -142,7 +143,7 @@ def sensitivity(reasoner: LatentReasoner, problems: Sequence[Problem], frame: pd
             continue
         other = frame[frame["condition"] == condition].set_index("problem_id")["correct"].astype(float)
         impacts[condition] = (base - other.reindex(base.index)).rename("impact")
-        reports[condition] = sensitivity_report(features, impacts[condition], types)
+        reports[condition] = sensitivity_report(features, impacts[condition], types, base.astype(bool))
     plot_sensitivity(features, impacts, reports, str(out / "sensitivity_scatter.png"), str(out / "sensitivity_bars.png"))
     atomic_write_parquet(out / "features.parquet", features.reset_index(names="problem_id"))
     result = {"features": list(FEATURES), "conditions": reports}
@@ -181,6 +182,7 @@ def ct_patching(reasoner: LatentReasoner, cfg: StudyConfig, out: Path) -> dict[s
             examples = ds.to_list()
             base_q = [_prompt(e["input"], n_ops, cfg.style) for e in examples]
             cf_q = [_prompt(e["counterfactual_inputs"][0], n_ops, cfg.style) for e in examples]
+            print(f"patching {n_ops} ops, {dataset_id}: {len(examples)} pairs x {k} thoughts", flush=True)
             base = reasoner.run(base_q)
             source = reasoner.run(cf_q, capture_residual=True)
             base_rows = [_row(i, t) for i, t in enumerate(base.texts)]
@@ -189,18 +191,22 @@ def ct_patching(reasoner: LatentReasoner, cfg: StudyConfig, out: Path) -> dict[s
                 run = reasoner.run(base_q, edits=[ThoughtEdit(j, "residual", "patch", source.thought_residual[:, j])])
                 cell_rows += [{"cell_id": f"ct_{j}", **_row(i, t)} for i, t in enumerate(run.texts)]
             writer.write_part(dataset_id, 0, base_rows, cell_rows)
-        model = build_ct_model(n_ops)
-        scores = compute_interchange_scores(writer.results(), model, datasets, [[s] for s in CT_SLOTS], ct_checker)
-        table = scores.averaged()
-        floors = _floors(writer, model, datasets)
-        results["n_ops"][str(n_ops)] = {
-            "causal_model": model.id,
-            "iia": {f"{r.target_variables}@{r.cell_id}": round(float(r.accuracy), 4) for r in table.itertuples()},
-            "diagonal": {s: float(table[(table.target_variables == s) & (table.cell_id == s)]["accuracy"].iloc[0])
-                         for s in CT_SLOTS[:k]},
-            "floor": floors,
-            "base_accuracy": {r.dataset_id: float(r.accuracy) for r in scores.base_accuracy.itertuples()},
-        }
+        entry: dict[str, Any] = {}
+        for name, model in _causal_models(CTSettings(n_ops=n_ops)).items():
+            scores = compute_interchange_scores(writer.results(), model, datasets, [[s] for s in CT_SLOTS], ct_checker)
+            table = scores.averaged()
+            floors = _floors(writer, model, datasets)
+            diagonal = {s: float(table[(table.target_variables == s) & (table.cell_id == s)]["accuracy"].iloc[0])
+                        for s in CT_SLOTS[:k]}
+            entry[name] = {
+                "causal_model": model.id,
+                "iia": {f"{r.target_variables}@{r.cell_id}": round(float(r.accuracy), 4) for r in table.itertuples()},
+                "diagonal": diagonal,
+                "floor": floors,
+                "mean_diagonal_minus_floor": float(np.mean([diagonal[s] - floors[s] for s in diagonal])),
+            }
+        entry["base_accuracy"] = {r.dataset_id: float(r.accuracy) for r in scores.base_accuracy.itertuples()}
+        results["n_ops"][str(n_ops)] = entry
     atomic_write_json(out / "ct_patching" / "ct_scores.json", results)
     return results
 
@@ -236,15 +242,22 @@ def summary_markdown(acc: dict, tax: dict, sens: dict, ct: dict | None) -> str:
         lines.append(f"- {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in a["accuracy_by_n_ops"].items()))
     lines += ["", "Strongest feature correlations with impact (Pearson r, p):", ""]
     for c, rep in sens["conditions"].items():
-        ranked = sorted(((f, v) for f, v in rep["correlations"].items() if v["pearson_r"] is not None),
-                        key=lambda x: -abs(x[1]["pearson_r"]))[:3]
-        lines.append(f"- {c} (broken {rep['n_broken']}, fixed {rep['n_fixed']}): " + ", ".join(
-            f"{f} r={v['pearson_r']:+.2f} (p={v['pearson_p']:.1e})" for f, v in ranked))
+        for label, r in (("all problems", rep), ("baseline-correct only", rep.get("among_baseline_correct"))):
+            if not r:
+                continue
+            ranked = sorted(((f, v) for f, v in r["correlations"].items() if v["pearson_r"] is not None),
+                            key=lambda x: -abs(x[1]["pearson_r"]))[:3]
+            lines.append(f"- {c}, {label} (n {r['n']}, broken {r['n_broken']}, fixed {r['n_fixed']}): " + ", ".join(
+                f"{f} r={v['pearson_r']:+.2f} (p={v['pearson_p']:.1e})" for f, v in ranked))
     if ct:
         lines += ["", "CT causal graph on whole-position patches (diagonal IIA: slot ct_j scored on the patch at CT_j; floor = unpatched run on the same labels):", ""]
-        for n_ops, r in ct["n_ops"].items():
-            lines.append(f"- {n_ops} ops ({r['causal_model']}): " + ", ".join(
-                f"{s} {v:.2f} (floor {r['floor'][s]:.2f})" for s, v in r["diagonal"].items()))
+        for n_ops, entry in ct["n_ops"].items():
+            for name, r in entry.items():
+                if name == "base_accuracy":
+                    continue
+                lines.append(f"- {n_ops} ops, {name} ({r['causal_model']}; mean IIA − floor "
+                             f"{r['mean_diagonal_minus_floor']:+.2f}): " + ", ".join(
+                                 f"{s} {v:.2f} (floor {r['floor'][s]:.2f})" for s, v in r["diagonal"].items()))
     return "\n".join(lines) + "\n"
 
 

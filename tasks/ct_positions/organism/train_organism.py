@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -42,7 +42,7 @@ class TrainConfig(BaseModel):
     """Hyperparameters of one training run."""
 
     seed: int = 0
-    steps: int = 600
+    steps: int = 450
     batch_size: int = 64
     lr: float = 5e-3
     min_lr_ratio: float = 0.05
@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
     projection_size: int = 96
     n_heldout: int = 600
     num_threads: int = 1
-    max_minutes: float = 6.0
+    max_minutes: float | None = Field(None, description="safety stop (makes the run machine-dependent)")
 
 
 def thought_targets(problem: Problem) -> list[int]:
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         if step % 25 == 0:
             recent = np.mean(history[-25:], axis=0)
             bar.set_postfix(answer=f"{recent[0]:.3f}", readout=f"{recent[1]:.3f}")
-        if time.time() - start > cfg.max_minutes * 60:
+        if cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
             break
     train_seconds = time.time() - start
     model.eval()
@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=TrainConfig().seed)
     parser.add_argument("--steps", type=int, default=TrainConfig().steps)
-    parser.add_argument("--max-minutes", type=float, default=TrainConfig().max_minutes)
+    parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--out", type=Path, default=ORGANISM_DIR)
     args = parser.parse_args()
     report = train(TrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.max_minutes), args.out)
