@@ -191,9 +191,18 @@ def test_explicit_cot_runner(tok):
     model = tiny_llama(len(tok))
     runner = ExplicitCoTRunner(model, tok, separator=",", answer_marker="=", max_new_tokens=8)
     base = runner.run(QUESTIONS)
-    assert len(base.texts) == 3 and all(isinstance(s, list) for s in base.thought_spans)
+    width = base.prompt_width
+    for text, spans in zip(base.texts, base.thought_spans):
+        parts = [p for p in text.split("=", 1)[0].split(",") if p.strip()]
+        assert [len(s) for s in spans] == [len(p) + 1 for p in parts]  # char tokenizer: part + separator
+        if spans:
+            assert spans[0][0] >= width and all(b[0] == a[-1] + 1 for a, b in zip(spans, spans[1:]))
     blocked = runner.run(QUESTIONS, block=[0])
     assert len(blocked.answers) == 3
+    unblocked = runner.run(QUESTIONS, block=[99])  # no such thought: nothing blocked, answer stage re-run
+    for b, text in enumerate(base.texts):
+        if "=" in text:  # the re-run answer stage continues the baseline's own text
+            assert text.split("=", 1)[1].startswith(unblocked.texts[b]) or not unblocked.texts[b]
 
 
 def test_last_number():
