@@ -76,7 +76,11 @@ def apply_op(op: str, value: int, arg: int) -> int:
         return value - arg
     if op == "mul":
         return value * arg
-    raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    if op == "div":  # only in generated study problems (``tasks.ct_positions.data``), never in the graph's domain
+        if arg == 0 or value % arg:
+            raise ValueError(f"div {value} by {arg} is not exact")
+        return value // arg
+    raise ValueError(f"unknown op {op!r}; known: {OPS} (+ 'div' for generated problems)")
 
 
 def true_steps(setting: Mapping[str, Any], n_ops: int) -> list[int]:
@@ -94,6 +98,7 @@ def in_range(setting: Mapping[str, Any], n_ops: int) -> bool:
 
 
 _MUL_WORDS = {2: "doubles them", 3: "triples them", 4: "quadruples them"}
+_DIV_WORDS = {2: "keeps half", 3: "keeps a third", 4: "keeps a quarter"}
 
 
 def _phrase(op: str, arg: int) -> str:
@@ -103,6 +108,8 @@ def _phrase(op: str, arg: int) -> str:
         return f"gives away {arg}"
     if op == "mul":
         return _MUL_WORDS.get(arg, f"multiplies them by {arg}")
+    if op == "div":
+        return _DIV_WORDS.get(arg, f"divides them by {arg}")
     raise ValueError(f"unknown op {op!r}; known: {OPS}")
 
 
