@@ -313,5 +313,5 @@ class InterventionEngine:
                 ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
                                                columns, aligned.to(probs.dtype)))
         with attention_control(pipeline.model, ops):
-            generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.model(**inputs))
+            generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.body(**inputs))
         return self._rows(generation, group, example_indices)
