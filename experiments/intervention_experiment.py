@@ -30,6 +30,8 @@ class ExperimentConfig(BaseModel):
     ``batch_size``: pairs per part (per results file; also the resume granularity).
     ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
+    ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
+    (``experiments.suffix_reuse``; exact, so not part of the experiment's identity).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +42,7 @@ class ExperimentConfig(BaseModel):
     counterfactual_index: int = Field(0, ge=0)
     results_dir: str | None = None
     backend: Literal["hooks", "pyvene"] = DEFAULT_BACKEND
+    suffix_reuse: bool = True
 
     @property
     def cells_per_forward(self) -> int:
@@ -96,7 +99,8 @@ class InterventionExperiment:
                 if positions.setdefault(unit.position.id, unit.position) is not unit.position:
                     raise ValueError(f"two different token positions share the id {unit.position.id!r}; ids must be unique")
         self.cells = cells
-        self.engine = InterventionEngine(pipeline, self.config.backend)
+        self.engine = InterventionEngine(pipeline, self.config.backend, suffix_reuse=self.config.suffix_reuse,
+                                         max_rows_per_forward=self.config.max_rows_per_forward)
 
     def _manifest(self, datasets: list[CounterfactualDataset], groups: list[list[Cell]]) -> ResultsManifest:
         return ResultsManifest(
