@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.backend import DEFAULT_BACKEND
+from experiments.fleet import shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_units import AttentionHead, ModelUnit
 from experiments.pipeline import LMPipeline
@@ -136,15 +137,20 @@ class InterventionExperiment:
         datasets: CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset],
         results_dir: str | Path | None = None,
         verbose: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> RawResults:
-        """Run every cell on every pair; resume a folder holding the same experiment. Returns the results."""
+        """Run every cell on every pair; resume a folder holding the same experiment. Returns the results.
+
+        ``shard=(i, n)``: only every n-th part from the i-th (``experiments.fleet``); the folder then holds
+        that shard's parts, to be combined with ``experiments.fleet.merge_shards``."""
         items = list(as_dataset_dict(datasets).values())
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
         writer = RawResultsWriter(root, self._manifest(items, groups))
         k = self.config.counterfactual_index
         bs = self.config.batch_size
-        todo = [(d, p) for d in items for p in range(-(-len(d) // bs)) if not writer.has_part(d.id, p)]
+        every_part = [(d, p) for d in items for p in range(-(-len(d) // bs))]
+        todo = [(d, p) for d, p in shard_items(every_part, shard) if not writer.has_part(d.id, p)]
         for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
             indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
             examples = [dataset[i] for i in indices]
