@@ -18,7 +18,6 @@ from typing import Any
 
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.raw_results import atomic_write_json
-from experiments.fleet import parse_shard
 from tasks.general_addition.causal_models import DEFAULT_TEMPLATE, PROMPT_TEMPLATES
 from tasks.general_addition.organism import ORGANISM_DIR
 
@@ -35,6 +34,13 @@ def default_study_dir(model: str, n_digits: int, test: bool = False) -> Path:
     """``results/addition/<model>/<D>d`` (``<D>d_test`` for ``--test`` runs, which never touch a full study)."""
     slug = ORGANISM if model == ORGANISM else re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/"))
     return Path("results") / "addition" / slug / f"{n_digits}d{'_test' if test else ''}"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` (imported lazily: ``python study.py`` runs without torch)."""
+    from experiments.fleet import parse_shard
+
+    return parse_shard(text)
 
 
 def study_parser(description: str | None) -> argparse.ArgumentParser:
@@ -59,7 +65,7 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     step2.add_argument("--max-rows", type=int, default=1024, help="cells × pairs folded into one forward")
     step2.add_argument("--layers", type=int, nargs="*", default=None, help="layers (default: all; -1 = embeddings)")
     step2.add_argument("--no-heads", action="store_true", help="skip the attention-head sweep")
-    step2.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+    step2.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                        help="run only shard I of N (every N-th part) into raw/shards/<sweep>/I-of-N")
     step2.add_argument("--merge-shards", type=int, default=None, metavar="N",
                        help="merge the N finished shards of each sweep into raw/<sweep> (no model needed)")
