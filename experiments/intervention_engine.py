@@ -14,7 +14,8 @@ Speed work (suffix-only recomputation, cached base prefixes …) belongs here an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -113,6 +114,23 @@ def _pad_to(indices: list[int], width: int) -> list[int]:
     return indices + [indices[-1]] * (width - len(indices))
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.cuda.OutOfMemoryError`` and RuntimeErrors saying "out of memory" (CPU, MPS, older CUDA)."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(exc, oom_type)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _halves(groups: list[list[Cell]]) -> list[list[list[Cell]]]:
+    """Split a list of groups in two halves of cells (a single group is split into two groups of its cells)."""
+    if len(groups) > 1:
+        middle = len(groups) // 2
+        return [groups[:middle], groups[middle:]]
+    (group,) = groups
+    middle = len(group) // 2
+    return [[group[:middle]], [group[middle:]]]
+
+
 def slice_generation(generation: GenerationOutput, start: int, stop: int) -> GenerationOutput:
     """Rows ``start:stop`` of a generation."""
     return GenerationOutput(generation.token_ids[start:stop], generation.lengths[start:stop],
@@ -138,7 +156,8 @@ class InterventionEngine:
 
     ``suffix_reuse`` (hooks backend): residual-stream cells take the exact fast path of
     ``experiments.suffix_reuse`` where the model supports it (else the generic path);
-    ``max_rows_per_forward``: cells × pairs of residual-stream groups merged into one fast-path pass.
+    ``max_rows_per_forward``: the row budget: at most this many cells × pairs per forward (groups are split
+    to fit; residual-stream groups are merged up to it for the fast path); halved on out-of-memory.
     """
 
     def __init__(self, pipeline: LMPipeline, backend: str | Backend = DEFAULT_BACKEND, suffix_reuse: bool = True,
@@ -196,26 +215,54 @@ class InterventionEngine:
                         source_cols[id(pos)].append([i + cf_batch.pad_offsets[b] for i in on_source])
 
         cell_rows: list[dict[str, Any]] = []
+        n_pairs = len(example_indices)
         fast = [self._suffix_eligible(group) for group in groups]
         if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
             base_run = self.suffix.base_pass(base_batch)
-            n_pairs = len(example_indices)
+            run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
+                                                          source_cols, example_indices)
             pending: list[list[Cell]] = []
             for group in [g for g, ok in zip(groups, fast) if ok] + [[]]:
                 rows = (sum(len(g) for g in pending) + len(group)) * n_pairs
                 if pending and (not group or rows > self.max_rows_per_forward):
-                    cell_rows.extend(self._run_suffix_groups(pending, base_run, sources, base_cols, source_cols,
-                                                             example_indices))
+                    cell_rows.extend(self._within_budget(run_fast, pending, n_pairs))
                     pending = []
                 pending.append(group)
             groups = [g for g, ok in zip(groups, fast) if not ok]
+
+        def run_slow(gs: list[list[Cell]]) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for group in gs:
+                if group[0].kind in ATTENTION_KINDS:
+                    out.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
+                                                         source_cols, example_indices))
+                else:
+                    out.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+            return out
+
         for group in groups:
-            if group[0].kind in ATTENTION_KINDS:
-                cell_rows.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
-                                                           source_cols, example_indices))
-            else:
-                cell_rows.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+            cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
         return base_rows, cell_rows
+
+    def _within_budget(self, run: Callable[[list[list[Cell]]], list[dict[str, Any]]], groups: list[list[Cell]],
+                       n_pairs: int) -> list[dict[str, Any]]:
+        """``run(groups)`` with at most ``max_rows_per_forward`` cells × pairs per call; on out-of-memory the
+        budget is halved (kept for later calls) and the failed call is redone in halves — finished calls keep
+        their rows. Raises when a single cell's rows do not fit."""
+        cells = sum(len(g) for g in groups)
+        if cells > 1 and cells * n_pairs > self.max_rows_per_forward:
+            return [row for half in _halves(groups) for row in self._within_budget(run, half, n_pairs)]
+        try:
+            return run(groups)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(exc) or cells == 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.max_rows_per_forward = max(n_pairs, (cells * n_pairs) // 2)
+        warnings.warn(f"out of memory with {cells * n_pairs} rows per forward; retrying with at most "
+                      f"{self.max_rows_per_forward}", RuntimeWarning, stacklevel=2)
+        return [row for half in _halves(groups) for row in self._within_budget(run, half, n_pairs)]
 
     def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
         if site in sources:

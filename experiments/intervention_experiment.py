@@ -29,7 +29,8 @@ class ExperimentConfig(BaseModel):
     """Settings of an intervention experiment.
 
     ``batch_size``: pairs per part (per results file; also the resume granularity).
-    ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
+    ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it);
+    halved automatically on out-of-memory (the failed forward is redone in halves, nothing finished is lost).
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
     ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
     (``experiments.suffix_reuse``; exact, so not part of the experiment's identity).
