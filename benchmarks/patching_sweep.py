@@ -101,7 +101,10 @@ class FlopModel:
         return self.n_layers * self.layer(0, tokens) + projected * self.head
 
     def suffix(self, residual: int, start: int, tokens: int) -> int:
-        """Suffix reuse for one row patched at the residual entering layer ``residual``, columns ≥ start."""
+        """Suffix reuse for one row patched at the residual entering layer ``residual``, columns ≥ start
+        (the last layer's output before the read column: nothing; the base logits are reused)."""
+        if residual == self.n_layers and start < tokens - 1:
+            return 0
         flops = 0
         for j in range(residual, self.n_layers):
             if j < self.n_layers - 1:
@@ -234,8 +237,8 @@ def main() -> dict:
     flops = {
         "a": 2 * N * cells * fm.forward(T, T),
         "b": N * fm.forward(T, 0) + cells * N * fm.forward(T, 1),
-        # base generation, source collection, base pass of suffix reuse, then the suffixes
-        "c_hooks": N * (fm.forward(T, 1) + 2 * fm.forward(T, 0))
+        # base generation, source collection, base pass of suffix reuse (+ its read logits), then the suffixes
+        "c_hooks": N * (2 * fm.forward(T, 1) + fm.forward(T, 0))
         + N * sum(fm.suffix(layer + 1, p, T) for layer in range(L) for p in range(T)),
         "c_pyvene": N * (fm.forward(T, 1) + fm.forward(T, 0)) + cells * N * fm.forward(T, 1),
     }

@@ -201,12 +201,11 @@ class SuffixReuse:
         final = torch.empty(n_rows, base.residual[0].shape[-1], dtype=base.residual[0].dtype, device=device)
         recomputed: list[list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(L)]
 
-        top = (patch.residual == L).nonzero().flatten()
-        if len(top):  # last layer's output: only the read column can matter
-            final[top] = base.residual[L][patch.pairs[top], read]
-            hit = patch.columns[top] == read
-            rows, slots = hit.nonzero(as_tuple=True)
-            final[top[rows]] = patch.values[top[rows], slots].to(final.dtype)
+        # last layer's output: only the read column can matter; rows not patched there keep the base logits
+        hit = (patch.residual == L)[:, None] & (patch.columns == read)
+        untouched = ((patch.residual == L) & ~hit.any(dim=1)).nonzero().flatten()
+        rows, slots = hit.nonzero(as_tuple=True)
+        final[rows] = patch.values[rows, slots].to(final.dtype)
 
         for start in sorted(set(starts[patch.residual < L].tolist())):
             members = ((starts == start) & (patch.residual < L)).nonzero().flatten()
@@ -236,7 +235,15 @@ class SuffixReuse:
                     recomputed[j].append((active, start, torch.cat([prefix[0][:, :, start:], k_read], dim=2),
                                           torch.cat([prefix[1][:, :, start:], v_read], dim=2)))
 
-        logits = self.pipeline.project(self.final_norm(final))
+        needed = torch.ones(n_rows, dtype=torch.bool, device=device)
+        needed[untouched] = False
+        computed = needed.nonzero().flatten()
+        first = self.pipeline.project(self.final_norm(final[computed]))
+        logits = first.new_empty(n_rows, first.shape[-1])
+        logits[computed] = first
+        if len(untouched):
+            pairs, inverse = patch.pairs[untouched].unique(return_inverse=True)  # each base pair projected once
+            logits[untouched] = self.pipeline.project(self.final_norm(base.residual[L][pairs, read]))[inverse]
         cache = self._cache(base, patch, recomputed) if want_cache else None
         return SimpleNamespace(last_logits=logits, past_key_values=cache)
 
