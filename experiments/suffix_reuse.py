@@ -81,6 +81,7 @@ class BaseRun:
     residual: list[torch.Tensor]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at every column, (B, T, ...)
 
 
 @dataclass
@@ -158,7 +159,8 @@ class SuffixReuse:
         values = [cache.layers[j].values for j in range(self.n_layers)]
         if len(residual) != self.n_layers + 1 or keys[0].shape[2] != batch.input_ids.shape[1]:
             raise RuntimeError("suffix reuse: the base pass did not expose every layer's residual and keys/values")
-        return BaseRun(batch, residual, keys, values)
+        rotary = self.rotary(residual[0], batch.position_ids) if self.family.name == "decoder_layers" else None
+        return BaseRun(batch, residual, keys, values, rotary)
 
     def _mask(self, base: BaseRun, pairs: torch.Tensor, start: int, n_query: int, dtype: torch.dtype) -> torch.Tensor:
         """(A, 1, n_query, start + n_query) additive mask: query column q sees real key columns k ≤ q."""
@@ -180,7 +182,8 @@ class SuffixReuse:
         if self.family.name == "decoder_layers":
             position_ids = base.batch.position_ids[pairs, start : start + n_query]
             kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = self.rotary(x, position_ids)
+            cos, sin = base.rotary
+            kwargs["position_embeddings"] = (cos[pairs, start : start + n_query], sin[pairs, start : start + n_query])
         try:
             out = self.layers[j](x, **kwargs)
         except _StopLayer:
