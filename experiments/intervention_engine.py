@@ -216,6 +216,7 @@ class InterventionEngine:
 
         cell_rows: list[dict[str, Any]] = []
         n_pairs = len(example_indices)
+        order = {cell.cell_id: k for k, cell in enumerate(c for group in groups for c in group)}
         fast = [self._suffix_eligible(group) for group in groups]
         if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
             base_run = self.suffix.base_pass(base_batch)
@@ -242,6 +243,7 @@ class InterventionEngine:
 
         for group in groups:
             cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
+        cell_rows.sort(key=lambda row: order[row["cell_id"]])  # stable: the groups' order, pairs within a cell
         return base_rows, cell_rows
 
     def _within_budget(self, run: Callable[[list[list[Cell]]], list[dict[str, Any]]], groups: list[list[Cell]],
