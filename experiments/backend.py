@@ -2,8 +2,10 @@
 
 - ``collect(sites, inputs) -> {site: activations}``: one forward; (B, T, d), or (B, T, H, d_head)
   for head sites (columns are padded-batch columns).
-- ``prompt_pass(inputs, patches) -> model output``: ``model(**inputs)`` with every
-  ``experiments.sites.SitePatch`` applied (logits and the KV cache, for greedy decoding to continue from).
+- ``prompt_pass(inputs, patches) -> model output``: the prompt forward with every
+  ``experiments.sites.SitePatch`` applied (the KV cache, for greedy decoding to continue from, and
+  either ``last_hidden_state`` of the base model or, when ``inputs`` has ``logits_to_keep``, the
+  full model's ``logits``; see ``LMPipeline.greedy_decode``).
 
 Two implementations, tested against the same independent hook reference and against each other:
 ``"hooks"`` (plain torch forward hooks, no wrapper objects; the default: faster at identical

@@ -103,7 +103,8 @@ class HooksBackend:
         return patch
 
     def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
-        """``model(**inputs)`` (the prompt pass) with every patch applied at its site, for this pass only."""
+        """The prompt pass with every patch applied at its site, for this pass only: the full model when
+        ``inputs`` asks for ``logits_to_keep``, else the base model (the pipeline projects read positions)."""
         by_site: dict[Site, list[SitePatch]] = {}
         for p in patches:
             by_site.setdefault(p.site, []).append(p)
@@ -112,7 +113,7 @@ class HooksBackend:
             for site, site_patches in by_site.items():
                 module, side, split = self._module(site)
                 handles.append(register_site_hook(module, side, self._patcher(site_patches, split)))
-            return self.model(**inputs)
+            return (self.model if "logits_to_keep" in inputs else self.model.base_model)(**inputs)
         finally:
             for handle in handles:
                 handle.remove()

@@ -14,7 +14,8 @@ Speed work (suffix-only recomputation, cached base prefixes …) belongs here an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,8 +30,9 @@ from experiments.attention_control import (
     attention_control,
 )
 from experiments.model_units import ATTENTION_PATTERN, ModelUnit
-from experiments.pipeline import LMPipeline, PromptBatch
+from experiments.pipeline import GenerationOutput, LMPipeline, PromptBatch
 from experiments.sites import Site, SitePatch
+from experiments.suffix_reuse import RESIDUAL_COMPONENTS, BaseRun, ResidualPatch, SuffixReuse, residual_index
 from experiments.token_positions import TokenPositionError
 
 #: Intervention kinds on activations. ``interchange``: the value of the counterfactual run;
@@ -112,6 +114,29 @@ def _pad_to(indices: list[int], width: int) -> list[int]:
     return indices + [indices[-1]] * (width - len(indices))
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.cuda.OutOfMemoryError`` and RuntimeErrors saying "out of memory" (CPU, MPS, older CUDA)."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(exc, oom_type)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _halves(groups: list[list[Cell]]) -> list[list[list[Cell]]]:
+    """Split a list of groups in two halves of cells (a single group is split into two groups of its cells)."""
+    if len(groups) > 1:
+        middle = len(groups) // 2
+        return [groups[:middle], groups[middle:]]
+    (group,) = groups
+    middle = len(group) // 2
+    return [[group[:middle]], [group[middle:]]]
+
+
+def slice_generation(generation: GenerationOutput, start: int, stop: int) -> GenerationOutput:
+    """Rows ``start:stop`` of a generation."""
+    return GenerationOutput(generation.token_ids[start:stop], generation.lengths[start:stop],
+                            generation.topk_token_ids[start:stop], generation.topk_logits[start:stop])
+
+
 def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Tensor | None:
     """Boolean mask over the featurizer's features selecting ``unit.feature_indices`` (None = all)."""
     if unit.feature_indices is None:
@@ -127,11 +152,21 @@ def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Te
 
 
 class InterventionEngine:
-    """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene")."""
+    """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene").
 
-    def __init__(self, pipeline: LMPipeline, backend: str | Backend = DEFAULT_BACKEND):
+    ``suffix_reuse`` (hooks backend): residual-stream cells take the exact fast path of
+    ``experiments.suffix_reuse`` where the model supports it (else the generic path);
+    ``max_rows_per_forward``: the row budget: at most this many cells × pairs per forward (groups are split
+    to fit; residual-stream groups are merged up to it for the fast path); halved on out-of-memory.
+    """
+
+    def __init__(self, pipeline: LMPipeline, backend: str | Backend = DEFAULT_BACKEND, suffix_reuse: bool = True,
+                 max_rows_per_forward: int = 512):
         self.pipeline = pipeline
         self.backend: Backend = make_backend(backend, pipeline.model) if isinstance(backend, str) else backend
+        self.suffix_reuse = suffix_reuse
+        self.max_rows_per_forward = max_rows_per_forward
+        self.suffix = SuffixReuse(pipeline) if suffix_reuse and self.backend.name == "hooks" else None
 
     @torch.no_grad()
     def run_part(
@@ -180,13 +215,56 @@ class InterventionEngine:
                         source_cols[id(pos)].append([i + cf_batch.pad_offsets[b] for i in on_source])
 
         cell_rows: list[dict[str, Any]] = []
+        n_pairs = len(example_indices)
+        order = {cell.cell_id: k for k, cell in enumerate(c for group in groups for c in group)}
+        fast = [self._suffix_eligible(group) for group in groups]
+        if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
+            base_run = self.suffix.base_pass(base_batch)
+            run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
+                                                          source_cols, example_indices)
+            pending: list[list[Cell]] = []
+            for group in [g for g, ok in zip(groups, fast) if ok] + [[]]:
+                rows = (sum(len(g) for g in pending) + len(group)) * n_pairs
+                if pending and (not group or rows > self.max_rows_per_forward):
+                    cell_rows.extend(self._within_budget(run_fast, pending, n_pairs))
+                    pending = []
+                pending.append(group)
+            groups = [g for g, ok in zip(groups, fast) if not ok]
+
+        def run_slow(gs: list[list[Cell]]) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for group in gs:
+                if group[0].kind in ATTENTION_KINDS:
+                    out.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
+                                                         source_cols, example_indices))
+                else:
+                    out.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+            return out
+
         for group in groups:
-            if group[0].kind in ATTENTION_KINDS:
-                cell_rows.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
-                                                           source_cols, example_indices))
-            else:
-                cell_rows.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+            cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
+        cell_rows.sort(key=lambda row: order[row["cell_id"]])  # stable: the groups' order, pairs within a cell
         return base_rows, cell_rows
+
+    def _within_budget(self, run: Callable[[list[list[Cell]]], list[dict[str, Any]]], groups: list[list[Cell]],
+                       n_pairs: int) -> list[dict[str, Any]]:
+        """``run(groups)`` with at most ``max_rows_per_forward`` cells × pairs per call; on out-of-memory the
+        budget is halved (kept for later calls) and the failed call is redone in halves — finished calls keep
+        their rows. Raises when a single cell's rows do not fit."""
+        cells = sum(len(g) for g in groups)
+        if cells > 1 and cells * n_pairs > self.max_rows_per_forward:
+            return [row for half in _halves(groups) for row in self._within_budget(run, half, n_pairs)]
+        try:
+            return run(groups)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(exc) or cells == 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.max_rows_per_forward = max(n_pairs, (cells * n_pairs) // 2)
+        warnings.warn(f"out of memory with {cells * n_pairs} rows per forward; retrying with at most "
+                      f"{self.max_rows_per_forward}", RuntimeWarning, stacklevel=2)
+        return [row for half in _halves(groups) for row in self._within_budget(run, half, n_pairs)]
 
     def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
         if site in sources:
@@ -198,19 +276,17 @@ class InterventionEngine:
             return backend_width or head_width(self.pipeline.model)
         return self.pipeline.hidden_size
 
-    def _run_group(
+    def _site_patches(
         self,
         group: list[Cell],
-        base_batch: PromptBatch,
         sources: dict[Site, torch.Tensor],
         base_cols: dict[int, list[list[int]]],
         source_cols: dict[int, list[list[int]]],
-        example_indices: list[int],
-    ) -> list[dict[str, Any]]:
+        n_pairs: int,
+    ) -> list[SitePatch]:
+        """One ``SitePatch`` per unit slot for rows = cells × pairs (cell-major)."""
         pipeline = self.pipeline
-        n_pairs = len(example_indices)
         kind = group[0].kind
-        rows = base_batch.select([b for _ in group for b in range(n_pairs)])  # row = cell-major
         device = pipeline.device
         pair_index = torch.arange(n_pairs, device=device).repeat(len(group))
 
@@ -240,9 +316,59 @@ class InterventionEngine:
             featurizer = first.featurizer if first.featurized else None
             mask = _feature_mask(first, values.shape[-1], device) if featurizer is not None else None
             patches.append(SitePatch(site, columns, values, heads, featurizer, mask))
+        return patches
 
-        generation = pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
+    def _run_group(
+        self,
+        group: list[Cell],
+        base_batch: PromptBatch,
+        sources: dict[Site, torch.Tensor],
+        base_cols: dict[int, list[list[int]]],
+        source_cols: dict[int, list[list[int]]],
+        example_indices: list[int],
+    ) -> list[dict[str, Any]]:
+        n_pairs = len(example_indices)
+        rows = base_batch.select([b for _ in group for b in range(n_pairs)])  # row = cell-major
+        patches = self._site_patches(group, sources, base_cols, source_cols, n_pairs)
+        generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
         return self._rows(generation, group, example_indices)
+
+    def _suffix_eligible(self, group: list[Cell]) -> bool:
+        """Residual-stream site cells (one unit each) on the hooks backend: the suffix-reuse fast path applies."""
+        return (self.suffix_reuse and self.backend.name == "hooks" and group[0].kind in SITE_KINDS
+                and all(len(cell.units) == 1 and cell.units[0].site.component in RESIDUAL_COMPONENTS
+                        for cell in group))
+
+    def _run_suffix_groups(
+        self,
+        groups: list[list[Cell]],
+        base_run: BaseRun,
+        sources: dict[Site, torch.Tensor],
+        base_cols: dict[int, list[list[int]]],
+        source_cols: dict[int, list[list[int]]],
+        example_indices: list[int],
+    ) -> list[dict[str, Any]]:
+        """Several residual-stream groups in one suffix-reuse prompt pass (rows = groups' cells × pairs)."""
+        n_pairs = len(example_indices)
+        device = self.pipeline.device
+        parts = []
+        for group in groups:
+            (patch,) = self._site_patches(group, sources, base_cols, source_cols, n_pairs)
+            pairs = torch.arange(n_pairs, device=device).repeat(len(group))
+            r = residual_index(patch.site)
+            base_values = base_run.residual[r][pairs[:, None].expand_as(patch.columns), patch.columns]
+            parts.append(ResidualPatch(pairs, torch.full_like(pairs, r), patch.columns, patch.new_values(base_values)))
+        rows_patch = ResidualPatch.concat(parts)
+        rows = base_run.batch.select(rows_patch.pairs)
+        generation = self.pipeline.greedy_decode(
+            rows, lambda inputs: self.suffix.prompt_pass(base_run, rows_patch, want_cache=bool(inputs["use_cache"])))
+        out: list[dict[str, Any]] = []
+        offset = 0
+        for group in groups:
+            n = len(group) * n_pairs
+            out.extend(self._rows(slice_generation(generation, offset, offset + n), group, example_indices))
+            offset += n
+        return out
 
     def _rows(self, generation: Any, group: list[Cell], example_indices: list[int]) -> list[dict[str, Any]]:
         n_pairs = len(example_indices)
@@ -313,5 +439,5 @@ class InterventionEngine:
                 ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
                                                columns, aligned.to(probs.dtype)))
         with attention_control(pipeline.model, ops):
-            generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.model(**inputs))
+            generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.body(**inputs))
         return self._rows(generation, group, example_indices)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.backend import DEFAULT_BACKEND
+from experiments.fleet import shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_units import AttentionHead, ModelUnit
 from experiments.pipeline import LMPipeline
@@ -29,8 +30,11 @@ class ExperimentConfig(BaseModel):
     """Settings of an intervention experiment.
 
     ``batch_size``: pairs per part (per results file; also the resume granularity).
-    ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it).
+    ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it);
+    halved automatically on out-of-memory (the failed forward is redone in halves, nothing finished is lost).
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
+    ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
+    (``experiments.suffix_reuse``; exact, so not part of the experiment's identity).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +45,7 @@ class ExperimentConfig(BaseModel):
     counterfactual_index: int = Field(0, ge=0)
     results_dir: str | None = None
     backend: Literal["hooks", "pyvene"] = DEFAULT_BACKEND
+    suffix_reuse: bool = True
 
     @property
     def cells_per_forward(self) -> int:
@@ -97,7 +102,8 @@ class InterventionExperiment:
                 if positions.setdefault(unit.position.id, unit.position) is not unit.position:
                     raise ValueError(f"two different token positions share the id {unit.position.id!r}; ids must be unique")
         self.cells = cells
-        self.engine = InterventionEngine(pipeline, self.config.backend)
+        self.engine = InterventionEngine(pipeline, self.config.backend, suffix_reuse=self.config.suffix_reuse,
+                                         max_rows_per_forward=self.config.max_rows_per_forward)
 
     def _manifest(self, datasets: list[CounterfactualDataset], groups: list[list[Cell]]) -> ResultsManifest:
         return ResultsManifest(
@@ -151,12 +157,15 @@ class InterventionExperiment:
         verbose: bool = True,
         wait_for_lock: bool = False,
         lock_timeout: float | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> RawResults:
         """Run every cell on every pair; resume a folder holding the same experiment. Returns the results.
 
         On resume every finished part is verified (sha256, rows); damaged ones are deleted, reported
         on stderr and recomputed. The folder is locked while this runs: a second writer raises
         ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
+        ``shard=(i, n)``: only every n-th part from the i-th (``experiments.fleet``); the folder then holds
+        that shard's parts, to be combined with ``experiments.fleet.merge_shards``.
         """
         items = list(as_dataset_dict(datasets).values())
         self._check_inputs(items)
@@ -167,7 +176,9 @@ class InterventionExperiment:
                 print(f"{root}: recomputing damaged {problem}", file=sys.stderr, flush=True)
             k = self.config.counterfactual_index
             bs = self.config.batch_size
-            todo = [(d, p) for d in items for p in writer.missing_parts(d.id)]
+            missing = {(d.id, p) for d in items for p in writer.missing_parts(d.id)}
+            every_part = [(d, p) for d in items for p in range(-(-len(d) // bs))]  # shard membership is fixed
+            todo = [(d, p) for d, p in shard_items(every_part, shard) if (d.id, p) in missing]
             for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
                 indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
                 examples = [dataset[i] for i in indices]

@@ -19,6 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 PromptLike = str | dict[str, Any]
 
+#: Config attributes of final-logit transforms other than Gemma's softcapping (Cohere ``logit_scale``,
+#: Granite ``logits_scaling`` …): models that set one are run through their own forward for logits.
+OTHER_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier_scale",
+                          "mup_width_multiplier", "scale_width", "dim_model_base", "width_multiplier",
+                          "logits_scale", "output_logits_scale")
+
 
 class ModelLoadError(ValueError):
     """The model name or folder could not be loaded."""
@@ -177,6 +183,45 @@ class LMPipeline:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.config = self.model.config
+        self.projects_last_only = self._head_is_plain()
+
+    def _head_is_plain(self) -> bool:
+        """True when logits = head(final hidden) [softcapped as Gemma 2]: the base model runs without the
+        vocabulary projection and only read positions are projected (``project``)."""
+        model = self.model
+        if model.base_model is model or model.get_output_embeddings() is None:
+            return False
+        return all(getattr(self.config, name, None) in (None, 1, 1.0) for name in OTHER_LOGIT_TRANSFORMS)
+
+    @property
+    def body(self) -> torch.nn.Module:
+        """The module a prompt or decoding forward calls: the base model (no vocabulary projection) when the
+        head can be applied separately (``projects_last_only``), else the full model with ``logits_to_keep``."""
+        return self.model.base_model if self.projects_last_only else self.model
+
+    def forward_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` plus ``logits_to_keep=1`` when ``body`` is the full model."""
+        return inputs if self.projects_last_only else {**inputs, "logits_to_keep": 1}
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) float32 of final hidden states (..., d) (after the final norm): the output head on a
+        contiguous copy, then Gemma 2's ``final_logit_softcapping`` when set."""
+        logits = self.model.get_output_embeddings()(hidden.contiguous())
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def last_logits(self, out: Any) -> torch.Tensor:
+        """(B, V) float32 logits at the last position of a forward's output: ``out.last_logits`` when present,
+        else the model's ``logits``, else ``project(last_hidden_state[:, -1])``."""
+        given = getattr(out, "last_logits", None)
+        if given is not None:
+            return given.float()
+        logits = getattr(out, "logits", None)
+        if logits is not None:
+            return logits[:, -1, :].float()
+        return self.project(out.last_hidden_state[:, -1])
 
     def _load(self, name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         local = Path(name).expanduser()
@@ -316,7 +361,7 @@ class LMPipeline:
     def generate(self, prompts: Sequence[PromptLike] | PromptBatch, max_new_tokens: int | None = None) -> GenerationOutput:
         """Greedy decoding of a batch, no intervention."""
         batch = prompts if isinstance(prompts, PromptBatch) else self.load(prompts)
-        return self.greedy_decode(batch, lambda inputs: self.model(**inputs), max_new_tokens)
+        return self.greedy_decode(batch, lambda inputs: self.body(**inputs), max_new_tokens)
 
     @torch.no_grad()
     def greedy_decode(
@@ -327,8 +372,10 @@ class LMPipeline:
     ) -> GenerationOutput:
         """Run ``prompt_forward`` on the prompt (it may be an intervened forward), then decode greedily.
 
-        The prompt pass keeps logits only at the last position and returns the KV cache; later steps
-        run the plain model on that cache, so an intervention touches the prompt pass only.
+        ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns its output (``last_hidden_state``
+        or ``logits``, or ``last_logits`` (B, V)) with ``past_key_values`` when more than one step is asked.
+        Only the last position is projected onto the vocabulary; later steps run the plain model on the
+        cache, so an intervention touches the prompt pass only.
         """
         steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 1:
@@ -340,9 +387,9 @@ class LMPipeline:
                 f"prompt #{longest} has {batch.lengths[longest]} tokens; with {steps} generated tokens it needs "
                 f"{batch.lengths[longest] + steps - 1} positions but {self.name!r} takes at most {limit}"
             )
-        inputs = {**batch.model_inputs(), "use_cache": steps > 1, "logits_to_keep": 1}
+        inputs = self.forward_inputs({**batch.model_inputs(), "use_cache": steps > 1})
         out = prompt_forward(inputs)
-        logits = out.logits[:, -1, :].float()
+        logits = self.last_logits(out)
         cache = out.past_key_values if steps > 1 else None
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
@@ -368,12 +415,12 @@ class LMPipeline:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions + 1
-            out = self.model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )
+            out = self.body(**self.forward_inputs({
+                "input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions,
+                "past_key_values": cache, "use_cache": True,
+            }))
             cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            logits = self.last_logits(out)
         return GenerationOutput(
             torch.stack(tokens, dim=1), lengths, torch.stack(top_ids, dim=1), torch.stack(top_vals, dim=1)
         )

@@ -188,7 +188,9 @@ class PyveneBackend:
         return collect_sites(self._intervenable(ordered, None, True), list(ordered), inputs)
 
     def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
-        """``model(**inputs)`` through pyvene with every patch applied (one intervention per patch)."""
+        """``model(**inputs)`` through pyvene with every patch applied (one intervention per patch); pyvene
+        wraps the full model, so logits are kept at the last position only (``logits_to_keep=1``)."""
+        inputs = {**inputs, "logits_to_keep": 1}
         plain = self.intervention_type or pyvene.VanillaIntervention
         kinds = tuple(FeaturizedInterchange if p.featurizer is not None else plain for p in patches)
         intervenable = self._intervenable(tuple(p.site for p in patches), kinds, False)

@@ -95,7 +95,18 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
     step2.add_argument("--no-heads", action="store_true", help=help2("skip the attention-head sweep"))
     step2.add_argument("--backend", default="hooks", choices=("hooks", "pyvene"),
                        help=help2("how interventions reach into the model: plain torch hooks (default) or pyvene"))
+    step2.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                       help=help2("run only shard I of N (every N-th part) into raw/shards/<sweep>/I-of-N"))
+    step2.add_argument("--merge-shards", type=int, default=None, metavar="N",
+                       help=help2("merge the N finished shards of each sweep into raw/<sweep> (no model needed)"))
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` (the fleet module is imported lazily: parsing stays torch-free)."""
+    from experiments.fleet import parse_shard
+
+    return parse_shard(text)
 
 
 def default_study_dir(task: Task, model: str, settings: Any, test: bool = False) -> Path:

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     if metadata.get("task", chosen.name) != chosen.name:
         raise SystemExit(f"{out} holds a study of task {metadata['task']!r}, not {chosen.name!r}")
     check_same_study(args, metadata, step1_settings(chosen))
+    if args.merge_shards is not None:
+        return merge(out, args.merge_shards)
     datasets = load_datasets(out)
     pipeline = load_pipeline(chosen, args)  # torch from here on
     positions = chosen.token_positions(pipeline, settings)
@@ -53,11 +55,41 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
         print("attention heads: skipped (no layer >= 0 among --layers)")
     pairs = sum(len(d) for d in datasets.values())
     for experiment in chosen.sweeps(pipeline, settings, positions, config, layers=args.layers, heads=not args.no_heads):
-        folder = out / "raw" / experiment.config.id
+        name = experiment.config.id
+        if args.shard is not None:  # a shard writes its own folder; --merge-shards assembles and records them
+            from experiments.fleet import shard_dir
+
+            folder = shard_dir(out / "raw" / "shards" / name, args.shard)
+            experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard)
+            write_shard_note(out, name, experiment.experiment_type)
+            print(f"{name}: shard {args.shard[0]}/{args.shard[1]} written to {folder}")
+            continue
+        folder = out / "raw" / name
         experiment.perform_interventions(datasets, results_dir=folder)
-        record_experiment(out, experiment.config.id, experiment.experiment_type, folder)
-        print(f"{experiment.config.id}: {len(experiment.cells)} cells × {pairs} pairs")
+        record_experiment(out, name, experiment.experiment_type, folder)
+        print(f"{name}: {len(experiment.cells)} cells × {pairs} pairs")
     print(f"raw results written to {out / 'raw'}")
+    return out
+
+
+def write_shard_note(out: Path, name: str, experiment_type: str) -> None:
+    """Remember which sweeps were sharded (and their type), so the merge can record them for step 3."""
+    metadata = read_metadata(out)
+    sharded = {**metadata.get("sharded", {}), name: experiment_type}
+    write_metadata(out, {**metadata, "sharded": sharded})
+
+
+def merge(out: Path, count: int) -> Path:
+    """Merge the ``count`` shards of every sharded sweep into ``raw/<sweep>`` and record it (no model needed)."""
+    from experiments.fleet import merge_shards, shard_dir
+
+    sharded = read_metadata(out).get("sharded", {})
+    if not sharded:
+        raise ValueError(f"{out} records no sharded sweep: run step 2 with --shard I/{count} first")
+    for name, experiment_type in sharded.items():
+        merge_shards([shard_dir(out / "raw" / "shards" / name, (i, count)) for i in range(count)], out / "raw" / name)
+        record_experiment(out, name, experiment_type, out / "raw" / name)
+        print(f"{name}: merged {count} shards into {out / 'raw' / name}")
     return out
 
 
