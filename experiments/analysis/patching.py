@@ -67,7 +67,8 @@ def activation_patching(pipeline: LMPipeline, clean: Sequence[Any], corrupted: S
             batch = xb.select([0] * n)
             columns = torch.tensor([[c] for c in cols], device=pipeline.device)
             values = residual[layer][0, cols][:, None, :]
-            out = backend.prompt_pass(batch.model_inputs(), [SitePatch(_site(layer), columns, values)])
+            out = backend.prompt_pass({**batch.model_inputs(), "logits_to_keep": 0},  # full model: logits everywhere
+                                      [SitePatch(_site(layer), columns, values)])
             patched = _metric(out.logits[:, read], clean_id.expand(n), corrupt_id.expand(n))
             for c, m in zip(cols, patched.tolist()):
                 rows.append({"pair": i, "clean": clean[i]["raw_input"] if isinstance(clean[i], dict) else clean[i],
