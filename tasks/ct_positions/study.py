@@ -194,7 +194,7 @@ def ct_patching(reasoner: LatentReasoner, cfg: StudyConfig, out: Path) -> dict[s
         entry: dict[str, Any] = {}
         for name, model in _causal_models(CTSettings(n_ops=n_ops)).items():
             scores = compute_interchange_scores(writer.results(), model, datasets, [[s] for s in CT_SLOTS], ct_checker)
-            table = scores.averaged()
+            table = scores.pooled()
             floors = _floors(writer, model, datasets)
             diagonal = {s: float(table[(table.target_variables == s) & (table.cell_id == s)]["accuracy"].iloc[0])
                         for s in CT_SLOTS[:k]}
