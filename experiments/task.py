@@ -13,7 +13,8 @@ Fields (``S`` is the task's pydantic settings model, e.g. the number of digits a
 - ``checker(output_text, expected) -> bool``;
 - ``default_targets(s, positions_per) -> [[variable, …], …]`` (``positions_per``: "digit" or "addend" …
   as the task's token positions report it; tokenizers that chunk several digits get joint targets);
-- ``sweeps(pipeline, s, positions, config) -> [InterventionExperiment]``: what step 2 runs;
+- ``sweeps(pipeline, s, positions, config, layers=None, heads=True) -> [InterventionExperiment]``: what
+  step 2 runs (``layers``: restrict to these layers; ``heads``: include head sweeps);
 - ``max_new_tokens(s)``; ``organism``: the shipped model folder (the default ``--model``);
 - optional: ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
   (the settings part of the folder name), ``summary_extras(scores, s, targets) -> [markdown lines]``

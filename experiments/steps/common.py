@@ -199,6 +199,10 @@ def split_task(argv: list[str] | None, task: str | None) -> tuple[Task, list[str
     """The task (from ``task`` or a ``--task NAME`` option) and the remaining arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if task is None:
+        if "--task" not in argv and ("-h" in argv or "--help" in argv):
+            print(f"usage: python -m {sys.argv[0]} --task NAME [options]; --task NAME --help lists a task's options.\n"
+                  f"known tasks: {', '.join(known_tasks())}")
+            raise SystemExit(0)
         if "--task" not in argv or argv.index("--task") == len(argv) - 1:
             raise ValueError(f"pass --task NAME (known tasks: {', '.join(known_tasks())})")
         at = argv.index("--task")

@@ -44,7 +44,7 @@ TASK = Task(
     token_positions=lambda pipeline, s: [],
     checker=ct_checker,
     default_targets=lambda s, positions_per=None: [[slot] for slot in CT_SLOTS],
-    sweeps=lambda pipeline, s, positions, config: [],
+    sweeps=lambda pipeline, s, positions, config, layers=None, heads=True: [],
     max_new_tokens=lambda s: 4,
     prompt_formats={"compact": "{start}{op_1}{arg_1}...=", "words": "Tom has {start} apples. He ... Answer:"},
     organism=Path(__file__).resolve().parent / "organism" / "ct-llama",

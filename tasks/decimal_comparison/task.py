@@ -68,10 +68,12 @@ def _token_positions(pipeline: Any, s: DecimalSettings) -> list[Any]:
     return role_positions(pipeline)
 
 
-def _sweeps(pipeline: Any, s: DecimalSettings, positions: list[Any], config: dict[str, Any]) -> list[Any]:
+def _sweeps(pipeline: Any, s: DecimalSettings, positions: list[Any], config: dict[str, Any],
+            layers: list[int] | None = None, heads: bool = True) -> list[Any]:
+    """Layer × component patching (attention output, MLP output, block output) at every role-matched position."""
     from experiments.intervention_experiment import PatchUnits
 
-    layers = list(range(pipeline.num_layers))
+    layers = [layer for layer in (range(pipeline.num_layers) if layers is None else layers) if layer >= 0]
     return [PatchUnits(pipeline, layers, positions, component, config={**config, "id": component})
             for component in ("attention_output", "mlp_output", "block_output")]
 
@@ -81,7 +83,7 @@ TASK = register_task(Task(
     description="Which is bigger: 9.8 or 9.11? Format-dependent fraction-as-integer bug.",
     settings=DecimalSettings,
     causal_models=_causal_models,
-    families=lambda s: CROSS_FORMAT_FAMILIES + DECIMAL_FAMILIES,
+    families=lambda s: list(CROSS_FORMAT_FAMILIES),  # same numbers in two formats: role positions align
     make_datasets=_make_datasets,
     token_positions=_token_positions,
     checker=decimal_checker,
