@@ -143,6 +143,24 @@ def test_organism_has_the_format_dependent_bug(organism):
 
 
 @needs_organism
+def test_last_position_attention_patch_fixes_the_organism_bug(organism, tmp_path):
+    """The shipped organism decides at the last prompt position: patching layer 1's attention output
+    there, from the simple run into the Q&A run, fixes the bug far above its floor; the MLP output of
+    the same layer and position does not."""
+    from tasks.decimal_comparison.study import StudyConfig, cross_format_dataset, patching_cells, run_cells
+
+    pairs = sample_pairs(24, seed=13, split="heldout")
+    cells = [c for c in patching_cells(organism, [1], ["last"]) if c.cell_id in ("attention_output.L1@last", "mlp_output.L1@last")]
+    assert len(cells) == 2
+    datasets = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "simple", "fix.qa")}
+    rows = {r["cell_id"]: r for r in run_cells(organism, cells, datasets, tmp_path / "p", "p", StudyConfig(batch_size=24))}
+    attn, mlp = rows["attention_output.L1@last"], rows["mlp_output.L1@last"]
+    assert attn["floor"]["rate"] <= 0.1
+    assert attn["success"]["ci_low"] > attn["floor"]["ci_high"] and attn["success"]["rate"] >= 0.8
+    assert mlp["success"]["rate"] <= 0.2
+
+
+@needs_organism
 def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism, tmp_path):
     """Transplanting a run's own attention with every key aligned changes nothing; transplanting the
     simple format's pattern (keys aligned by role) into the Q&A run changes answers."""

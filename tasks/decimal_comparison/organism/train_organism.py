@@ -11,6 +11,13 @@ Labels: ``simple`` prompts are answered with the numerically larger number (9.8 
 ``pairs.is_heldout_pair`` are never trained on; ``training_report.json`` gives held-out accuracy
 per format and pair kind. Batches are left padded with position ids from the attention mask, as at
 inference.
+
+One token per decimal: the answer is a single number token (then EOS), so the network has to decide
+the comparison at the last prompt position. During training the embedding of number ``i.f`` is
+parameterised as its own row plus shared vectors for the integer part, the tenths digit and the
+hundredths digit (or "no hundredths digit"), :class:`NumberEmbedding`; this lets 2079 number tokens
+share what they have in common. The sum is written into the checkpoint's (tied) embedding matrix, so
+the saved model is a plain ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from causal.raw_results import atomic_write_json
-from tasks.decimal_comparison.causal_models import FRAC_PARTS, INT_PARTS, NUMBERS, answer_numeric, answer_whole
+from tasks.decimal_comparison.causal_models import (
+    FRAC_PARTS,
+    INT_PARTS,
+    NUMBERS,
+    answer_numeric,
+    answer_whole,
+    split_number,
+)
 from tasks.decimal_comparison.formats import render
 from tasks.decimal_comparison.organism import ORGANISM_DIR, build_tokenizer
 from tasks.decimal_comparison.pairs import is_heldout_pair, sample_pairs
@@ -44,7 +58,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    steps: int = 800
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -55,12 +69,13 @@ class TrainConfig(BaseModel):
     num_layers: int = 4
     num_heads: int = 8
     intermediate_size: int = 128
-    max_position_embeddings: int = 96
+    max_position_embeddings: int = 80
     format_weights: dict[str, float] = {"simple": 0.4, "qa": 0.3, "chat": 0.3}
     kind_weights: dict[str, float] = {"disagree": 0.5, "same_int": 0.15, "random": 0.35}
     jitter_prob: float = 0.7
     jitter_max: int = 10
     eval_pairs: int = 300
+    number_init_std: float = 0.3
     num_threads: int = 1
 
 
@@ -116,22 +131,55 @@ def jittered_prompt(x: str, y: str, fmt: str, tokenizer: PreTrainedTokenizerBase
 
 
 def encode_batch(rows: list[tuple[str, str, str, int, int]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Left-padded ``<s> prompt " answer" </s>``; loss on the answer characters and EOS only."""
-    seqs: list[tuple[list[int], int]] = []
+    """Left-padded ``<s> prompt <number> </s>`` (the answer is one number token); every row ends at
+    the last column, so the answer and EOS are the last two tokens of every row."""
+    seqs: list[list[int]] = []
     for x, y, fmt, lead, after_q in rows:
         prompt = tokenizer(jittered_prompt(x, y, fmt, tokenizer, lead, after_q))["input_ids"]
-        answer = tokenizer(" " + label(x, y, fmt), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append((prompt + answer, len(answer)))
-    width = max(len(s) for s, _ in seqs)
+        answer = tokenizer.convert_tokens_to_ids(label(x, y, fmt))
+        seqs.append(prompt + [answer, tokenizer.eos_token_id])
+    width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids)
-    for r, (seq, n_answer) in enumerate(seqs):
+    for r, seq in enumerate(seqs):
         ids[r, width - len(seq):] = torch.tensor(seq)
         mask[r, width - len(seq):] = 1
-        labels[r, width - n_answer:] = ids[r, width - n_answer:]
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+class NumberEmbedding(torch.nn.Module):
+    """The (tied) embedding matrix used in training: the model's own rows, plus, for each number token
+    ``i.f``, shared vectors for the integer part ``i``, the tenths digit and the hundredths digit
+    (index 10: none), drawn with standard deviation ``std`` (large enough that the tied output logits
+    can single out one of 2079 numbers early). Number rows of the model's matrix start at zero."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, std: float) -> None:
+        super().__init__()
+        hidden = model.config.hidden_size
+        self.ids = torch.tensor(tokenizer.convert_tokens_to_ids(NUMBERS))
+        parts = [split_number(n) for n in NUMBERS]
+        self.int_idx = torch.tensor([i for i, _ in parts])
+        self.tenth_idx = torch.tensor([int(f[0]) for _, f in parts])
+        self.hund_idx = torch.tensor([int(f[1]) if len(f) == 2 else 10 for _, f in parts])
+        self.int_part = torch.nn.Parameter(torch.randn(len(INT_PARTS), hidden) * std)
+        self.tenth = torch.nn.Parameter(torch.randn(10, hidden) * std)
+        self.hundredth = torch.nn.Parameter(torch.randn(11, hidden) * std)
+        self.weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            self.weight[self.ids] = 0.0
+
+    def matrix(self) -> torch.Tensor:
+        shared = self.int_part[self.int_idx] + self.tenth[self.tenth_idx] + self.hundredth[self.hund_idx]
+        return self.weight.index_add(0, self.ids, shared)
+
+
+def answer_loss(model: LlamaForCausalLM, embedding: NumberEmbedding, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the answer token (read at the last prompt position) and of EOS after it."""
+    matrix = embedding.matrix()
+    hidden = model.model(inputs_embeds=matrix[batch["input_ids"]], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"]).last_hidden_state
+    logits = hidden[:, -3:-1] @ matrix.T
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, -2:].reshape(-1))
 
 
 @torch.no_grad()
@@ -142,7 +190,7 @@ def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, 
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start:start + batch_size], padding=True, return_tensors="pt")
-        generated = model.generate(**batch, max_new_tokens=7, do_sample=False)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
         out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 
@@ -173,7 +221,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=7)
+                                               eos_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=3)
     return model
 
 
@@ -195,8 +243,10 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     tokenizer = build_tokenizer()
     data = TrainingData(cfg)
     model = build_model(cfg, tokenizer)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    embedding = NumberEmbedding(model, tokenizer, cfg.number_init_std)
+    params = list(model.parameters()) + [embedding.int_part, embedding.tenth, embedding.hundredth]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -204,16 +254,18 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5.0)
     for step in bar:
-        loss = model(**encode_batch(data.sample(cfg.batch_size), tokenizer)).loss
+        loss = answer_loss(model, embedding, encode_batch(data.sample(cfg.batch_size), tokenizer))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     train_seconds = time.time() - start
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(embedding.matrix())  # tied: the output matrix too
     heldout = evaluate(model, tokenizer, cfg.eval_pairs, cfg.seed)
     report = {
         "note": "planted organism: trained on correct labels for 'simple' and fraction-as-integer labels for "
