@@ -431,11 +431,12 @@ class LMPipeline:
         ids = generation.token_ids.tolist()
         tids = generation.topk_token_ids.tolist()
         tvals = generation.topk_logits.tolist()
+        texts = self.dump([ids[b][: generation.lengths[b]] for b in range(len(example_indices))])  # one batch call
         for b, example_index in enumerate(example_indices):
             n = generation.lengths[b]
             rows.append({
                 "example_index": int(example_index),
-                "output_text": self.dump([ids[b][:n]])[0],
+                "output_text": texts[b],
                 "output_token_ids": ids[b][:n],
                 "topk_token_ids": tids[b][:n],
                 "topk_logits": tvals[b][:n],
