@@ -46,6 +46,8 @@ SITE_KINDS = ("interchange", "zero_ablation", "mean_ablation")
 #: "factor": float}`` at the unit's positions (``"all_positions": True``: every position).
 ATTENTION_KINDS = ("attention_block", "attention_transplant", "qk_scale")
 KINDS = SITE_KINDS + ATTENTION_KINDS
+#: Kinds that read the counterfactual run (the others act on the base run alone).
+SOURCE_KINDS = ("interchange", "attention_transplant")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Cell:
         if self.units and any(attention) != (self.kind in ATTENTION_KINDS) or len(set(attention)) > 1:
             raise ValueError(f"cell {self.cell_id!r}: kind {self.kind!r} needs "
                              f"{'attention_pattern' if self.kind in ATTENTION_KINDS else 'activation'} units only")
+        if self.kind == "qk_scale" and any(u.head is None for u in self.units):
+            raise ValueError(f"cell {self.cell_id!r}: qk_scale scales one head: give each AttentionPattern a head")
         if self.kind == "qk_scale" and (self.parameters.get("target") not in ("query", "key")
                                         or not isinstance(self.parameters.get("factor"), (int, float))):
             raise ValueError(f"cell {self.cell_id!r}: qk_scale needs parameters target ('query'|'key') and factor")
@@ -142,12 +146,13 @@ def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Te
     if unit.feature_indices is None:
         return None
     features, _ = unit.featurizer.featurize(torch.zeros(1, width, device=device))
-    mask = torch.zeros(features.shape[-1], dtype=torch.bool, device=device)
-    try:
-        mask[list(unit.feature_indices)] = True
-    except IndexError as exc:
-        raise ValueError(f"feature indices {unit.feature_indices} out of range for {features.shape[-1]} features "
-                         f"of featurizer {unit.address.featurizer_id!r}") from exc
+    k = features.shape[-1]
+    indices = list(unit.feature_indices)
+    if any(not 0 <= i < k for i in indices) or len(set(indices)) != len(indices):
+        raise ValueError(f"feature indices {unit.feature_indices} must be distinct and in 0..{k - 1} "
+                         f"(featurizer {unit.address.featurizer_id!r} has {k} features)")
+    mask = torch.zeros(k, dtype=torch.bool, device=device)
+    mask[indices] = True
     return mask
 
 
@@ -192,26 +197,28 @@ class InterventionEngine:
                 pipeline.model.base_model(**cf_batch.model_inputs(), use_cache=False)
             sources.update({("probs", layer): control.get(layer).probs for layer in transplant_layers})
 
-        # token indices of each (position, example), padded-batch coordinates, computed once per part
+        # token indices of each (position, example), padded-batch coordinates, computed once per part;
+        # source-side indices only for positions a cell reads from the counterfactual (interchange, transplant)
         base_cols: dict[int, list[list[int]]] = {}
         source_cols: dict[int, list[list[int]]] = {}
         for group in groups:
             for cell in group:
+                needs_source = cell.kind in SOURCE_KINDS
                 for pos in [u.position for u in cell.units] + list(cell.key_roles or []):
-                    if id(pos) in base_cols:
+                    if id(pos) not in base_cols:
+                        base_cols[id(pos)] = [[i + base_batch.pad_offsets[b] for i in pos.index(base)]
+                                              for b, base in enumerate(bases)]
+                    if not needs_source or id(pos) in source_cols:
                         continue
-                    base_cols[id(pos)], source_cols[id(pos)] = [], []
+                    source_cols[id(pos)] = []
                     for b, (base, cf) in enumerate(zip(bases, counterfactuals)):
-                        on_base = pos.index(base)
-                        on_source = (pos.counterfactual_index(cf)
-                                     if cell.kind in ("interchange", "attention_transplant") else on_base)
-                        if len(on_base) != len(on_source):
+                        on_source = pos.counterfactual_index(cf)
+                        if len(base_cols[id(pos)][b]) != len(on_source):
                             raise TokenPositionError(
-                                f"token position {pos.id!r} selects {len(on_base)} token(s) in the base "
+                                f"token position {pos.id!r} selects {len(base_cols[id(pos)][b])} token(s) in the base "
                                 f"{base.get('raw_input')!r} but {len(on_source)} in the counterfactual "
                                 f"{cf.get('raw_input')!r}; an interchange needs equally many on both sides"
                             )
-                        base_cols[id(pos)].append([i + base_batch.pad_offsets[b] for i in on_base])
                         source_cols[id(pos)].append([i + cf_batch.pad_offsets[b] for i in on_source])
 
         cell_rows: list[dict[str, Any]] = []
@@ -295,7 +302,8 @@ class InterventionEngine:
             site = first.site
             units = [cell.units[slot] for cell in group]
             base_idx = [base_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
-            src_idx = [source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
+            src_idx = ([source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
+                       if kind == "interchange" else [])
             width = max(len(ix) for ix in base_idx + src_idx)
             columns = torch.tensor([_pad_to(ix, width) for ix in base_idx], device=device)  # (R, n)
             heads = (torch.tensor([u.head for u in units for _ in range(n_pairs)], device=device)
@@ -311,6 +319,10 @@ class InterventionEngine:
                 if kind == "zero_ablation":
                     values = torch.zeros(columns.shape[0], width, d, device=device, dtype=dtype)
                 else:  # mean_ablation
+                    for cell in group:
+                        if tuple(cell.ablation_values[slot].shape) != (d,):
+                            raise ValueError(f"cell {cell.cell_id!r}: mean-ablation value of unit {slot} has shape "
+                                             f"{tuple(cell.ablation_values[slot].shape)}, the site is ({d},) wide")
                     per_cell = torch.stack([cell.ablation_values[slot].to(device, dtype) for cell in group])  # (C, d)
                     values = per_cell.repeat_interleave(n_pairs, dim=0)[:, None, :].expand(-1, width, -1)
             featurizer = first.featurizer if first.featurized else None
@@ -436,6 +448,12 @@ class InterventionEngine:
                     [self._key_map(group[r // n_pairs], base_batch, cf_batch, pair_of_row[r], base_cols, source_cols)
                      for r in range(n_rows)], device=device)
                 aligned = align_source_probs(picked, key_map)
+                # a query never reads a key after itself: drop such keys, renormalise what is left
+                keys = torch.arange(aligned.shape[-1], device=device)
+                causal = (keys[None, None, :] <= columns[:, :, None]).to(aligned.dtype)[:, None]  # (R, 1, n, Kb)
+                aligned = aligned * causal
+                total = aligned.sum(-1, keepdim=True)
+                aligned = torch.where(total > 0, aligned / total.clamp(min=torch.finfo(aligned.dtype).tiny), aligned)
                 ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
                                                columns, aligned.to(probs.dtype)))
         with attention_control(pipeline.model, ops):

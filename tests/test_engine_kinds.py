@@ -263,3 +263,59 @@ def test_addition_task_record():
     assert "general_addition" in known_tasks()
     with pytest.raises(ValueError, match="unknown task"):
         get_task("no_such_task")
+
+
+def test_kinds_sharing_a_position_read_their_own_sides(pipelines):
+    """An ablation cell and an interchange cell at one position: the interchange still reads the
+    counterfactual's own token (the source columns do not depend on which cell came first)."""
+    pipeline = pipelines["llama"]
+    second = TokenPosition(lambda s: [s["raw_input"].index("+") + 2], pipeline, id="second_operand")
+    bases = [{"raw_input": s} for s in ("1+2=", "3+4=", "5+6=")]
+    sources = [{"raw_input": s} for s in ("999+87=", "77+1=", "123+4=")]
+    _, alone = run(pipeline, [Cell("ic", [ResidualStream(0, second)])], bases=bases, sources=sources)
+    _, mixed = run(pipeline, [Cell("za", [ResidualStream(0, second)], kind="zero_ablation"),
+                              Cell("ic", [ResidualStream(0, second)])], bases=bases, sources=sources)
+    assert_same(mixed["ic"], alone["ic"])
+
+
+def test_transplanted_attention_stays_causal(pipelines, monkeypatch):
+    """Prompts of different lengths: aligned source probabilities never put mass on a key after the query."""
+    import experiments.intervention_engine as engine_module
+
+    captured = []
+    original = engine_module.TransplantAttention
+
+    def capture(*args, **kwargs):
+        op = original(*args, **kwargs)
+        captured.append(op)
+        return op
+
+    monkeypatch.setattr(engine_module, "TransplantAttention", capture)
+    pipeline = pipelines["llama"]
+    plus = TokenPosition(lambda s: [s["raw_input"].index("+") + 1], pipeline, id="plus")
+    run(pipeline, [Cell("t", [AttentionPattern(1, plus)], kind="attention_transplant")],
+        bases=[{"raw_input": "12+34="}, {"raw_input": "5+6="}, {"raw_input": "123+4="}],
+        sources=[{"raw_input": "777+1="}, {"raw_input": "3+300="}, {"raw_input": "9+8="}])
+    (op,) = captured
+    for r in range(op.probs.shape[0]):
+        for j, q in enumerate(op.query_positions[r].tolist()):
+            if q < 0:
+                continue
+            row = op.probs[r, :, j]  # (heads, K)
+            assert float(row[:, q + 1:].abs().sum()) == 0.0
+            torch.testing.assert_close(row.sum(-1), torch.ones(row.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_bad_kind_parameters_are_refused(pipelines):
+    pipeline = pipelines["llama"]
+    pos = last_token_position(pipeline)
+    with pytest.raises(ValueError, match="scales one head"):
+        Cell("q", [AttentionPattern(0, pos)], kind="qk_scale", parameters={"target": "query", "factor": 2.0})
+    rotation = LinearFeaturizer(random_rotation(pipeline.hidden_size), id="rotation")
+    for bad in ((-1,), (0, 0), (pipeline.hidden_size,)):
+        cell = Cell("f", [_with(ResidualStream(0, pos), featurizer=rotation, feature_indices=bad)])
+        with pytest.raises(ValueError, match="feature indices"):
+            run(pipeline, [cell])
+    wrong = Cell("m", [ResidualStream(0, pos)], kind="mean_ablation", ablation_values=[torch.zeros(5)])
+    with pytest.raises(ValueError, match="mean-ablation value"):
+        run(pipeline, [wrong])

@@ -167,6 +167,12 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
     for entry, raw_folder in experiments:
         raw = RawResults(raw_folder)
         experiment = raw.manifest.experiment_id
+        kinds = sorted({cell.kind for cell in raw.manifest.cells} - {"interchange"})
+        if kinds:  # interchange labels say nothing about ablations, blocks or transplants
+            lines += ["", f"## {experiment}: not scored", "",
+                      f"Its cells are {', '.join(kinds)} interventions; interchange accuracy applies to interchange "
+                      f"cells only. Read its raw results directly."]
+            continue
         kind = "heads" if raw.manifest.experiment_type == "patch_attention_heads" else "positions"
         position_order = list(dict.fromkeys(u.position_id for c in raw.manifest.cells for u in c.units))
         model_name = raw.manifest.model.get("name") or str(metadata["model"])

@@ -126,6 +126,6 @@ TASK = Task(
     prompt_formats=dict(PROMPT_TEMPLATES),
     organism=ORGANISM,
     results_name="addition",
-    study_slug=lambda s: f"{s.digits}d",
+    study_slug=lambda s: f"{s.digits}d" + ("" if s.template == DEFAULT_TEMPLATE else f"_{s.template}"),
     summary_extras=own_position_lines,
 )
