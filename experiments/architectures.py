@@ -2,7 +2,8 @@
 
 A family says where each component of ``experiments.sites.COMPONENTS`` lives: a module path
 (``{layer}`` is the block index), whether the activation is that module's input or output, and
-whether it is split into heads ((B, T, H·d) ↔ (B, T, H, d)). Families are found by layout, so
+whether it is split into heads ((B, T, H·d) ↔ (B, T, H, d)); plus the final norm before the
+unembedding and the module whose *input* holds the MLP neurons (post-activation). Families are found by layout, so
 new model classes that follow a known layout (OLMo 2, Qwen 3, Gemma 3 …) work without listing:
 
 - ``decoder_layers``: ``model.layers[i]`` with ``self_attn.o_proj`` and ``mlp`` (Llama, Mistral,
@@ -41,14 +42,16 @@ class ArchitectureFamily:
     name: str
     layers: str
     components: dict[str, ComponentHook]
+    final_norm: str
+    mlp_neurons: str
 
     def matches(self, model: torch.nn.Module) -> bool:
         try:
             blocks = get_module(model, self.layers)
             if not len(blocks):
                 return False
-            for hook in self.components.values():
-                get_module(model, hook.module.format(layer=0))
+            for path in [hook.module for hook in self.components.values()] + [self.final_norm, self.mlp_neurons]:
+                get_module(model, path.format(layer=0))
         except (AttributeError, IndexError, TypeError):
             return False
         return True
@@ -65,6 +68,8 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
             "mlp_output": ComponentHook("model.layers[{layer}].mlp", "output"),
             "head_attention_value_output": ComponentHook("model.layers[{layer}].self_attn.o_proj", "input", True),
         },
+        final_norm="model.norm",
+        mlp_neurons="model.layers[{layer}].mlp.down_proj",
     ),
     ArchitectureFamily(
         name="gpt2",
@@ -76,6 +81,8 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
             "mlp_output": ComponentHook("transformer.h[{layer}].mlp", "output"),
             "head_attention_value_output": ComponentHook("transformer.h[{layer}].attn.c_proj", "input", True),
         },
+        final_norm="transformer.ln_f",
+        mlp_neurons="transformer.h[{layer}].mlp.c_proj",
     ),
 )
 

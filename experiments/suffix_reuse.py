@@ -115,7 +115,7 @@ class SuffixReuse:
         self.layers = get_module(model, self.family.layers)
         self.n_layers = len(self.layers)
         base = model.base_model
-        self.final_norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+        self.final_norm = get_module(model, self.family.final_norm)
         self.rotary = getattr(base, "rotary_emb", None)
         self.window = getattr(model.config, "sliding_window", None)
 
@@ -124,8 +124,6 @@ class SuffixReuse:
         model, pipeline = self.pipeline.model, self.pipeline
         if not pipeline.projects_last_only:
             return "the model transforms its final logits"
-        if self.final_norm is None:
-            return "no final norm found"
         names = {type(layer).__name__ for layer in self.layers}
         if not names <= SUPPORTED_LAYERS:
             return f"layer class {sorted(names - SUPPORTED_LAYERS)} not supported"

@@ -19,7 +19,6 @@ from experiments.analysis.model_access import (
     final_norm,
     residual_stream,
     teacher_forced,
-    unembed,
 )
 from experiments.pipeline import LMPipeline, PromptBatch
 
@@ -36,7 +35,7 @@ def lens_logits(pipeline: LMPipeline, batch: PromptBatch, layers: Sequence[int] 
     for layer, hidden in residual.items():
         if translator is not None:
             hidden = translator(layer, hidden)
-        out[layer] = unembed(pipeline.model, norm(hidden)).float()
+        out[layer] = pipeline.project(norm(hidden))
     return out
 
 

@@ -18,15 +18,6 @@ from experiments.architectures import family_of, get_module
 from experiments.hooks_backend import register_site_hook
 from experiments.pipeline import LMPipeline, PromptBatch
 
-#: Module (path template) whose *input* holds the MLP neurons (post-activation), per family.
-NEURON_MODULES: dict[str, str] = {
-    "decoder_layers": "model.layers[{layer}].mlp.down_proj",
-    "gpt2": "transformer.h[{layer}].mlp.c_proj",
-}
-#: The final norm applied to the last residual before the unembedding, per family.
-FINAL_NORMS: dict[str, str] = {"decoder_layers": "model.norm", "gpt2": "transformer.ln_f"}
-
-
 def check_layer(pipeline: LMPipeline, layer: int, allow_embeddings: bool = False) -> int:
     """``layer`` if it is a block index of the model (or -1 for the embeddings when allowed), else ValueError."""
     low = -1 if allow_embeddings else 0
@@ -44,21 +35,12 @@ def check_head(pipeline: LMPipeline, head: int) -> int:
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The norm between the last block and the unembedding (``model.norm`` / ``transformer.ln_f``)."""
-    return get_module(model, FINAL_NORMS[family_of(model).name])
-
-
-def unembed(model: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
-    """Logits from already-normed hidden states: the output embedding, then the final logit softcap if any."""
-    logits = model.get_output_embeddings()(normed)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return get_module(model, family_of(model).final_norm)
 
 
 def neuron_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """The module whose input is the MLP's hidden neurons at block ``layer``."""
-    return get_module(model, NEURON_MODULES[family_of(model).name].format(layer=layer))
+    return get_module(model, family_of(model).mlp_neurons.format(layer=layer))
 
 
 @torch.no_grad()

@@ -14,20 +14,14 @@ import torch
 
 from experiments.architectures import family_of, get_module
 
-_DOWN_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h")
-
 
 def down_projection(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The down projection of block ``layer``'s MLP (its input is the neuron activation)."""
+    """The down projection of block ``layer``'s MLP (its input is the neuron activation), from the component map."""
     family = family_of(model)
     blocks = get_module(model, family.layers)
     if not 0 <= layer < len(blocks):
         raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
-    mlp = blocks[layer].mlp
-    for name in _DOWN_PROJECTIONS:
-        if hasattr(mlp, name):
-            return getattr(mlp, name)
-    raise ValueError(f"no down projection ({', '.join(_DOWN_PROJECTIONS)}) in {type(mlp).__name__}")
+    return get_module(model, family.mlp_neurons.format(layer=layer))
 
 
 def parse_neurons(spec: str) -> dict[int, list[int]]:
