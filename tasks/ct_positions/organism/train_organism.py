@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
+from experiments.organism_training import adamw_with_warmup_cosine
 from tasks.ct_positions.causal_models import CT_SLOTS, default_assignment
 from tasks.ct_positions.data import Problem, generate_problems, is_heldout, problem_from_structure, sample_structure
 from tasks.ct_positions.organism import BOT, EOT, N_VALUES, ORGANISM_DIR, build_tokenizer
@@ -85,13 +85,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> LlamaForCausalLM:
     model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                                do_sample=False)
     return model
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def training_loss(model: LlamaForCausalLM, projection: CODIProjection, readout: torch.nn.Linear, tok,
@@ -168,10 +161,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     projection = CODIProjection(cfg.hidden_size, cfg.projection_size)
     readout = torch.nn.Linear(cfg.hidden_size, N_VALUES)
     params = list(model.parameters()) + list(projection.parameters()) + list(readout.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = adamw_with_warmup_cosine(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps,
+                                                    cfg.min_lr_ratio)
     model.train()
     projection.train()
     history: list[tuple[float, float]] = []

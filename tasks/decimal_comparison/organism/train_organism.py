@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from causal.raw_results import atomic_write_json
+from experiments.organism_training import adamw_with_warmup_cosine
 from tasks.decimal_comparison.causal_models import (
     FRAC_PARTS,
     INT_PARTS,
@@ -225,14 +225,6 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
     return model
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate on held-out pairs, save model + tokenizer + training_report.json to ``out_dir``."""
     torch.set_num_threads(cfg.num_threads)
@@ -245,11 +237,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     model = build_model(cfg, tokenizer)
     embedding = NumberEmbedding(model, tokenizer, cfg.number_init_std)
     params = list(model.parameters()) + [embedding.int_part, embedding.tenth, embedding.hundredth]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = adamw_with_warmup_cosine(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps,
+                                                    cfg.min_lr_ratio)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5.0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from experiments.organism_training import adamw_with_warmup_cosine
 from tasks.general_addition.organism import ORGANISM_DIR, build_tokenizer
 
 WIDTHS: tuple[int, ...] = (2, 3)
@@ -206,14 +206,6 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
     return model
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate on the held-out problems, save model + tokenizer + report to ``out_dir``."""
     torch.set_num_threads(cfg.num_threads)
@@ -226,14 +218,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     vocab = tokenizer.get_vocab()
     data = AdditionData(cfg)
     model = build_model(cfg, tokenizer)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = adamw_with_warmup_cosine(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps,
+                                                    cfg.steps, cfg.min_lr_ratio)
 
     losses: list[float] = []
     model.train()
