@@ -181,10 +181,7 @@ class InterventionExperiment:
             todo = [(d, p) for d, p in shard_items(every_part, shard) if (d.id, p) in missing]
             for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
                 indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
-                examples = [dataset[i] for i in indices]
-                for i, ex in zip(indices, examples):
-                    if len(ex["counterfactual_inputs"]) <= k:
-                        raise ValueError(f"example {i} of dataset {dataset.id!r} has no counterfactual input #{k}")
+                examples = [dataset[i] for i in indices]  # every example was checked by _check_inputs
                 base_rows, cell_rows = self.engine.run_part(
                     [ex["input"] for ex in examples], [ex["counterfactual_inputs"][k] for ex in examples], indices, groups
                 )
