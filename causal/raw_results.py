@@ -863,8 +863,11 @@ class RawResultsWriter:
         for kind in PART_KINDS:
             part_path(self.root, kind, dataset_id, part).unlink(missing_ok=True)
 
-    def _write_record(self, dataset_id: str, part: int, files: dict[str, bytes]) -> None:
-        frames = {kind: _parse_parquet(data) for kind, data in files.items()}
+    def _write_record(self, dataset_id: str, part: int, files: dict[str, bytes],
+                      n_rows: dict[str, int] | None = None) -> None:
+        """Record of a written part; ``n_rows`` per file when known (else counted by reading the bytes)."""
+        if n_rows is None:
+            n_rows = {kind: len(_parse_parquet(data)) for kind, data in files.items()}
         record = PartRecord(
             dataset_id=dataset_id,
             dataset_fingerprint=self.manifest.dataset(dataset_id).fingerprint,
@@ -874,7 +877,7 @@ class RawResultsWriter:
             producer_sha256=self.manifest.producer_sha256(),
             files={
                 kind: FileRecord(path=_rel(self.root, part_path(self.root, kind, dataset_id, part)), n_bytes=len(data),
-                                 sha256=hashlib.sha256(data).hexdigest(), n_rows=len(frames[kind]))
+                                 sha256=hashlib.sha256(data).hexdigest(), n_rows=n_rows[kind])
                 for kind, data in files.items()
             },
         )
@@ -904,7 +907,7 @@ class RawResultsWriter:
         part_record_path(self.root, dataset_id, part).unlink(missing_ok=True)
         for kind in PART_KINDS:
             atomic_write_bytes(part_path(self.root, kind, dataset_id, part), files[kind])
-        self._write_record(dataset_id, part, files)
+        self._write_record(dataset_id, part, files, {kind: len(frame) for kind, frame in frames.items()})
 
     def close(self) -> None:
         """Release the folder lock."""

@@ -185,7 +185,18 @@ class InterventionEngine:
         pipeline = self.pipeline
         base_batch = pipeline.load(bases)
         cf_batch = pipeline.load(counterfactuals)
-        base_rows = pipeline.output_rows(pipeline.generate(base_batch), example_indices)
+        fast = [self._suffix_eligible(group) for group in groups]
+        base_run: BaseRun | None = None
+        if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
+            def base_forward(inputs: dict[str, Any]) -> Any:  # the suffix base pass is the base rows' prompt pass
+                nonlocal base_run
+                base_run = self.suffix.base_pass(base_batch)
+                return base_run.output
+
+            base_generation = pipeline.greedy_decode(base_batch, base_forward)
+        else:
+            base_generation = pipeline.generate(base_batch)
+        base_rows = pipeline.output_rows(base_generation, example_indices)
 
         sites = sorted({unit.site for group in groups for cell in group if cell.kind == "interchange"
                         for unit in cell.units}, key=lambda s: (s.layer, s.component))
@@ -224,9 +235,7 @@ class InterventionEngine:
         cell_rows: list[dict[str, Any]] = []
         n_pairs = len(example_indices)
         order = {cell.cell_id: k for k, cell in enumerate(c for group in groups for c in group)}
-        fast = [self._suffix_eligible(group) for group in groups]
-        if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
-            base_run = self.suffix.base_pass(base_batch)
+        if base_run is not None:
             run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
                                                           source_cols, example_indices)
             pending: list[list[Cell]] = []

@@ -17,6 +17,8 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.top_k import top_k
+
 PromptLike = str | dict[str, Any]
 
 #: Config attributes of final-logit transforms other than Gemma's softcapping (Cohere ``logit_scale``,
@@ -100,6 +102,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 HUB_PROBE_TIMEOUT_S = 10.0
+#: logits elements projected at once by ``LMPipeline.project_top_k``: (CPU, CUDA); 2**23 float32 = 32 MiB
+PROJECTION_CHUNK_ELEMENTS = (2**23, 2**27)
 
 
 def _hub_offline() -> bool:
@@ -222,6 +226,41 @@ class LMPipeline:
         if logits is not None:
             return logits[:, -1, :].float()
         return self.project(out.last_hidden_state[:, -1])
+
+    def project_top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (R, k) float32 logits and token ids of final hidden states (R, d), ties to the lower id.
+
+        Projects ``PROJECTION_CHUNK_ELEMENTS // V`` rows at a time (the logits of a chunk stay in cache on
+        CPU; on a GPU they bound the float32 logits held at once) and never keeps all R × V logits."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        k = min(k, vocab)
+        budget = PROJECTION_CHUNK_ELEMENTS[hidden.device.type == "cuda"]
+        step = max(1, budget // vocab)
+        values, ids = [], []
+        for start in range(0, hidden.shape[0], step):
+            v, i = top_k(self.project(hidden[start : start + step]), k)
+            values.append(v)
+            ids.append(i)
+        if not values:
+            empty = torch.empty(0, k, device=hidden.device)
+            return empty, empty.long()
+        return torch.cat(values), torch.cat(ids)
+
+    def last_top_k(self, out: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (B, k) float32 logits and ids at the last position of a forward's output.
+
+        Reads, in order: ``out.last_hidden`` (U, d) final hidden states (after the final norm) with
+        ``out.last_hidden_rows`` (B,) naming each row's state (absent: one state per row), projected by
+        ``project_top_k``; ``out.last_logits`` (B, V); the model's ``logits``; ``last_hidden_state``."""
+        hidden = getattr(out, "last_hidden", None)
+        if hidden is not None:
+            values, ids = self.project_top_k(hidden, k)
+            rows = getattr(out, "last_hidden_rows", None)
+            return (values, ids) if rows is None else (values[rows], ids[rows])
+        if getattr(out, "last_logits", None) is None and getattr(out, "logits", None) is None:
+            return self.project_top_k(out.last_hidden_state[:, -1], k)
+        logits = self.last_logits(out)
+        return top_k(logits, min(k, logits.shape[-1]))
 
     def _load(self, name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         local = Path(name).expanduser()
@@ -388,8 +427,9 @@ class LMPipeline:
                 f"{batch.lengths[longest] + steps - 1} positions but {self.name!r} takes at most {limit}"
             )
         inputs = self.forward_inputs({**batch.model_inputs(), "use_cache": steps > 1})
+        k = self.top_k
         out = prompt_forward(inputs)
-        logits = self.last_logits(out)
+        vals, ids = self.last_top_k(out, k)
         cache = out.past_key_values if steps > 1 else None
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
@@ -399,9 +439,7 @@ class LMPipeline:
         mask = batch.attention_mask
         positions = batch.position_ids[:, -1:]
         lengths = [0] * bsz
-        k = min(self.top_k, logits.shape[-1])
         for step in range(steps):
-            vals, ids = logits.topk(k, dim=-1)
             nxt = ids[:, 0]
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             for b in (~finished).nonzero().flatten().tolist():
@@ -420,7 +458,7 @@ class LMPipeline:
                 "past_key_values": cache, "use_cache": True,
             }))
             cache = out.past_key_values
-            logits = self.last_logits(out)
+            vals, ids = self.last_top_k(out, k)
         return GenerationOutput(
             torch.stack(tokens, dim=1), lengths, torch.stack(top_ids, dim=1), torch.stack(top_vals, dim=1)
         )

@@ -5,30 +5,37 @@ layer r - 1) at token columns starting at p cannot change anything at positions 
 attention) nor below layer r. So, per part:
 
 1. one base pass keeps the residual entering every layer (B, T, d) and every layer's post-rotary
-   keys/values (B, kv_heads, T, d_head);
-2. per patched row, layers r .. L-1 run on positions ≥ p only, reading the base keys/values for
-   positions < p; rows sharing p are batched across layers (a row joins the batch at its layer r);
-3. in the last layer only the read (last) position runs attention and MLP; the other positions ≥ p
-   only get their keys/values (the layer is stopped right after its cache update);
-4. a patch of the last layer's output needs no compute (only the read position's value can matter);
-5. for whole-answer generation the full KV cache of every patched row is assembled (base keys/values
-   below layer r and at positions < p, recomputed ones elsewhere) and decoding continues from it.
+   keys/values (B, kv_heads, T, d_head); it is also the base rows' own prompt pass;
+2. the patched rows' tokens at columns ≥ their start p are packed into one sequence (1, n_tokens, d) and
+   each layer runs once on all rows active there (a row joins at its layer r): norms, projections and
+   MLPs see exactly the needed tokens; attention is computed per row on a padded layout, reading the
+   base keys/values for columns < p (see ``_Packing``);
+3. in the last layer only the read (last) column runs attention and MLP; the other columns ≥ p only get
+   their keys/values (the layer is stopped right after its cache update);
+4. a patch of the last layer's output needs no compute (only the read column's value can matter);
+5. for whole-answer generation the full KV cache of every patched row (base keys/values below layer r
+   and at columns < p, recomputed ones elsewhere) is handed to decoding.
 
-Decoder layers are the model's own modules, called with a causal mask (left padding honoured),
-rotary embeddings for the rows' position ids and a stand-in cache holding the base prefix, so norms,
-softcapping, biases and Q/K norms are the architecture's own. Used only where it is exact: see
-``SuffixReuse.supports`` (sdpa/eager attention, prompt shorter than any sliding window, layers of a
-tested class).
+Decoder layers are the model's own modules, called with packed rotary embeddings and a stand-in cache;
+their attention dispatches through transformers' attention registry to ``packed_attention``, which
+unpacks to padded rows and calls the model's own attention function (sdpa or the modeling file's
+eager one) with a causal mask (left padding honoured). Norms, softcapping, biases and Q/K norms are
+the architecture's own. Used only where it is exact: see ``SuffixReuse.supports`` (sdpa/eager
+attention, prompt shorter than any sliding window, layers of a tested class).
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from experiments.architectures import family_of, get_module
 from experiments.hooks_backend import register_site_hook
@@ -54,22 +61,74 @@ class _StopLayer(Exception):
     """Raised by the stand-in cache once a layer's new keys/values are known (the rest is not needed)."""
 
 
-class _PrefixCache:
-    """Stands in for a transformers cache during one decoder-layer call: ``update`` remembers the new
-    keys/values (A, kv_heads, q, d_head) and returns them after the base prefix (A, kv_heads, p, d_head)."""
+class _Packing:
+    """One packed layer call. Token t of the packed sequence belongs to active row ``slot[t]`` at column
+    ``col[t]``. Stands in for the layer's cache (``update`` writes the new keys/values into the rows'
+    (R, kv_heads, T, d_head) buffers, which start as the base run's) and lays the packed queries out
+    as padded rows for the attention function."""
 
     is_compileable = False
 
-    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, stop: bool = False):
-        self.prefix_k, self.prefix_v, self.stop = prefix_k, prefix_v, stop
-        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, col: torch.Tensor,
+                 attention_mask: torch.Tensor, implementation: str, stop: bool = False):
+        self.keys, self.values, self.slot, self.col, self.stop = keys, values, slot, col, stop
+        self.implementation = implementation
+        self.first, last = int(col.min()), int(col.max())
+        self.width = last + 1  # keys a query can see
+        cols = torch.arange(self.width, device=col.device)
+        causal = cols[None, :] <= cols[self.first :, None]  # (query column, key column)
+        allowed = causal[None] & attention_mask[:, : self.width].bool()[:, None, :]
+        zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
+        self.mask = torch.where(allowed, zero, torch.finfo(keys.dtype).min)[:, None]  # (R, 1, q, K)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        self.new = (key_states, value_states)
+        self.keys[self.slot, :, self.col] = key_states[0].transpose(0, 1).to(self.keys.dtype)
+        self.values[self.slot, :, self.col] = value_states[0].transpose(0, 1).to(self.values.dtype)
         if self.stop:
             raise _StopLayer
-        return torch.cat([self.prefix_k, key_states], dim=2), torch.cat([self.prefix_v, value_states], dim=2)
+        return self.keys[:, :, : self.width], self.values[:, :, : self.width]
+
+    def attend(self, inner: Callable[..., Any], module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """query (1, H, n_tokens, d) packed -> output (1, n_tokens, H, d) packed, via ``inner`` on padded rows."""
+        rows, heads, d = key.shape[0], query.shape[1], query.shape[-1]
+        padded = query.new_zeros(rows, heads, self.width - self.first, d)
+        local = self.col - self.first
+        padded[self.slot, :, local] = query[0].transpose(0, 1)
+        out, _ = inner(module, padded, key, value, self.mask, **kwargs)  # (R, q, H, d)
+        return out[self.slot, local][None], None
+
+
+_PACKING: contextvars.ContextVar[_Packing | None] = contextvars.ContextVar("suffix_reuse_packing", default=None)
+_INNER: dict[tuple[str, str], Callable[..., Any]] = {}
+#: Name of ``packed_attention`` in transformers' attention registry (selected only inside a packed pass).
+PACKED_ATTENTION = "suffix_reuse_packed"
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention-registry function of a packed pass: the model's own attention function (the
+    implementation it was configured with) on the current ``_Packing``'s padded rows."""
+    packing = _PACKING.get()
+    if packing is None:
+        raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} used outside a suffix-reuse pass")
+    return packing.attend(_inner_attention(module, packing.implementation), module, query, key, value, **kwargs)
+
+
+def _inner_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+    """The function ``module`` would call for ``implementation`` ("eager": its modeling file's own)."""
+    found = _INNER.get((type(module).__module__, implementation))
+    if found is None:
+        if implementation == "eager":
+            found = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            found = ALL_ATTENTION_FUNCTIONS[implementation]
+        _INNER[(type(module).__module__, implementation)] = found
+    return found
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 @dataclass
@@ -82,6 +141,12 @@ class BaseRun:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at every column, (B, T, ...)
+    output: Any = None  # the base model's own output of this pass (decoding of the base rows continues from it)
+
+    @property
+    def width(self) -> int:
+        """T, the padded prompt width."""
+        return self.batch.input_ids.shape[1]
 
 
 @dataclass
@@ -131,6 +196,8 @@ class SuffixReuse:
             return "no shared rotary embedding"
         if model.config._attn_implementation not in ("sdpa", "eager"):
             return f"attention implementation {model.config._attn_implementation!r}"
+        if model.config._attn_implementation == "eager" and getattr(model.config, "reorder_and_upcast_attn", False):
+            return "GPT-2's reorder_and_upcast_attn bypasses the attention registry"
         if self.window is not None and width >= int(self.window):
             return "prompt reaches the sliding window"
         if model.training:
@@ -139,7 +206,8 @@ class SuffixReuse:
 
     @torch.no_grad()
     def base_pass(self, batch: PromptBatch) -> BaseRun:
-        """One forward of the bases keeping every layer's residual input and keys/values."""
+        """One forward of the bases keeping every layer's residual input and keys/values; it is also the
+        prompt pass of the unpatched base rows (``BaseRun.output``, the body's output with its cache)."""
         residual: list[torch.Tensor] = []
 
         def keep(t: torch.Tensor) -> None:
@@ -158,105 +226,113 @@ class SuffixReuse:
         if len(residual) != self.n_layers + 1 or keys[0].shape[2] != batch.input_ids.shape[1]:
             raise RuntimeError("suffix reuse: the base pass did not expose every layer's residual and keys/values")
         rotary = self.rotary(residual[0], batch.position_ids) if self.family.name == "decoder_layers" else None
-        return BaseRun(batch, residual, keys, values, rotary)
+        return BaseRun(batch, residual, keys, values, rotary, output=out)
 
-    def _mask(self, base: BaseRun, pairs: torch.Tensor, start: int, n_query: int, dtype: torch.dtype) -> torch.Tensor:
-        """(A, 1, n_query, start + n_query) additive mask: query column q sees real key columns k ≤ q."""
-        cols = torch.arange(start + n_query, device=pairs.device)
-        causal = cols[None, :] <= cols[start:, None]  # (q, k)
-        allowed = causal[None] & base.batch.attention_mask[pairs, : start + n_query].bool()[:, None, :]
-        zero = torch.zeros((), dtype=dtype, device=pairs.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
-
-    def _layer(self, j: int, x: torch.Tensor, base: BaseRun, pairs: torch.Tensor, start: int,
-               prefix: tuple[torch.Tensor, torch.Tensor], stop: bool = False
-               ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """Layer j on x (A, q, d) = columns start .. T-1 of rows ``pairs``; returns (output or None when
-        stopped, new keys/values (A, kv_heads, q, d_head))."""
-        cache = _PrefixCache(*prefix, stop=stop)
-        n_query = x.shape[1]
-        mask = self._mask(base, pairs, start, n_query, x.dtype)
-        kwargs: dict[str, Any] = {"attention_mask": mask, "past_key_values": cache, "use_cache": True}
-        if self.family.name == "decoder_layers":
-            position_ids = base.batch.position_ids[pairs, start : start + n_query]
-            kwargs["position_ids"] = position_ids
-            cos, sin = base.rotary
-            kwargs["position_embeddings"] = (cos[pairs, start : start + n_query], sin[pairs, start : start + n_query])
+    @contextmanager
+    def _packed(self) -> Iterator[str]:
+        """Route the layers' attention to ``packed_attention``; yields the implementation it replaces."""
+        config = self.pipeline.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = PACKED_ATTENTION
         try:
-            out = self.layers[j](x, **kwargs)
+            yield previous
+        finally:
+            config._attn_implementation = previous
+
+    def _layer(self, j: int, x: torch.Tensor, packing: _Packing, pairs: torch.Tensor,
+               base: BaseRun) -> torch.Tensor | None:
+        """Layer j on packed tokens x (n, d) of rows ``pairs`` (R,) laid out by ``packing``; returns the
+        layer's output (n, d), or None when the packing stops after the cache update."""
+        kwargs: dict[str, Any] = {"attention_mask": None, "past_key_values": packing, "use_cache": True}
+        if self.family.name == "decoder_layers":
+            flat = pairs[packing.slot] * base.width + packing.col  # token -> (pair, column) in (B * T)
+            kwargs["position_ids"] = base.batch.position_ids.flatten().index_select(0, flat)[None]
+            kwargs["position_embeddings"] = tuple(t.flatten(0, 1).index_select(0, flat)[None] for t in base.rotary)
+        token = _PACKING.set(packing)
+        try:
+            out = self.layers[j](x[None], **kwargs)
         except _StopLayer:
-            out = None
-        if cache.new is None:
-            raise RuntimeError(f"suffix reuse: layer {j} did not update its cache")
-        return (out[0] if isinstance(out, tuple) else out), cache.new
+            return None
+        finally:
+            _PACKING.reset(token)
+        return (out[0] if isinstance(out, tuple) else out)[0]
 
     @torch.no_grad()
     def prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> SimpleNamespace:
-        """The intervened prompt pass of ``patch``'s rows: ``last_logits`` (R, V) float32 at the last column
-        and, when ``want_cache``, ``past_key_values`` (a DynamicCache over all layers and T columns)."""
+        """The intervened prompt pass of ``patch``'s rows: ``last_hidden`` (U, d) final-normed states at the
+        last column with ``last_hidden_rows`` (R,) naming each row's (rows whose output cannot change share
+        their base pair's state), and, when ``want_cache``, ``past_key_values`` (a DynamicCache over all
+        layers and T columns); see ``LMPipeline.last_top_k``."""
         L, width = self.n_layers, base.batch.input_ids.shape[1]
         read = width - 1
         n_rows = patch.pairs.shape[0]
         device = patch.pairs.device
         starts = patch.columns.min(dim=1).values
         final = torch.empty(n_rows, base.residual[0].shape[-1], dtype=base.residual[0].dtype, device=device)
-        recomputed: list[list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(L)]
+        buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * L  # (rows, keys, values)
 
-        # last layer's output: only the read column can matter; rows not patched there keep the base logits
+        # last layer's output: only the read column can matter; rows not patched there keep the base state
         hit = (patch.residual == L)[:, None] & (patch.columns == read)
         untouched = ((patch.residual == L) & ~hit.any(dim=1)).nonzero().flatten()
         rows, slots = hit.nonzero(as_tuple=True)
         final[rows] = patch.values[rows, slots].to(final.dtype)
 
-        for start in sorted(set(starts[patch.residual < L].tolist())):
-            members = ((starts == start) & (patch.residual < L)).nonzero().flatten()
-            active = members[:0]
-            x: torch.Tensor | None = None
-            for j in range(int(patch.residual[members].min()), L):
-                joining = members[patch.residual[members] == j]
+        deep = patch.residual < L
+        active = deep.nonzero().flatten()[:0]  # rows running so far, in joining order
+        x = base.residual[0].new_empty(0, base.residual[0].shape[-1])  # their packed tokens
+        slot = col = torch.empty(0, dtype=torch.long, device=device)
+        with self._packed() as implementation:
+            for j in range(int(patch.residual[deep].min()) if bool(deep.any()) else L, L):
+                joining = (deep & (patch.residual == j)).nonzero().flatten()
                 if len(joining):
-                    fresh = base.residual[j][patch.pairs[joining], start:].clone()
-                    local = (patch.columns[joining] - start)
-                    rows = torch.arange(len(joining), device=device)[:, None].expand_as(local)
-                    fresh[rows, local] = patch.values[joining].to(fresh.dtype)
-                    x = fresh if x is None else torch.cat([x, fresh])
+                    span = width - starts[joining]  # columns start .. T-1 of each joining row
+                    owner = torch.repeat_interleave(torch.arange(len(joining), device=device), span)
+                    first = torch.cumsum(span, 0) - span
+                    new_col = starts[joining][owner] + torch.arange(len(owner), device=device) - first[owner]
+                    flat = patch.pairs[joining][owner] * width + new_col
+                    fresh = base.residual[j].flatten(0, 1).index_select(0, flat)
+                    token = first[:, None] + patch.columns[joining] - starts[joining][:, None]  # (J, n) in fresh
+                    fresh[token.flatten()] = patch.values[joining].flatten(0, 1).to(fresh.dtype)
+                    x = torch.cat([x, fresh])
+                    slot = torch.cat([slot, owner + len(active)])
+                    col = torch.cat([col, new_col])
                     active = torch.cat([active, joining])
                 pairs = patch.pairs[active]
-                prefix = (base.keys[j][pairs, :, :start], base.values[j][pairs, :, :start])
+                keys, values = base.keys[j].index_select(0, pairs), base.values[j].index_select(0, pairs)
+                mask = base.batch.attention_mask.index_select(0, pairs)
+                buffers[j] = (active, keys, values)
                 if j < L - 1:
-                    x, kv = self._layer(j, x, base, pairs, start, prefix)
-                    recomputed[j].append((active, start, *kv))
+                    x = self._layer(j, x, _Packing(keys, values, slot, col, mask, implementation), pairs, base)
                     continue
-                if start < read:  # keys/values of columns start .. read-1, then the read column alone
-                    _, (k, v) = self._layer(j, x[:, :-1], base, pairs, start, prefix, stop=True)
-                    prefix = (torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2))
-                out, (k_read, v_read) = self._layer(j, x[:, -1:], base, pairs, read, prefix)
-                final[active] = out[:, -1]
-                if want_cache:
-                    recomputed[j].append((active, start, torch.cat([prefix[0][:, :, start:], k_read], dim=2),
-                                          torch.cat([prefix[1][:, :, start:], v_read], dim=2)))
+                early = col < read  # keys/values of columns start .. read-1, then the read column alone
+                if bool(early.any()):
+                    self._layer(j, x[early], _Packing(keys, values, slot[early], col[early], mask, implementation,
+                                                      stop=True), pairs, base)
+                at_read = ~early
+                out = self._layer(j, x[at_read], _Packing(keys, values, slot[at_read], col[at_read], mask,
+                                                          implementation), pairs, base)
+                final[active[slot[at_read]]] = out
 
-        needed = torch.ones(n_rows, dtype=torch.bool, device=device)
-        needed[untouched] = False
-        computed = needed.nonzero().flatten()
-        first = self.pipeline.project(self.final_norm(final[computed]))
-        logits = first.new_empty(n_rows, first.shape[-1])
-        logits[computed] = first
-        if len(untouched):
-            pairs, inverse = patch.pairs[untouched].unique(return_inverse=True)  # each base pair projected once
-            logits[untouched] = self.pipeline.project(self.final_norm(base.residual[L][pairs, read]))[inverse]
-        cache = self._cache(base, patch, recomputed) if want_cache else None
-        return SimpleNamespace(last_logits=logits, past_key_values=cache)
+        computed = torch.ones(n_rows, dtype=torch.bool, device=device)
+        computed[untouched] = False
+        computed = computed.nonzero().flatten()
+        pairs, inverse = patch.pairs[untouched].unique(return_inverse=True)  # each base pair's state once
+        hidden = self.final_norm(torch.cat([final[computed], base.residual[L][pairs, read]]))
+        rows = torch.empty(n_rows, dtype=torch.long, device=device)
+        rows[computed] = torch.arange(len(computed), device=device)
+        rows[untouched] = len(computed) + inverse
+        cache = self._cache(base, patch, buffers) if want_cache else None
+        return SimpleNamespace(last_hidden=hidden, last_hidden_rows=rows, past_key_values=cache)
 
     def _cache(self, base: BaseRun, patch: ResidualPatch,
-               recomputed: list[list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]]) -> DynamicCache:
-        """Full cache of the patched rows: base keys/values, overwritten where recomputed."""
+               buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> DynamicCache:
+        """Full cache of the patched rows: the base keys/values, the recomputing rows' buffers where they ran."""
         cache = DynamicCache(config=self.pipeline.model.config)
         for j in range(self.n_layers):
-            keys = base.keys[j][patch.pairs].clone()
-            values = base.values[j][patch.pairs].clone()
-            for active, start, k, v in recomputed[j]:
-                keys[active, :, start:] = k
-                values[active, :, start:] = v
+            keys = base.keys[j][patch.pairs]
+            values = base.values[j][patch.pairs]
+            if buffers[j] is not None:
+                active, k, v = buffers[j]
+                keys[active], values[active] = k, v
             cache.update(keys, values, j)
         return cache

@@ -118,3 +118,53 @@ def test_fast_path_declines_beyond_sliding_window(pipelines):
     pipeline = pipelines["gemma2"]
     reuse = SuffixReuse(pipeline)
     assert reuse.supports(int(pipeline.config.sliding_window)) == "prompt reaches the sliding window"
+
+
+@pytest.mark.parametrize("family,implementation", [("llama", "eager"), ("gpt2", "eager"), ("qwen2", "eager"),
+                                                   ("olmo2", "eager")])
+def test_packed_attention_delegates_to_either_implementation(family, implementation, model_dirs):
+    """The packed pass calls the model's own attention function: eager (the modeling file's) here, sdpa in
+    the tests above (Gemma 2 runs eager there)."""
+    from experiments.pipeline import LMPipeline
+
+    pipeline = LMPipeline(str(model_dirs[family]), max_new_tokens=2, device="cpu")
+    pipeline.model.set_attn_implementation(implementation)
+    assert pipeline.config._attn_implementation == implementation
+    cells = residual_cells(pipeline)
+    base_fast, fast = run(pipeline, cells, True)
+    base_slow, slow = run(pipeline, cells, False)
+    assert base_fast == base_slow
+    assert_same(fast, slow)
+    assert pipeline.config._attn_implementation == implementation, "the packed pass restores the implementation"
+
+
+def test_packed_pass_restores_attention_after_an_error(pipelines, monkeypatch):
+    pipeline = pipelines["llama"]
+    before = pipeline.config._attn_implementation
+    reuse = SuffixReuse(pipeline)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(pipeline.model.model.layers[0].mlp), "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(pipeline, residual_cells(pipeline)[:4], True)
+    assert pipeline.config._attn_implementation == before
+    assert reuse.supports(4) is None
+
+
+def test_packed_attention_outside_a_pass_is_refused(pipelines):
+    from experiments.suffix_reuse import packed_attention
+
+    q = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="outside a suffix-reuse pass"):
+        packed_attention(pipelines["llama"].model.model.layers[0].self_attn, q, q, q, None)
+
+
+def test_fast_path_declines_gpt2_reordered_eager_attention(model_dirs):
+    from experiments.pipeline import LMPipeline
+
+    pipeline = LMPipeline(str(model_dirs["gpt2"]), device="cpu")
+    pipeline.model.set_attn_implementation("eager")
+    pipeline.config.reorder_and_upcast_attn = True
+    assert "bypasses the attention registry" in SuffixReuse(pipeline).supports(4)
