@@ -68,6 +68,9 @@ feature indices). Version-1 folders are read (their cells are interchanges throu
 MANIFEST_NAME = "manifest.json"
 PART_RECORD_VERSION = 1
 PARTS_DIR = "parts"
+#: Cell-range shards write a part's cell blocks here (``blocks/<dataset_id>/part_NNNNN.block_B-of-M.*``);
+#: ``experiments.fleet.merge_shards`` assembles them into ordinary parts.
+BLOCKS_DIR = "blocks"
 PARTS_FORMAT_NAME = "format.json"
 LOCK_NAME = ".lock"
 PART_KINDS = ("base", "cells")
@@ -196,6 +199,14 @@ class PartRecord(BaseModel):
     files: dict[Literal["base", "cells"], FileRecord]
 
 
+class BlockRecord(PartRecord):
+    """A finished cell block of a part (cell-range shards): ``cell_ids`` are the block's cells, the files
+    live under ``blocks/``. Block ``block`` of ``n_blocks``."""
+
+    block: int = Field(ge=0)
+    n_blocks: int = Field(ge=1)
+
+
 class DamagedPart(BaseModel):
     """A part on disk that fails its checks: the culprit ``path`` and why."""
 
@@ -291,6 +302,16 @@ def part_file_name(index: int) -> str:
 def part_path(root: Path, kind: str, dataset_id: str, part: int) -> Path:
     """``root/<kind>/<dataset_id>/part_NNNNN.parquet``; kind is "base" or "cells"."""
     return root / kind / dataset_id / part_file_name(part)
+
+
+def block_path(root: Path, kind: str, dataset_id: str, part: int, block: tuple[int, int]) -> Path:
+    """``root/blocks/<dataset_id>/part_NNNNN.block_B-of-M.<kind>.parquet`` (block B of M of a part)."""
+    return root / BLOCKS_DIR / dataset_id / f"part_{part:05d}.block_{block[0]}-of-{block[1]}.{kind}.parquet"
+
+
+def block_record_path(root: Path, dataset_id: str, part: int, block: tuple[int, int]) -> Path:
+    """The record that marks block B of M of a part finished (written after its two files)."""
+    return root / BLOCKS_DIR / dataset_id / f"part_{part:05d}.block_{block[0]}-of-{block[1]}.json"
 
 
 def part_record_path(root: Path, dataset_id: str, part: int) -> Path:
@@ -459,6 +480,12 @@ class FolderLock:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+def _frames(base_rows: Iterable[dict[str, Any]], cell_rows: Iterable[dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Output rows as the two tables of a part file pair."""
+    return {"base": pd.DataFrame(list(base_rows), columns=OUTPUT_COLUMNS),
+            "cells": pd.DataFrame(list(cell_rows), columns=["cell_id", *OUTPUT_COLUMNS])}
 
 
 def _content_problem(kind: str, frame: pd.DataFrame, indices: list[int], cell_ids: list[str]) -> str | None:
@@ -634,6 +661,46 @@ class RawResults:
             return damaged(problem)
         return frame, None
 
+    def load_block(self, dataset_id: str, part: int, block: tuple[int, int]
+                   ) -> tuple[dict[str, pd.DataFrame] | None, BlockRecord | None, str | None]:
+        """A cell block's tables {"base", "cells"} and record after every check (record against the manifest,
+        bytes, sha256, rows, content), or (None, None, why not). "not written" when it has no record."""
+        path = block_record_path(self.root, dataset_id, part, block)
+        if not path.exists():
+            return None, None, "not written"
+        try:
+            record = BlockRecord.model_validate_json(path.read_text())
+        except (OSError, ValidationError, ValueError) as exc:
+            return None, None, f"{path}: block record unreadable or malformed ({type(exc).__name__})"
+        dataset = self.manifest.dataset(dataset_id)
+        expected = self.manifest.part_indices(dataset_id, part)
+        known = {c.cell_id for c in self.manifest.cells}
+        if (record.dataset_id, record.dataset_fingerprint, record.part, (record.block, record.n_blocks)) != (
+                dataset_id, dataset.fingerprint, part, tuple(block)):
+            return None, None, f"{path}: record belongs to another dataset, part or block"
+        if record.producer_sha256 != self.manifest.producer_sha256():
+            return None, None, f"{path}: written by a different experiment (model or settings differ)"
+        if record.example_indices != expected or not set(record.cell_ids) <= known:
+            return None, None, f"{path}: record lists other examples or unknown cells"
+        frames = {}
+        for kind in PART_KINDS:
+            file = block_path(self.root, kind, dataset_id, part, block)
+            entry = record.files.get(kind)  # type: ignore[call-overload]
+            if entry is None or entry.path != _rel(self.root, file):
+                return None, None, f"{path}: record does not describe {_rel(self.root, file)}"
+            try:
+                data = file.read_bytes()
+            except OSError:
+                return None, None, f"{file}: missing although the block is recorded as finished"
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                return None, None, f"{file}: content differs from its record (sha256 mismatch)"
+            frame = _parse_parquet(data)
+            problem = _content_problem(kind, frame, expected, record.cell_ids)
+            if len(frame) != entry.n_rows or problem is not None:
+                return None, None, f"{file}: {problem or 'row count differs from its record'}"
+            frames[kind] = frame
+        return frames, record, None
+
     def _orphans(self, dataset_id: str, part: int) -> DamagedPart | None:
         """Parquet files of an unfinished part (their record never got written, or was deleted)."""
         if not self.has_part_records or self.is_finished(dataset_id, part):
@@ -788,7 +855,8 @@ class RawResultsWriter:
             self.log(f"{self.root}: removed {len(removed)} temp file(s) left by an interrupted write: "
                      f"{', '.join(_rel(self.root, p) for p in removed[:5])}{' ...' if len(removed) > 5 else ''}")
         manifest_path = self.root / MANIFEST_NAME
-        data_present = any((self.root / d).exists() and any((self.root / d).iterdir()) for d in ("base", "cells"))
+        data_present = any((self.root / d).exists() and any((self.root / d).iterdir())
+                           for d in ("base", "cells", BLOCKS_DIR))
         existing: ResultsManifest | None = None
         if manifest_path.exists():
             try:
@@ -811,7 +879,7 @@ class RawResultsWriter:
             if not (self.root / PARTS_DIR).is_dir():
                 self._upgrade_legacy()
             return
-        expected = {LOCK_NAME, MANIFEST_NAME} | ({"base", "cells", PARTS_DIR} if manifest_path.exists() else set())
+        expected = {LOCK_NAME, MANIFEST_NAME} | ({"base", "cells", PARTS_DIR, BLOCKS_DIR} if manifest_path.exists() else set())
         unknown = sorted(p.name for p in self.root.iterdir() if p.name not in expected)
         if unknown:
             raise ResultsError(
@@ -891,23 +959,52 @@ class RawResultsWriter:
         Raises ``ValueError`` (writing nothing) when the rows are not exactly the part's examples
         (base) and every cell × example (cells).
         """
+        self.write_part_frames(dataset_id, part, _frames(base_rows, cell_rows))
+
+    def write_part_frames(self, dataset_id: str, part: int, frames: dict[str, pd.DataFrame]) -> None:
+        """``write_part`` from tables {"base", "cells"} in the output schema."""
         if not self.lock.held:
             raise ResultsError(f"this writer of {self.root} was closed; open a new RawResultsWriter to write")
-        frames = {
-            "base": pd.DataFrame(list(base_rows), columns=OUTPUT_COLUMNS),
-            "cells": pd.DataFrame(list(cell_rows), columns=["cell_id", *OUTPUT_COLUMNS]),
-        }
         indices = self.manifest.part_indices(dataset_id, part)
         cell_ids = [c.cell_id for c in self.manifest.cells]
         for kind, frame in frames.items():
             problem = _content_problem(kind, frame, indices, cell_ids)
             if problem is not None:
                 raise ValueError(f"refusing to write part {part} of dataset {dataset_id!r}: its {kind} rows: {problem}")
-        files = {kind: parquet_bytes(frame) for kind, frame in frames.items()}
+        files = {kind: parquet_bytes(frames[kind]) for kind in PART_KINDS}
         part_record_path(self.root, dataset_id, part).unlink(missing_ok=True)
         for kind in PART_KINDS:
             atomic_write_bytes(part_path(self.root, kind, dataset_id, part), files[kind])
         self._write_record(dataset_id, part, files, {kind: len(frame) for kind, frame in frames.items()})
+
+    def write_block(self, dataset_id: str, part: int, block: tuple[int, int], cell_ids: list[str],
+                    base_rows: Iterable[dict[str, Any]], cell_rows: Iterable[dict[str, Any]]) -> None:
+        """Write block ``block`` = (B, M) of a part, holding the cells ``cell_ids`` (a cell-range shard's unit):
+        its two files under ``blocks/``, then its record. Raises ``ValueError`` (writing nothing) on rows
+        that are not exactly the part's examples × those cells."""
+        if not self.lock.held:
+            raise ResultsError(f"this writer of {self.root} was closed; open a new RawResultsWriter to write")
+        frames = _frames(base_rows, cell_rows)
+        indices = self.manifest.part_indices(dataset_id, part)
+        for kind, frame in frames.items():
+            problem = _content_problem(kind, frame, indices, cell_ids)
+            if problem is not None:
+                raise ValueError(f"refusing to write block {block[0]}/{block[1]} of part {part} of dataset "
+                                 f"{dataset_id!r}: its {kind} rows: {problem}")
+        files = {kind: parquet_bytes(frames[kind]) for kind in PART_KINDS}
+        record_path = block_record_path(self.root, dataset_id, part, block)
+        record_path.unlink(missing_ok=True)
+        for kind in PART_KINDS:
+            atomic_write_bytes(block_path(self.root, kind, dataset_id, part, block), files[kind])
+        record = BlockRecord(
+            dataset_id=dataset_id, dataset_fingerprint=self.manifest.dataset(dataset_id).fingerprint, part=part,
+            example_indices=indices, cell_ids=list(cell_ids), producer_sha256=self.manifest.producer_sha256(),
+            files={kind: FileRecord(path=_rel(self.root, block_path(self.root, kind, dataset_id, part, block)),
+                                    n_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                                    n_rows=len(frames[kind])) for kind, data in files.items()},
+            block=block[0], n_blocks=block[1],
+        )
+        atomic_write_json(record_path, record.model_dump(mode="json"))
 
     def close(self) -> None:
         """Release the folder lock."""
@@ -923,11 +1020,12 @@ class RawResultsWriter:
 def remove_leftover_temp_files(root: str | os.PathLike[str]) -> list[Path]:
     """Delete ``.<name>.<random>.tmp`` files (from killed atomic writes) in a results folder; call under its lock.
 
-    Looks only at the folder itself and its ``base/``, ``cells/`` and ``parts/`` trees. Returns what it removed.
+    Looks only at the folder itself and its ``base/``, ``cells/``, ``parts/`` and ``blocks/`` trees. Returns
+    what it removed.
     """
     root = Path(root)
     candidates: list[Path] = [p for p in root.glob(".*.tmp")] if root.is_dir() else []
-    for sub in ("base", "cells", PARTS_DIR):
+    for sub in ("base", "cells", PARTS_DIR, BLOCKS_DIR):
         if (root / sub).is_dir():
             candidates += [p for p in (root / sub).rglob(".*.tmp")]
     removed = []

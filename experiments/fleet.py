@@ -1,14 +1,17 @@
-"""Sweeps split over many processes or machines: shards of parts, a verified merge, a Ray executor.
+"""Sweeps split over many processes or machines: shards of parts and cell ranges, a verified merge, a Ray executor.
 
-A sweep's unit of work is a *part* (a dataset's batch of pairs: one base file and one cells file).
-Shard i of n takes every n-th part of the experiment's deterministic part list
-((dataset, part) in dataset order, then part order) — ``perform_interventions(..., shard=(i, n))``.
-Each shard writes its own results folder with the experiment's manifest (same identity as the
-unsharded run) and resumes like any results folder. ``merge_shards`` checks that every shard holds
-the same experiment and that together they hold every part once (duplicates must be byte-identical),
-then assembles one ordinary results folder. ``run_shards_on_ray`` spreads the shards over a Ray
-cluster's workers (the optional ``ray`` extra) and merges; ``scripts/slurm_sweep.sh`` does the same
-with a SLURM job array.
+A sweep's unit of work is a *part* (a dataset's batch of pairs: one base file and one cells file), or,
+with M cell blocks per part, one of M contiguous ranges of a part's forward batches (a *cell block*:
+its own base and cells files under ``blocks/``). Shard i of n takes every n-th unit of the experiment's
+deterministic unit list ((dataset, part, block) in dataset, part, block order) —
+``perform_interventions(..., shard=(i, n), cell_blocks=M)``; by default M is just large enough that
+every shard gets work (ceil(n / parts)). Each shard writes its own results folder with the
+experiment's manifest (same identity as the unsharded run) and resumes like any results folder.
+``merge_shards`` checks that every shard holds the same experiment and that together they hold every
+part once (duplicates must be byte-identical) or all of its verified cell blocks (put together in the
+experiment's cell order), then writes one ordinary results folder. ``run_shards_on_ray`` spreads the
+shards over a Ray cluster's workers (the optional ``ray`` extra) and merges; ``scripts/slurm_sweep.sh``
+does the same with a SLURM job array.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
+
 from causal.raw_results import (
+    BLOCKS_DIR,
     MANIFEST_NAME,
     PARTS_DIR,
     PARTS_FORMAT_NAME,
     RawResults,
+    RawResultsWriter,
     ResultsError,
     atomic_write_json,
     part_path,
@@ -89,11 +96,21 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike[str]], out: str | os.Pat
 
     missing: list[str] = []
     sources: dict[Path, Path] = {}  # relative part path -> shard file
+    assembled: list[tuple[str, int, dict[str, pd.DataFrame]]] = []  # parts put together from cell blocks
+    readers = [RawResults(d) for d in shard_dirs]
+    order = {cell_id: k for k, cell_id in enumerate(c for group in manifest.cell_groups for c in group)}
     for record in manifest.datasets:
         for part in range(manifest.n_parts(record.dataset_id)):
             files = [part_path(Path(""), kind, record.dataset_id, part) for kind in ("base", "cells")]
             if all((d / PARTS_DIR).is_dir() for d in shard_dirs):  # integrity records travel with their parts
                 files.append(part_record_path(Path(""), record.dataset_id, part))
+            if not any((d / files[0]).exists() for d in shard_dirs):
+                frames, problem = _from_blocks(readers, record.dataset_id, part, order)
+                if frames is None:
+                    missing.append(f"{record.dataset_id} part {part} ({problem})")
+                else:
+                    assembled.append((record.dataset_id, part, frames))
+                continue
             for rel in files:
                 kind = rel.parts[0]
                 holders = [d / rel for d in shard_dirs if (d / rel).exists()]
@@ -118,6 +135,10 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike[str]], out: str | os.Pat
         tmp = target.with_name(target.name + ".merging")
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+    if assembled:
+        with RawResultsWriter(out, manifest, log=None) as writer:
+            for dataset_id, part, frames in assembled:
+                writer.write_part_frames(dataset_id, part, frames)
     results = RawResults(out)
     if not results.is_complete():
         raise ResultsError(f"merged folder {out} is incomplete")
@@ -127,12 +148,50 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike[str]], out: str | os.Pat
     return results
 
 
-def _run_one_shard(factory: Callable[..., Any], factory_args: tuple, shard: Shard, shards_root: str) -> int:
-    """Build (experiment, datasets) with ``factory(*factory_args)`` and run one shard; returns its part count."""
+def _from_blocks(readers: list[RawResults], dataset_id: str, part: int, order: dict[str, int]
+                 ) -> tuple[dict[str, pd.DataFrame] | None, str]:
+    """A part's tables put together from its verified cell blocks (any shard), cells in the experiment's
+    order; or (None, what is missing). Every block must hold the same base rows, every cell exactly once."""
+    counts = {int(m.group(1)) for r in readers
+              for m in [re.search(r"-of-(\d+)\.json$", p.name)
+                        for p in (r.root / BLOCKS_DIR / dataset_id).glob(f"part_{part:05d}.block_*.json")] if m}
+    if len(counts) != 1:
+        return None, "no cell blocks" if not counts else f"cell blocks of different splits {sorted(counts)}"
+    (n_blocks,) = counts
+    tables: list[dict[str, pd.DataFrame]] = []
+    for block in range(n_blocks):
+        found, reasons = None, []
+        for reader in readers:
+            frames, _, why = reader.load_block(dataset_id, part, (block, n_blocks))
+            if frames is not None:
+                found = frames
+                break
+            if why != "not written":
+                reasons.append(why)
+        if found is None:
+            return None, f"cell block {block} of {n_blocks} " + (f"damaged: {reasons[0]}" if reasons else "missing")
+        tables.append(found)
+    base = tables[0]["base"]
+    for other in tables[1:]:
+        if not other["base"].equals(base):
+            raise ResultsError(f"cell blocks of part {part} of dataset {dataset_id!r} hold different base rows")
+    # (exactly every cell: checked on write); empty blocks left out, so column types stay those of real rows
+    cells = pd.concat([t["cells"] for t in tables if len(t["cells"])] or [tables[0]["cells"]], ignore_index=True)
+    rank = cells["cell_id"].map(order)
+    cells = cells.iloc[rank.argsort(kind="stable").to_numpy()].reset_index(drop=True)
+    return {"base": base, "cells": cells}, ""
+
+
+def _run_one_shard(factory: Callable[..., Any], factory_args: tuple, shard: Shard, shards_root: str,
+                   cell_blocks: int | None = None) -> int:
+    """Build (experiment, datasets) with ``factory(*factory_args)`` and run one shard; returns how many units
+    (parts and cell blocks) its folder holds."""
     experiment, datasets = factory(*factory_args)
     folder = shard_dir(shards_root, shard)
-    results = experiment.perform_interventions(datasets, results_dir=folder, verbose=False, shard=shard)
-    return sum(len(list((folder / "cells" / d).glob("*.parquet"))) for d in results.dataset_ids)
+    results = experiment.perform_interventions(datasets, results_dir=folder, verbose=False, shard=shard,
+                                               cell_blocks=cell_blocks)
+    return sum(len(list((folder / sub / d).glob(pattern))) for d in results.dataset_ids
+               for sub, pattern in (("cells", "*.parquet"), (BLOCKS_DIR, "*.json")))
 
 
 def run_shards_on_ray(
@@ -146,13 +205,15 @@ def run_shards_on_ray(
     num_gpus: float = 0,
     verbose: bool = True,
     ray_init_kwargs: dict[str, Any] | None = None,
+    cell_blocks: int | None = None,
 ) -> RawResults:
     """Run ``n_shards`` shards as Ray tasks (``num_cpus``/``num_gpus`` each) on the cluster at ``address``
     (None: the current or a new local Ray instance), then ``merge_shards`` into ``out``.
 
     ``factory(*factory_args) -> (experiment, datasets)`` runs on the worker (it loads the model there), so it
     must be importable or picklable; ``shards_root`` and ``out`` must be on a filesystem every worker sees.
-    Finished shards' parts are kept: rerunning resumes each shard.
+    Finished shards' parts are kept: rerunning resumes each shard. ``cell_blocks``: see
+    ``perform_interventions`` (default: enough cell ranges per part for every shard to get work).
     """
     try:
         import ray
@@ -164,7 +225,7 @@ def run_shards_on_ray(
         ray.init(address=address, **(ray_init_kwargs or {}))
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_run_one_shard)
     shards = [(i, n_shards) for i in range(n_shards)]
-    pending = {remote.remote(factory, factory_args, shard, str(shards_root)): shard for shard in shards}
+    pending = {remote.remote(factory, factory_args, shard, str(shards_root), cell_blocks): shard for shard in shards}
     failures: list[str] = []
     with tqdm(total=n_shards, desc="shards", disable=not verbose) as bar:
         while pending:
@@ -172,7 +233,7 @@ def run_shards_on_ray(
             shard = pending.pop(done[0])
             try:
                 parts = ray.get(done[0])
-                bar.set_postfix_str(f"shard {shard[0]}: {parts} parts")
+                bar.set_postfix_str(f"shard {shard[0]}: {parts} units")
             except Exception as exc:  # keep the other shards' work; report every failure at the end
                 failures.append(f"shard {shard[0]}/{shard[1]}: {exc}")
             bar.update(1)

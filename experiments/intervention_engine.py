@@ -180,14 +180,17 @@ class InterventionEngine:
         counterfactuals: list[dict[str, Any]],
         example_indices: list[int],
         groups: list[list[Cell]],
+        batches: list[list[list[Cell]]] | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Base rows and intervened rows (raw-results schema) for one part of B pairs."""
+        """Base rows and intervened rows (raw-results schema) for one part of B pairs: every cell of ``groups``,
+        run as ``batches`` (default ``plan(groups, B)``; a sublist of the plan runs a cell range of it)."""
         pipeline = self.pipeline
         base_batch = pipeline.load(bases)
         cf_batch = pipeline.load(counterfactuals)
-        fast = [self._suffix_eligible(group) for group in groups]
         base_run: BaseRun | None = None
-        if any(fast) and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
+        # the base rows' route depends on the part only (never on which cells run): cell ranges of a part
+        # run in different processes write byte-identical base rows
+        if self.suffix is not None and self.suffix.supports(base_batch.input_ids.shape[1]) is None:
             def base_forward(inputs: dict[str, Any]) -> Any:  # the suffix base pass is the base rows' prompt pass
                 nonlocal base_run
                 base_run = self.suffix.base_pass(base_batch)
@@ -235,17 +238,6 @@ class InterventionEngine:
         cell_rows: list[dict[str, Any]] = []
         n_pairs = len(example_indices)
         order = {cell.cell_id: k for k, cell in enumerate(c for group in groups for c in group)}
-        if base_run is not None:
-            run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
-                                                          source_cols, example_indices)
-            pending: list[list[Cell]] = []
-            for group in [g for g, ok in zip(groups, fast) if ok] + [[]]:
-                rows = (sum(len(g) for g in pending) + len(group)) * n_pairs
-                if pending and (not group or rows > self.max_rows_per_forward):
-                    cell_rows.extend(self._within_budget(run_fast, pending, n_pairs))
-                    pending = []
-                pending.append(group)
-            groups = [g for g, ok in zip(groups, fast) if not ok]
 
         def run_slow(gs: list[list[Cell]]) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
@@ -257,10 +249,34 @@ class InterventionEngine:
                     out.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
             return out
 
-        for group in groups:
-            cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
+        for batch in (self.plan(groups, n_pairs) if batches is None else batches):
+            if base_run is not None and self._suffix_eligible(batch[0]):
+                run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
+                                                              source_cols, example_indices)
+                cell_rows.extend(self._within_budget(run_fast, batch, n_pairs))
+            else:
+                for group in batch:
+                    cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
         cell_rows.sort(key=lambda row: order[row["cell_id"]])  # stable: the groups' order, pairs within a cell
         return base_rows, cell_rows
+
+    def plan(self, groups: list[list[Cell]], n_pairs: int) -> list[list[list[Cell]]]:
+        """The forward batches of a part of ``n_pairs`` pairs, in execution order: groups eligible for suffix
+        reuse packed greedily (in order) up to ``max_rows_per_forward`` rows, then every other group alone.
+
+        A batch runs the same way whatever else the part runs, so splitting a part's batches between
+        processes (cell-range shards) gives the same numbers as running them together."""
+        fast = [g for g in groups if self._suffix_eligible(g)]
+        batches: list[list[list[Cell]]] = []
+        pending: list[list[Cell]] = []
+        for group in fast:
+            if pending and (sum(len(g) for g in pending) + len(group)) * n_pairs > self.max_rows_per_forward:
+                batches.append(pending)
+                pending = []
+            pending.append(group)
+        if pending:
+            batches.append(pending)
+        return batches + [[g] for g in groups if not self._suffix_eligible(g)]
 
     def _within_budget(self, run: Callable[[list[list[Cell]]], list[dict[str, Any]]], groups: list[list[Cell]],
                        n_pairs: int) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.backend import DEFAULT_BACKEND
-from experiments.fleet import shard_items
+from experiments.fleet import check_shard, shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_units import AttentionHead, ModelUnit
 from experiments.pipeline import LMPipeline
@@ -158,15 +158,21 @@ class InterventionExperiment:
         wait_for_lock: bool = False,
         lock_timeout: float | None = None,
         shard: tuple[int, int] | None = None,
+        cell_blocks: int | None = None,
     ) -> RawResults:
         """Run every cell on every pair; resume a folder holding the same experiment. Returns the results.
 
         On resume every finished part is verified (sha256, rows); damaged ones are deleted, reported
         on stderr and recomputed. The folder is locked while this runs: a second writer raises
         ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
-        ``shard=(i, n)``: only every n-th part from the i-th (``experiments.fleet``); the folder then holds
-        that shard's parts, to be combined with ``experiments.fleet.merge_shards``.
+        ``shard=(i, n)``: only every n-th unit of work from the i-th (``experiments.fleet``); the folder then
+        holds that shard's work, to be combined with ``experiments.fleet.merge_shards``. A unit is a part, or
+        with ``cell_blocks=M`` > 1 one of M contiguous cell ranges of a part (ranges of the part's forward
+        batches, ``InterventionEngine.plan``, so each cell runs exactly as in one process). Default M: just
+        enough that every shard gets work, ceil(n / number of parts).
         """
+        if cell_blocks is not None and cell_blocks < 1:
+            raise ValueError(f"cell_blocks must be >= 1, got {cell_blocks}")
         items = list(as_dataset_dict(datasets).values())
         self._check_inputs(items)
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
@@ -178,14 +184,28 @@ class InterventionExperiment:
             bs = self.config.batch_size
             missing = {(d.id, p) for d in items for p in writer.missing_parts(d.id)}
             every_part = [(d, p) for d in items for p in range(-(-len(d) // bs))]  # shard membership is fixed
-            todo = [(d, p) for d, p in shard_items(every_part, shard) if (d.id, p) in missing]
-            for dataset, part in tqdm(todo, desc=f"{self.config.id}: parts", disable=not verbose or not todo):
+            auto = -(-check_shard(shard)[1] // max(1, len(every_part))) if shard is not None else 1
+            blocks = 1 if shard is None else (auto if cell_blocks is None else cell_blocks)
+            units = [(d, p, b) for d, p in every_part for b in range(blocks)]
+            finished = writer.results()
+            todo = [(d, p, b) for d, p, b in shard_items(units, shard) if (d.id, p) in missing
+                    and (blocks == 1 or finished.load_block(d.id, p, (b, blocks))[0] is None)]
+            unit = "parts" if blocks == 1 else f"cell blocks ({blocks} per part)"
+            for dataset, part, block in tqdm(todo, desc=f"{self.config.id}: {unit}", disable=not verbose or not todo):
                 indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
                 examples = [dataset[i] for i in indices]  # every example was checked by _check_inputs
-                base_rows, cell_rows = self.engine.run_part(
-                    [ex["input"] for ex in examples], [ex["counterfactual_inputs"][k] for ex in examples], indices, groups
-                )
-                writer.write_part(dataset.id, part, base_rows, cell_rows)
+                bases = [ex["input"] for ex in examples]
+                sources = [ex["counterfactual_inputs"][k] for ex in examples]
+                if blocks == 1:
+                    base_rows, cell_rows = self.engine.run_part(bases, sources, indices, groups)
+                    writer.write_part(dataset.id, part, base_rows, cell_rows)
+                    continue
+                batches = self.engine.plan(groups, len(indices))
+                mine = batches[block * len(batches) // blocks : (block + 1) * len(batches) // blocks]
+                block_groups = [g for batch in mine for g in batch]
+                base_rows, cell_rows = self.engine.run_part(bases, sources, indices, block_groups, batches=mine)
+                writer.write_block(dataset.id, part, (block, blocks), [c.cell_id for g in block_groups for c in g],
+                                   base_rows, cell_rows)
             return writer.results()
 
 

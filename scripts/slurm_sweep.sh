@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Step 2 of the addition study as a SLURM job array: N shards (every N-th part each), then a merge job
-# that runs once every shard has succeeded. Shards resume: resubmitting redoes only missing parts.
+# Step 2 of the addition study as a SLURM job array: N shards (every N-th unit each: a part, or a cell
+# range of a part when there are fewer parts than shards or --cell-blocks M is given), then a merge job
+# that runs once every shard has succeeded. Shards resume: resubmitting redoes only missing units.
 #
 #   scripts/slurm_sweep.sh N [step-2 arguments, e.g. --model organism --digits 2]
 #

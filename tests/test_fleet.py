@@ -105,6 +105,7 @@ def test_a_shard_resumes_its_own_parts(model_dirs, tmp_path, single):
 
 
 def test_shards_on_a_local_ray_cluster(model_dirs, tmp_path, single):
+    """Parts split into cell ranges, spread over a local Ray cluster: the same results as one process."""
     ray = pytest.importorskip("ray")
     from experiments.fleet import run_shards_on_ray
 
@@ -113,7 +114,7 @@ def test_shards_on_a_local_ray_cluster(model_dirs, tmp_path, single):
              runtime_env={"env_vars": {"PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}})
     try:
         merged = run_shards_on_ray(build, (str(model_dirs["llama"]),), 3, tmp_path / "shards", tmp_path / "merged",
-                                   verbose=False)
+                                   verbose=False, cell_blocks=2)  # 4 parts x 2 cell ranges over 3 shards
     finally:
         ray.shutdown()
     assert_same_results(merged, single)
@@ -132,8 +133,49 @@ def test_slurm_recipe_dry_run():
     sys.path.insert(0, str(REPO))
     from tasks.general_addition.study import study_parser
 
-    args = study_parser(None).parse_args(["--shard", "2/4"])
-    assert args.shard == (2, 4)
+    args = study_parser(None).parse_args(["--shard", "2/4", "--cell-blocks", "3"])
+    assert args.shard == (2, 4) and args.cell_blocks == 3
     bad = subprocess.run(["bash", str(REPO / "scripts" / "slurm_sweep.sh"), "0"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+def test_cell_range_shards_merge_byte_identical_to_one_process(model_dirs, tmp_path, single):
+    """With more shards than parts, parts are split into cell ranges; the merge is byte-identical."""
+    experiment, dataset = build(str(model_dirs["llama"]), {"batch_size": 8})  # one part of 7 pairs
+    whole = experiment.perform_interventions(dataset, results_dir=tmp_path / "one", verbose=False)
+    roots = [shard_dir(tmp_path / "shards", (i, 3)) for i in range(3)]
+    for i in range(3):
+        experiment.perform_interventions(dataset, results_dir=roots[i], verbose=False, shard=(i, 3))
+    held = [sorted(p.name for p in (r / "blocks" / "sums").glob("*.json")) for r in roots]
+    assert held == [["part_00000.block_0-of-3.json"], ["part_00000.block_1-of-3.json"],
+                    ["part_00000.block_2-of-3.json"]]
+    assert all(not (r / "cells" / "sums").exists() or not any((r / "cells" / "sums").iterdir()) for r in roots)
+    merged = merge_shards(roots, tmp_path / "merged")
+    for kind in ("base", "cells"):
+        assert part_path(merged.root, kind, "sums", 0).read_bytes() == part_path(whole.root, kind, "sums", 0).read_bytes()
+    assert_same_results(merged, whole)
+
+
+def test_cell_blocks_resume_and_an_incomplete_merge_is_refused(model_dirs, tmp_path):
+    experiment, dataset = build(str(model_dirs["llama"]))  # 4 parts of 2 pairs
+    root = shard_dir(tmp_path / "shards", (0, 2))
+    experiment.perform_interventions(dataset, results_dir=root, verbose=False, shard=(0, 2), cell_blocks=3)
+    records = sorted((root / "blocks" / "sums").glob("*.json"))
+    assert len(records) == 6  # units (part, block) 0, 2, 4, ... of 12
+    stamps = {p: p.stat().st_mtime_ns for p in records}
+    victim = records[1]
+    victim.with_name(victim.name.replace(".json", ".cells.parquet")).write_bytes(b"garbage")
+    experiment.perform_interventions(dataset, results_dir=root, verbose=False, shard=(0, 2), cell_blocks=3)
+    rewritten = [p for p in records if p.stat().st_mtime_ns != stamps[p]]
+    assert rewritten == [victim], "only the damaged block is recomputed"
+    with pytest.raises(ResultsError, match="incomplete"):
+        merge_shards([root], tmp_path / "merged")
+    other = shard_dir(tmp_path / "shards", (1, 2))
+    experiment.perform_interventions(dataset, results_dir=other, verbose=False, shard=(1, 2), cell_blocks=3)
+    merged = merge_shards([root, other], tmp_path / "merged")
+    reference = experiment.perform_interventions(dataset, results_dir=tmp_path / "one", verbose=False)
+    for part in range(4):
+        for kind in ("base", "cells"):
+            assert (part_path(merged.root, kind, "sums", part).read_bytes()
+                    == part_path(reference.root, kind, "sums", part).read_bytes())

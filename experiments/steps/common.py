@@ -96,7 +96,10 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
     step2.add_argument("--backend", default="hooks", choices=("hooks", "pyvene"),
                        help=help2("how interventions reach into the model: plain torch hooks (default) or pyvene"))
     step2.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                       help=help2("run only shard I of N (every N-th part) into raw/shards/<sweep>/I-of-N"))
+                       help=help2("run only shard I of N (every N-th unit: a part, or a cell range of one) into "
+                                  "raw/shards/<sweep>/I-of-N"))
+    step2.add_argument("--cell-blocks", type=int, default=None, metavar="M",
+                       help=help2("with --shard: split each part's cells into M ranges (default: ceil(N / parts))"))
     step2.add_argument("--merge-shards", type=int, default=None, metavar="N",
                        help=help2("merge the N finished shards of each sweep into raw/<sweep> (no model needed)"))
     return parser

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
             from experiments.fleet import shard_dir
 
             folder = shard_dir(out / "raw" / "shards" / name, args.shard)
-            experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard)
+            experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard, cell_blocks=args.cell_blocks)
             write_shard_note(out, name, experiment.experiment_type)
             print(f"{name}: shard {args.shard[0]}/{args.shard[1]} written to {folder}")
             continue
