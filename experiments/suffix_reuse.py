@@ -131,6 +131,25 @@ def _inner_attention(module: torch.nn.Module, implementation: str) -> Callable[.
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
+#: Packed tokens per decoder-layer call (CPU, CUDA): whole rows are grouped up to this many tokens.
+#: On CPU, calls of several thousand tokens ran slower (allocator behaviour) than medium ones.
+PACKED_TOKENS_PER_CALL = (8192, 65536)
+
+
+def _row_chunks(counts: list[int], budget: int) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first token, end token) of consecutive rows holding ``counts`` tokens each,
+    grouped greedily up to ``budget`` tokens (a row larger than the budget is a chunk of its own)."""
+    chunks, r0, t0, total = [], 0, 0, 0
+    for r, n in enumerate(counts):
+        if total and total + n > budget:
+            chunks.append((r0, r, t0, t0 + total))
+            r0, t0, total = r, t0 + total, 0
+        total += n
+    if counts:
+        chunks.append((r0, len(counts), t0, t0 + total))
+    return chunks
+
+
 @dataclass
 class BaseRun:
     """The base prompt pass of a part: ``residual[r]`` (B, T, d) enters layer r (r = L: last layer's output,
@@ -301,17 +320,25 @@ class SuffixReuse:
                 keys, values = base.keys[j].index_select(0, pairs), base.values[j].index_select(0, pairs)
                 mask = base.batch.attention_mask.index_select(0, pairs)
                 buffers[j] = (active, keys, values)
+                # rows in chunks of about PACKED_TOKENS_PER_CALL tokens (a row's tokens are contiguous, slot order)
+                counts = torch.bincount(slot, minlength=len(active)).tolist()
+                outputs = []
+                for r0, r1, t0, t1 in _row_chunks(counts, PACKED_TOKENS_PER_CALL[device.type == "cuda"]):
+                    xs, ss, cs = x[t0:t1], slot[t0:t1] - r0, col[t0:t1]
+                    rows_kv = (keys[r0:r1], values[r0:r1])
+                    if j < L - 1:
+                        packing = _Packing(*rows_kv, ss, cs, mask[r0:r1], implementation)
+                        outputs.append(self._layer(j, xs, packing, pairs[r0:r1], base))
+                        continue
+                    early = cs < read  # keys/values of columns start .. read-1, then the read column alone
+                    if bool(early.any()):
+                        packing = _Packing(*rows_kv, ss[early], cs[early], mask[r0:r1], implementation, stop=True)
+                        self._layer(j, xs[early], packing, pairs[r0:r1], base)
+                    at_read = ~early
+                    packing = _Packing(*rows_kv, ss[at_read], cs[at_read], mask[r0:r1], implementation)
+                    final[active[r0 + ss[at_read]]] = self._layer(j, xs[at_read], packing, pairs[r0:r1], base)
                 if j < L - 1:
-                    x = self._layer(j, x, _Packing(keys, values, slot, col, mask, implementation), pairs, base)
-                    continue
-                early = col < read  # keys/values of columns start .. read-1, then the read column alone
-                if bool(early.any()):
-                    self._layer(j, x[early], _Packing(keys, values, slot[early], col[early], mask, implementation,
-                                                      stop=True), pairs, base)
-                at_read = ~early
-                out = self._layer(j, x[at_read], _Packing(keys, values, slot[at_read], col[at_read], mask,
-                                                          implementation), pairs, base)
-                final[active[slot[at_read]]] = out
+                    x = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
         computed = torch.ones(n_rows, dtype=torch.bool, device=device)
         computed[untouched] = False

@@ -168,3 +168,25 @@ def test_fast_path_declines_gpt2_reordered_eager_attention(model_dirs):
     pipeline.model.set_attn_implementation("eager")
     pipeline.config.reorder_and_upcast_attn = True
     assert "bypasses the attention registry" in SuffixReuse(pipeline).supports(4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rows_split_over_several_layer_calls_match(family, pipelines, monkeypatch):
+    """With a tiny token budget per layer call (rows spread over many calls) the results are unchanged."""
+    import experiments.suffix_reuse as suffix_reuse
+
+    pipeline = pipelines[family]
+    cells = residual_cells(pipeline)
+    _, whole = run(pipeline, cells, True, max_new_tokens=2)
+    monkeypatch.setattr(suffix_reuse, "PACKED_TOKENS_PER_CALL", (5, 5))
+    _, chunked = run(pipeline, cells, True, max_new_tokens=2)
+    _, slow = run(pipeline, cells, False, max_new_tokens=2)
+    assert_same(chunked, slow)
+    assert_same(chunked, whole)
+
+
+def test_row_chunks():
+    from experiments.suffix_reuse import _row_chunks
+
+    assert _row_chunks([3, 3, 3, 10, 1], 6) == [(0, 2, 0, 6), (2, 3, 6, 9), (3, 4, 9, 19), (4, 5, 19, 20)]
+    assert _row_chunks([], 6) == []
