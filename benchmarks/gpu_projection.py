@@ -61,7 +61,7 @@ def main() -> None:
         "framework, pyvene backend (generic path)":
             N * (row_generic + fm.forward(T, 0)) + len(cells) * N * row_generic,
         "framework, hooks backend (suffix reuse)":
-            N * (row_generic + fm.forward(T, 1) + fm.forward(T, 0))
+            N * (row_generic + fm.forward(T, 0))  # the base pass is also the base rows' prompt pass
             + N * sum(fm.suffix(r, p, T) + decode for r, p in cells),
     }
     print(f"Llama-3.1-8B shape, {N} pairs, {len(cells)} cells ({L + 1} residual sites × {len(args.columns)} columns), "

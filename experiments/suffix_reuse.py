@@ -133,7 +133,7 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 #: Packed tokens per decoder-layer call (CPU, CUDA): whole rows are grouped up to this many tokens.
 #: On CPU, calls of several thousand tokens ran slower (allocator behaviour) than medium ones.
-PACKED_TOKENS_PER_CALL = (8192, 65536)
+PACKED_TOKENS_PER_CALL = (4096, 65536)
 
 
 def _row_chunks(counts: list[int], budget: int) -> list[tuple[int, int, int, int]]:
