@@ -411,10 +411,12 @@ class LMPipeline:
     ) -> GenerationOutput:
         """Run ``prompt_forward`` on the prompt (it may be an intervened forward), then decode greedily.
 
-        ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns its output (``last_hidden_state``
-        or ``logits``, or ``last_logits`` (B, V)) with ``past_key_values`` when more than one step is asked.
-        Only the last position is projected onto the vocabulary; later steps run the plain model on the
-        cache, so an intervention touches the prompt pass only.
+        ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns its output (anything
+        ``last_top_k`` reads: ``last_hidden_state``, ``logits``, ``last_logits`` (B, V), or ``last_hidden``
+        with ``last_hidden_rows``) with ``past_key_values`` when more than one step is asked. Only the last
+        position is projected onto the vocabulary, in row chunks, and reduced to the top-k at once (ties to
+        the lower id); later steps run the plain model on the cache, so an intervention touches the prompt
+        pass only.
         """
         steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 1:
