@@ -661,10 +661,11 @@ class RawResults:
             return damaged(problem)
         return frame, None
 
-    def load_block(self, dataset_id: str, part: int, block: tuple[int, int]
+    def load_block(self, dataset_id: str, part: int, block: tuple[int, int], cell_ids: list[str] | None = None
                    ) -> tuple[dict[str, pd.DataFrame] | None, BlockRecord | None, str | None]:
         """A cell block's tables {"base", "cells"} and record after every check (record against the manifest,
-        bytes, sha256, rows, content), or (None, None, why not). "not written" when it has no record."""
+        bytes, sha256, rows, content; its cells equal ``cell_ids`` when given), or (None, None, why not).
+        "not written" when it has no record."""
         path = block_record_path(self.root, dataset_id, part, block)
         if not path.exists():
             return None, None, "not written"
@@ -682,6 +683,8 @@ class RawResults:
             return None, None, f"{path}: written by a different experiment (model or settings differ)"
         if record.example_indices != expected or not set(record.cell_ids) <= known:
             return None, None, f"{path}: record lists other examples or unknown cells"
+        if cell_ids is not None and record.cell_ids != list(cell_ids):
+            return None, None, f"{path}: holds other cells than block {block[0]} of {block[1]} is planned to hold"
         frames = {}
         for kind in PART_KINDS:
             file = block_path(self.root, kind, dataset_id, part, block)

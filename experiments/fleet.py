@@ -151,31 +151,55 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike[str]], out: str | os.Pat
 def _from_blocks(readers: list[RawResults], dataset_id: str, part: int, order: dict[str, int]
                  ) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """A part's tables put together from its verified cell blocks (any shard), cells in the experiment's
-    order; or (None, what is missing). Every block must hold the same base rows, every cell exactly once."""
-    counts = {int(m.group(1)) for r in readers
-              for m in [re.search(r"-of-(\d+)\.json$", p.name)
-                        for p in (r.root / BLOCKS_DIR / dataset_id).glob(f"part_{part:05d}.block_*.json")] if m}
-    if len(counts) != 1:
-        return None, "no cell blocks" if not counts else f"cell blocks of different splits {sorted(counts)}"
-    (n_blocks,) = counts
-    tables: list[dict[str, pd.DataFrame]] = []
-    for block in range(n_blocks):
-        found, reasons = None, []
-        for reader in readers:
-            frames, _, why = reader.load_block(dataset_id, part, (block, n_blocks))
-            if frames is not None:
-                found = frames
+    order; or (None, what is missing). Copies of a block in several shards must be byte-identical; the
+    blocks of a split must hold every cell exactly once and the same base rows (``ResultsError`` otherwise).
+    Blocks of an abandoned split (another M) are ignored when exactly one split is complete."""
+    counts = sorted({int(m.group(1)) for r in readers
+                     for m in [re.search(r"-of-(\d+)\.json$", p.name)
+                               for p in (r.root / BLOCKS_DIR / dataset_id).glob(f"part_{part:05d}.block_*.json")] if m})
+    if not counts:
+        return None, "no part files and no cell blocks"
+    found: dict[int, list[tuple[dict[str, pd.DataFrame], Any]] | str] = {}
+    for n_blocks in counts:
+        blocks: list[tuple[dict[str, pd.DataFrame], Any]] = []
+        for block in range(n_blocks):
+            copies, reasons = [], []
+            for reader in readers:
+                frames, record, why = reader.load_block(dataset_id, part, (block, n_blocks))
+                if frames is not None:
+                    copies.append((frames, record))
+                elif why != "not written":
+                    reasons.append(why)
+            if not copies:
+                found[n_blocks] = f"cell block {block} of {n_blocks} " + (f"damaged: {reasons[0]}" if reasons
+                                                                         else "missing")
                 break
-            if why != "not written":
-                reasons.append(why)
-        if found is None:
-            return None, f"cell block {block} of {n_blocks} " + (f"damaged: {reasons[0]}" if reasons else "missing")
-        tables.append(found)
+            digests = {tuple(sorted((k, f.sha256) for k, f in record.files.items())) for _, record in copies}
+            if len(digests) > 1:
+                raise ResultsError(f"shards hold different copies of cell block {block} of {n_blocks} of part {part} "
+                                   f"of dataset {dataset_id!r}")
+            blocks.append(copies[0])
+        else:
+            found[n_blocks] = blocks
+    complete = [m for m, v in found.items() if not isinstance(v, str)]
+    if len(complete) != 1:
+        if not complete:
+            return None, "; ".join(str(v) for v in found.values())
+        raise ResultsError(f"part {part} of dataset {dataset_id!r} has complete cell blocks for several splits "
+                           f"({complete} blocks); delete the blocks/ files of the splits not wanted")
+    blocks = found[complete[0]]  # type: ignore[assignment]
+    cell_lists = [record.cell_ids for _, record in blocks]
+    flat = [c for cells in cell_lists for c in cells]
+    if len(flat) != len(set(flat)) or set(flat) != set(order):
+        raise ResultsError(f"the {complete[0]} cell blocks of part {part} of dataset {dataset_id!r} do not hold every "
+                           f"cell exactly once ({len(flat)} cells listed, {len(set(flat))} distinct, {len(order)} "
+                           f"in the experiment): they were cut from different plans; delete them and rerun the shards")
+    tables = [frames for frames, _ in blocks]
     base = tables[0]["base"]
     for other in tables[1:]:
         if not other["base"].equals(base):
             raise ResultsError(f"cell blocks of part {part} of dataset {dataset_id!r} hold different base rows")
-    # (exactly every cell: checked on write); empty blocks left out, so column types stay those of real rows
+    # empty blocks left out, so column types stay those of real rows
     cells = pd.concat([t["cells"] for t in tables if len(t["cells"])] or [tables[0]["cells"]], ignore_index=True)
     rank = cells["cell_id"].map(order)
     cells = cells.iloc[rank.argsort(kind="stable").to_numpy()].reset_index(drop=True)

@@ -260,17 +260,20 @@ class InterventionEngine:
         cell_rows.sort(key=lambda row: order[row["cell_id"]])  # stable: the groups' order, pairs within a cell
         return base_rows, cell_rows
 
-    def plan(self, groups: list[list[Cell]], n_pairs: int) -> list[list[list[Cell]]]:
+    def plan(self, groups: list[list[Cell]], n_pairs: int, max_rows: int | None = None) -> list[list[list[Cell]]]:
         """The forward batches of a part of ``n_pairs`` pairs, in execution order: groups eligible for suffix
-        reuse packed greedily (in order) up to ``max_rows_per_forward`` rows, then every other group alone.
+        reuse packed greedily (in order) up to ``max_rows`` rows (default: the current row budget, which an
+        out-of-memory retry lowers), then every other group alone.
 
         A batch runs the same way whatever else the part runs, so splitting a part's batches between
-        processes (cell-range shards) gives the same numbers as running them together."""
+        processes (cell-range shards, planned with the configured budget) gives the same numbers as
+        running them together."""
+        max_rows = self.max_rows_per_forward if max_rows is None else max_rows
         fast = [g for g in groups if self._suffix_eligible(g)]
         batches: list[list[list[Cell]]] = []
         pending: list[list[Cell]] = []
         for group in fast:
-            if pending and (sum(len(g) for g in pending) + len(group)) * n_pairs > self.max_rows_per_forward:
+            if pending and (sum(len(g) for g in pending) + len(group)) * n_pairs > max_rows:
                 batches.append(pending)
                 pending = []
             pending.append(group)

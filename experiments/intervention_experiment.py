@@ -113,7 +113,9 @@ class InterventionExperiment:
             settings={"counterfactual_index": self.config.counterfactual_index,
                       "backend": self.config.backend,
                       "max_rows_per_forward": self.config.max_rows_per_forward,
-                      "position_probe": self._position_probe(datasets)},
+                      "position_probe": self._position_probe(datasets),
+                      # (non-default only, so folders written before this setting was recorded keep their identity)
+                      **({} if self.config.suffix_reuse else {"suffix_reuse": False})},
             datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets],
             cells=[c.spec for c in self.cells],
             example_batch_size=self.config.batch_size,
@@ -188,8 +190,20 @@ class InterventionExperiment:
             blocks = 1 if shard is None else (auto if cell_blocks is None else cell_blocks)
             units = [(d, p, b) for d, p in every_part for b in range(blocks)]
             finished = writer.results()
+
+            def block_plan(dataset: CounterfactualDataset, part: int, block: int) -> list[list[list[Cell]]]:
+                """Block ``block``'s forward batches, planned with the configured row budget (never the one an
+                out-of-memory retry lowered), so every shard cuts the same blocks."""
+                n_pairs = min(len(dataset), (part + 1) * bs) - part * bs
+                batches = self.engine.plan(groups, n_pairs, self.config.max_rows_per_forward)
+                return batches[block * len(batches) // blocks : (block + 1) * len(batches) // blocks]
+
+            def block_cells(batches: list[list[list[Cell]]]) -> list[str]:
+                return [c.cell_id for batch in batches for g in batch for c in g]
+
             todo = [(d, p, b) for d, p, b in shard_items(units, shard) if (d.id, p) in missing
-                    and (blocks == 1 or finished.load_block(d.id, p, (b, blocks))[0] is None)]
+                    and (blocks == 1 or finished.load_block(d.id, p, (b, blocks),
+                                                            block_cells(block_plan(d, p, b)))[0] is None)]
             unit = "parts" if blocks == 1 else f"cell blocks ({blocks} per part)"
             for dataset, part, block in tqdm(todo, desc=f"{self.config.id}: {unit}", disable=not verbose or not todo):
                 indices = list(range(part * bs, min(len(dataset), (part + 1) * bs)))
@@ -200,12 +214,10 @@ class InterventionExperiment:
                     base_rows, cell_rows = self.engine.run_part(bases, sources, indices, groups)
                     writer.write_part(dataset.id, part, base_rows, cell_rows)
                     continue
-                batches = self.engine.plan(groups, len(indices))
-                mine = batches[block * len(batches) // blocks : (block + 1) * len(batches) // blocks]
+                mine = block_plan(dataset, part, block)
                 block_groups = [g for batch in mine for g in batch]
                 base_rows, cell_rows = self.engine.run_part(bases, sources, indices, block_groups, batches=mine)
-                writer.write_block(dataset.id, part, (block, blocks), [c.cell_id for g in block_groups for c in g],
-                                   base_rows, cell_rows)
+                writer.write_block(dataset.id, part, (block, blocks), block_cells(mine), base_rows, cell_rows)
             return writer.results()
 
 

@@ -1,8 +1,8 @@
 """Exact top-k over a wide last dimension (the vocabulary), ties to the lower index.
 
 ``top_k(logits, k)`` returns the same values and indices as ``torch.topk(logits, k)`` whenever the k-th
-largest value is not tied; ties are broken towards the lower index (``argmax``'s rule), so
-``top_k(x, k)[1][:, 0] == x.argmax(-1)`` always. On CPU it first takes the maximum of each block of
+largest value is not tied; ties are broken towards the lower index (``argmax``'s rule) and NaN ranks
+above every number (as in ``torch.topk`` and ``argmax``), so ``top_k(x, k)[1][:, 0] == x.argmax(-1)``. On CPU it first takes the maximum of each block of
 ``block`` columns (one vectorised pass over the row), keeps the k blocks with the largest maxima (every
 top-k element lies in one of them) and sorts only those candidates: about 4× faster than
 ``torch.topk`` on (2048, 32000) float32 rows with 2 threads. Elsewhere (CUDA) it is ``torch.topk``
@@ -26,7 +26,7 @@ def top_k(logits: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.Tenso
         values, indices = flat.topk(k, dim=-1)
         values, indices = _ties_to_lower_index(values, indices)
         # a tie across the k-th place may have left out a lower index: redo those rows by a stable sort
-        redo = (flat >= values[:, -1:]).sum(dim=-1) > k
+        redo = ((flat >= values[:, -1:]).sum(dim=-1) > k) | torch.isnan(values).any(dim=-1)
     else:
         values, indices, redo = _blockwise(flat, k, block)
     if bool(redo.any()):
@@ -36,9 +36,12 @@ def top_k(logits: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.Tenso
 
 
 def _stable(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference rule on whole rows: value descending, ties to the lower index (NaN counts as largest)."""
-    key = torch.where(torch.isnan(flat), torch.full_like(flat, float("inf")), flat)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    """Reference rule on whole rows: NaN first, then value descending; ties to the lower index."""
+    nan = torch.isnan(flat)
+    key = torch.where(nan, torch.full_like(flat, float("inf")), flat)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(nan.gather(1, order).to(torch.uint8), dim=-1, descending=True,
+                                       stable=True).indices)[:, :k]
     return flat.gather(1, order), order
 
 
@@ -67,5 +70,5 @@ def _blockwise(flat: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, to
     values, picked = candidates.topk(k, dim=-1)
     values, indices = _ties_to_lower_index(values, columns.gather(1, picked))
     redo = ((maxima >= top_maxima[:, -1:]).sum(dim=-1) > k) | ((candidates >= values[:, -1:]).sum(dim=-1) > k)
-    redo |= torch.isnan(maxima).any(dim=-1)
+    redo |= torch.isnan(maxima).any(dim=-1) | torch.isnan(values).any(dim=-1)
     return values, indices, redo

@@ -179,3 +179,54 @@ def test_cell_blocks_resume_and_an_incomplete_merge_is_refused(model_dirs, tmp_p
         for kind in ("base", "cells"):
             assert (part_path(merged.root, kind, "sums", part).read_bytes()
                     == part_path(reference.root, kind, "sums", part).read_bytes())
+
+
+def test_an_out_of_memory_retry_in_one_shard_keeps_the_blocks_aligned(model_dirs, tmp_path):
+    """Blocks are cut from the configured row budget, not from the one an out-of-memory retry lowered."""
+    config = {"batch_size": 4, "max_rows_per_forward": 24}
+    roots = [shard_dir(tmp_path / "shards", (i, 2)) for i in range(2)]
+    first, dataset = build(str(model_dirs["llama"]), config)
+    first.perform_interventions(dataset, results_dir=roots[0], verbose=False, shard=(0, 2), cell_blocks=2)
+    second, dataset = build(str(model_dirs["llama"]), config)
+    real, calls = second.engine._run_suffix_groups, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    second.engine._run_suffix_groups = fails_once
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        second.perform_interventions(dataset, results_dir=roots[1], verbose=False, shard=(1, 2), cell_blocks=2)
+    assert second.engine.max_rows_per_forward < 24
+    merged = merge_shards(roots, tmp_path / "merged")
+    whole, dataset = build(str(model_dirs["llama"]), config)
+    one = whole.perform_interventions(dataset, results_dir=tmp_path / "one", verbose=False)
+    for a, b in zip(tables(merged), tables(one), strict=True):
+        assert a["output_token_ids"].map(list).tolist() == b["output_token_ids"].map(list).tolist()
+
+
+def test_a_block_cut_from_another_plan_is_recomputed(model_dirs, tmp_path):
+    experiment, dataset = build(str(model_dirs["llama"]), {"batch_size": 8})  # one part, 3 blocks
+    root = shard_dir(tmp_path / "shards", (0, 1))
+    real_plan = experiment.engine.plan
+    experiment.engine.plan = lambda *args: list(reversed(real_plan(*args)))  # a foreign cut
+    experiment.perform_interventions(dataset, results_dir=root, verbose=False, shard=(0, 1), cell_blocks=3)
+    experiment.engine.plan = real_plan
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "blocks" / "sums").glob("*.json")}
+    experiment.perform_interventions(dataset, results_dir=root, verbose=False, shard=(0, 1), cell_blocks=3)
+    assert any(p.stat().st_mtime_ns != t for p, t in stamps.items()), "blocks holding other cells are redone"
+    single = experiment.perform_interventions(dataset, results_dir=tmp_path / "one", verbose=False)
+    merged = merge_shards([root], tmp_path / "merged")
+    assert part_path(merged.root, "cells", "sums", 0).read_bytes() == part_path(single.root, "cells", "sums", 0).read_bytes()
+
+
+def test_shards_with_another_suffix_setting_are_another_experiment(model_dirs, tmp_path):
+    roots = [shard_dir(tmp_path / "shards", (i, 2)) for i in range(2)]
+    for i, fast in enumerate((True, False)):
+        experiment, dataset = build(str(model_dirs["llama"]), {"batch_size": 4, "suffix_reuse": fast})
+        experiment.perform_interventions(dataset, results_dir=roots[i], verbose=False, shard=(i, 2), cell_blocks=2)
+    with pytest.raises(ResultsError, match="different experiment"):
+        merge_shards(roots, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -56,3 +56,16 @@ def test_leading_shape_and_bad_k():
         top_k(logits, 0)
     with pytest.raises(ValueError, match="k must be"):
         top_k(logits, 1001)
+
+
+@pytest.mark.parametrize("width", [5, 300, 33000])
+def test_first_id_is_argmax_with_nan_and_inf(width):
+    logits = torch.randn(4, width, generator=torch.Generator().manual_seed(1))
+    logits[0, [0, 2, 3]] = float("nan")  # several NaN
+    logits[1, 3], logits[1, width - 1] = float("inf"), float("nan")  # NaN outranks +inf
+    logits[2, width - 1] = float("nan")  # NaN in the tail columns
+    for k in (1, 2):
+        _, ids = top_k(logits, k)
+        assert torch.equal(ids[:, 0], logits.argmax(-1)), (width, k)
+    _, ids = top_k(logits, 2)
+    assert ids[0].tolist() == [0, 2]
