@@ -934,25 +934,48 @@ class RawResultsWriter:
         for kind in PART_KINDS:
             part_path(self.root, kind, dataset_id, part).unlink(missing_ok=True)
 
-    def _write_record(self, dataset_id: str, part: int, files: dict[str, bytes],
-                      n_rows: dict[str, int] | None = None) -> None:
-        """Record of a written part; ``n_rows`` per file when known (else counted by reading the bytes)."""
-        if n_rows is None:
-            n_rows = {kind: len(_parse_parquet(data)) for kind, data in files.items()}
-        record = PartRecord(
+    def _new_record(self, cls: type[PartRecord], dataset_id: str, part: int, cell_ids: list[str],
+                paths: dict[str, Path], files: dict[str, bytes], n_rows: dict[str, int], **extra: Any) -> PartRecord:
+        """The record (``cls``: part or block) describing ``files`` written at ``paths``."""
+        return cls(
             dataset_id=dataset_id,
             dataset_fingerprint=self.manifest.dataset(dataset_id).fingerprint,
             part=part,
             example_indices=self.manifest.part_indices(dataset_id, part),
-            cell_ids=[c.cell_id for c in self.manifest.cells],
+            cell_ids=list(cell_ids),
             producer_sha256=self.manifest.producer_sha256(),
-            files={
-                kind: FileRecord(path=_rel(self.root, part_path(self.root, kind, dataset_id, part)), n_bytes=len(data),
-                                 sha256=hashlib.sha256(data).hexdigest(), n_rows=n_rows[kind])
-                for kind, data in files.items()
-            },
+            files={kind: FileRecord(path=_rel(self.root, paths[kind]), n_bytes=len(data),
+                                    sha256=hashlib.sha256(data).hexdigest(), n_rows=n_rows[kind])
+                   for kind, data in files.items()},
+            **extra,
         )
+
+    def _write_record(self, dataset_id: str, part: int, files: dict[str, bytes]) -> None:
+        """Record of a part whose files are already on disk (rows counted by reading the bytes)."""
+        n_rows = {kind: len(_parse_parquet(data)) for kind, data in files.items()}
+        paths = {kind: part_path(self.root, kind, dataset_id, part) for kind in files}
+        record = self._new_record(PartRecord, dataset_id, part, [c.cell_id for c in self.manifest.cells], paths, files,
+                              n_rows)
         atomic_write_json(part_record_path(self.root, dataset_id, part), record.model_dump(mode="json"))
+
+    def _write_pair(self, what: str, dataset_id: str, part: int, frames: dict[str, pd.DataFrame], cell_ids: list[str],
+                    paths: dict[str, Path], record_path: Path, cls: type[PartRecord], **extra: Any) -> None:
+        """Check ``frames`` hold exactly the part's examples × ``cell_ids`` (``ValueError`` naming ``what``,
+        writing nothing), then write both files and, last, their record (which marks them finished)."""
+        if not self.lock.held:
+            raise ResultsError(f"this writer of {self.root} was closed; open a new RawResultsWriter to write")
+        indices = self.manifest.part_indices(dataset_id, part)
+        for kind, frame in frames.items():
+            problem = _content_problem(kind, frame, indices, cell_ids)
+            if problem is not None:
+                raise ValueError(f"refusing to write {what}: its {kind} rows: {problem}")
+        files = {kind: parquet_bytes(frames[kind]) for kind in PART_KINDS}
+        record_path.unlink(missing_ok=True)
+        for kind in PART_KINDS:
+            atomic_write_bytes(paths[kind], files[kind])
+        record = self._new_record(cls, dataset_id, part, cell_ids, paths, files,
+                              {kind: len(frame) for kind, frame in frames.items()}, **extra)
+        atomic_write_json(record_path, record.model_dump(mode="json"))
 
     def write_part(
         self, dataset_id: str, part: int, base_rows: Iterable[dict[str, Any]], cell_rows: Iterable[dict[str, Any]]
@@ -966,48 +989,21 @@ class RawResultsWriter:
 
     def write_part_frames(self, dataset_id: str, part: int, frames: dict[str, pd.DataFrame]) -> None:
         """``write_part`` from tables {"base", "cells"} in the output schema."""
-        if not self.lock.held:
-            raise ResultsError(f"this writer of {self.root} was closed; open a new RawResultsWriter to write")
-        indices = self.manifest.part_indices(dataset_id, part)
-        cell_ids = [c.cell_id for c in self.manifest.cells]
-        for kind, frame in frames.items():
-            problem = _content_problem(kind, frame, indices, cell_ids)
-            if problem is not None:
-                raise ValueError(f"refusing to write part {part} of dataset {dataset_id!r}: its {kind} rows: {problem}")
-        files = {kind: parquet_bytes(frames[kind]) for kind in PART_KINDS}
-        part_record_path(self.root, dataset_id, part).unlink(missing_ok=True)
-        for kind in PART_KINDS:
-            atomic_write_bytes(part_path(self.root, kind, dataset_id, part), files[kind])
-        self._write_record(dataset_id, part, files, {kind: len(frame) for kind, frame in frames.items()})
+        self._write_pair(f"part {part} of dataset {dataset_id!r}", dataset_id, part, frames,
+                         [c.cell_id for c in self.manifest.cells],
+                         {kind: part_path(self.root, kind, dataset_id, part) for kind in PART_KINDS},
+                         part_record_path(self.root, dataset_id, part), PartRecord)
 
     def write_block(self, dataset_id: str, part: int, block: tuple[int, int], cell_ids: list[str],
                     base_rows: Iterable[dict[str, Any]], cell_rows: Iterable[dict[str, Any]]) -> None:
         """Write block ``block`` = (B, M) of a part, holding the cells ``cell_ids`` (a cell-range shard's unit):
         its two files under ``blocks/``, then its record. Raises ``ValueError`` (writing nothing) on rows
         that are not exactly the part's examples × those cells."""
-        if not self.lock.held:
-            raise ResultsError(f"this writer of {self.root} was closed; open a new RawResultsWriter to write")
-        frames = _frames(base_rows, cell_rows)
-        indices = self.manifest.part_indices(dataset_id, part)
-        for kind, frame in frames.items():
-            problem = _content_problem(kind, frame, indices, cell_ids)
-            if problem is not None:
-                raise ValueError(f"refusing to write block {block[0]}/{block[1]} of part {part} of dataset "
-                                 f"{dataset_id!r}: its {kind} rows: {problem}")
-        files = {kind: parquet_bytes(frames[kind]) for kind in PART_KINDS}
-        record_path = block_record_path(self.root, dataset_id, part, block)
-        record_path.unlink(missing_ok=True)
-        for kind in PART_KINDS:
-            atomic_write_bytes(block_path(self.root, kind, dataset_id, part, block), files[kind])
-        record = BlockRecord(
-            dataset_id=dataset_id, dataset_fingerprint=self.manifest.dataset(dataset_id).fingerprint, part=part,
-            example_indices=indices, cell_ids=list(cell_ids), producer_sha256=self.manifest.producer_sha256(),
-            files={kind: FileRecord(path=_rel(self.root, block_path(self.root, kind, dataset_id, part, block)),
-                                    n_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                                    n_rows=len(frames[kind])) for kind, data in files.items()},
-            block=block[0], n_blocks=block[1],
-        )
-        atomic_write_json(record_path, record.model_dump(mode="json"))
+        self._write_pair(f"block {block[0]}/{block[1]} of part {part} of dataset {dataset_id!r}", dataset_id, part,
+                         _frames(base_rows, cell_rows), cell_ids,
+                         {kind: block_path(self.root, kind, dataset_id, part, block) for kind in PART_KINDS},
+                         block_record_path(self.root, dataset_id, part, block), BlockRecord,
+                         block=block[0], n_blocks=block[1])
 
     def close(self) -> None:
         """Release the folder lock."""
