@@ -282,7 +282,7 @@ class SuffixReuse:
         last column with ``last_hidden_rows`` (R,) naming each row's (rows whose output cannot change share
         their base pair's state), and, when ``want_cache``, ``past_key_values`` (a DynamicCache over all
         layers and T columns); see ``LMPipeline.last_top_k``."""
-        L, width = self.n_layers, base.batch.input_ids.shape[1]
+        L, width = self.n_layers, base.width
         read = width - 1
         n_rows = patch.pairs.shape[0]
         device = patch.pairs.device
