@@ -14,6 +14,12 @@ def _r(r: dict[str, Any] | None) -> str:
     return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] ({r['k']}/{r['n']})"
 
 
+def _per_layer_lines(per_layer: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per layer: each direction's success rate with its floor."""
+    return [f"- {layer}: " + "; ".join(f"{d}: {_r(v['success'])} / floor {v['floor']['rate']:.2f}" for d, v in per.items())
+            for layer, per in per_layer.items()]
+
+
 def write_summary_md(out: Path, s: dict[str, Any]) -> None:
     """Write ``<out>/summary.md`` (rates as ``rate [95% CI] (k/n)``; floors = the unpatched run)."""
     lines = [f"# Decimal comparison study: {s.get('model')}", ""]
@@ -59,17 +65,13 @@ def write_summary_md(out: Path, s: dict[str, Any]) -> None:
             lines.append(f"- {d['format']} L{d['layer']}H{d['head']}: Δ mass on decimals {d['delta_decimals']:+.2f} vs simple")
     if "transplant_layers" in s:
         lines += ["", "## Attention transplantation (all heads of a layer)", ""]
-        for layer, per in s["transplant_layers"].items():
-            lines.append(f"- {layer}: " + "; ".join(f"{d}: {_r(v['success'])} / floor {v['floor']['rate']:.2f}"
-                                                   for d, v in per.items()))
+        lines += _per_layer_lines(s["transplant_layers"])
         lines += ["", "Best single heads (fix):", ""]
         for b in s.get("transplant_best_heads", []):
             lines.append(f"- `{b['cell_id']}` mean fix rate {b['mean_success']:.2f}")
     if "blocking_layers" in s:
         lines += ["", "## Blocking attention to the format's own tokens (one layer, all heads; prompt and decoding)", ""]
-        for layer, per in s["blocking_layers"].items():
-            lines.append(f"- {layer}: " + "; ".join(f"{d}: {_r(v['success'])} / floor {v['floor']['rate']:.2f}"
-                                                   for d, v in per.items()))
+        lines += _per_layer_lines(s["blocking_layers"])
         lines += ["", "Best single heads (fix):", ""]
         for b in s.get("blocking_best_heads", []):
             per = "; ".join(f"{f}: {_r(v['success'])}" for f, v in b["per_format"].items())
