@@ -1,5 +1,6 @@
 """Shared recipe pieces of the model organisms' training scripts (``tasks/*/organism/train_organism.py``).
 
+``seed_training`` gives every run the same start (threads, seeds of random, numpy and torch). The optimiser is
 AdamW with weight decay on matrices only (biases, norms and other vectors get none) and a learning-rate
 schedule of linear warmup followed by cosine decay to ``min_lr_ratio`` of the peak.
 """
@@ -7,9 +8,19 @@ schedule of linear warmup followed by cosine decay to ``min_lr_ratio`` of the pe
 from __future__ import annotations
 
 import math
+import random
 from typing import Iterable
 
+import numpy as np
 import torch
+
+
+def seed_training(seed: int, num_threads: int) -> None:
+    """Same start for every run: torch's thread count and the seeds of ``random``, numpy and torch."""
+    torch.set_num_threads(num_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
-from experiments.organism_training import adamw_with_warmup_cosine
+from experiments.organism_training import adamw_with_warmup_cosine, seed_training
 from tasks.ct_positions.causal_models import CT_SLOTS, default_assignment
 from tasks.ct_positions.data import Problem, generate_problems, is_heldout, problem_from_structure, sample_structure
 from tasks.ct_positions.organism import BOT, EOT, N_VALUES, ORGANISM_DIR, build_tokenizer
@@ -151,9 +151,7 @@ def evaluate(reasoner: LatentReasoner, readout: torch.nn.Linear, problems: list[
 
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate on the held-out split, save everything to ``out_dir``."""
-    torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_training(cfg.seed, cfg.num_threads)
     rng = random.Random(f"ct-organism-{cfg.seed}")
     start = time.time()
     tok = build_tokenizer()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from causal.raw_results import atomic_write_json
-from experiments.organism_training import adamw_with_warmup_cosine
+from experiments.organism_training import adamw_with_warmup_cosine, seed_training
 from tasks.decimal_comparison.causal_models import (
     FRAC_PARTS,
     INT_PARTS,
@@ -227,10 +227,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
 
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate on held-out pairs, save model + tokenizer + training_report.json to ``out_dir``."""
-    torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_training(cfg.seed, cfg.num_threads)
     start = time.time()
     tokenizer = build_tokenizer()
     data = TrainingData(cfg)

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from experiments.organism_training import adamw_with_warmup_cosine
+from experiments.organism_training import adamw_with_warmup_cosine, seed_training
 from tasks.general_addition.organism import ORGANISM_DIR, build_tokenizer
 
 WIDTHS: tuple[int, ...] = (2, 3)
@@ -208,10 +208,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
 
 def train(cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate on the held-out problems, save model + tokenizer + report to ``out_dir``."""
-    torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_training(cfg.seed, cfg.num_threads)
     start = time.time()
 
     tokenizer = build_tokenizer()
