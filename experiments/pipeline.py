@@ -216,17 +216,6 @@ class LMPipeline:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
-    def last_logits(self, out: Any) -> torch.Tensor:
-        """(B, V) float32 logits at the last position of a forward's output: ``out.last_logits`` when present,
-        else the model's ``logits``, else ``project(last_hidden_state[:, -1])``."""
-        given = getattr(out, "last_logits", None)
-        if given is not None:
-            return given.float()
-        logits = getattr(out, "logits", None)
-        if logits is not None:
-            return logits[:, -1, :].float()
-        return self.project(out.last_hidden_state[:, -1])
-
     def project_top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (R, k) float32 logits and token ids of final hidden states (R, d), ties to the lower id.
 
@@ -257,10 +246,12 @@ class LMPipeline:
             values, ids = self.project_top_k(hidden, k)
             rows = getattr(out, "last_hidden_rows", None)
             return (values, ids) if rows is None else (values[rows], ids[rows])
-        if getattr(out, "last_logits", None) is None and getattr(out, "logits", None) is None:
+        logits = getattr(out, "last_logits", None)
+        if logits is None and getattr(out, "logits", None) is not None:
+            logits = out.logits[:, -1, :]
+        if logits is None:
             return self.project_top_k(out.last_hidden_state[:, -1], k)
-        logits = self.last_logits(out)
-        return top_k(logits, min(k, logits.shape[-1]))
+        return top_k(logits.float(), min(k, logits.shape[-1]))
 
     def _load(self, name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         local = Path(name).expanduser()
