@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.architectures import family_of, get_module
 from experiments.attention_control import AttentionOp, BlockAttention, attention_control
+from experiments.transformers_adapter import output_cache, with_cache
 
 Site = Literal["embedding", "hidden", "residual"]
 Mode = Literal["zero", "mean", "patch"]
@@ -305,8 +306,9 @@ class LatentReasoner:
 
     def _forward(self, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any, **kwargs: Any) -> Any:
         masked = self.config.attention_mask_in_latent
-        return self.model(attention_mask=mask if masked else None, position_ids=positions if masked else None,
-                          past_key_values=cache, use_cache=True, **kwargs)
+        return self.model(**with_cache(self.model, {"attention_mask": mask if masked else None,
+                                                    "position_ids": positions if masked else None,
+                                                    "use_cache": True, **kwargs}, cache))
 
     def _decode(self, inputs: dict[str, torch.Tensor], layout: Layout, k: int, edits: Sequence[ThoughtEdit],
                 state: dict[str, Any]) -> LatentRun:
@@ -317,7 +319,7 @@ class LatentReasoner:
         if cfg.attention_mask_in_latent:
             prompt_kwargs["position_ids"] = positions
         out = self.model(**prompt_kwargs, use_cache=True, output_hidden_states=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         hidden = out.hidden_states[-1][:, -1]
         last_pos = positions[:, -1:]
         bsz = mask.shape[0]
@@ -342,7 +344,7 @@ class LatentReasoner:
             out = self._forward(step_mask(fed), last_pos + fed, cache,
                                 inputs_embeds=emb[:, None].to(embed.weight.dtype), output_hidden_states=True)
             state["thought"] = None
-            cache = out.past_key_values
+            cache = output_cache(out)
             hidden = out.hidden_states[-1][:, -1]
             hidden_list.append(hidden.detach().float().cpu())
             top_tokens.append(out.logits[:, -1].argmax(-1).tolist())
@@ -354,7 +356,7 @@ class LatentReasoner:
             pos = last_pos + fed + torch.arange(1, n + 1, device=self.device)[None]
             fed += n
             out = self._forward(step_mask(fed), pos, cache, inputs_embeds=embed(eot))
-            cache = out.past_key_values
+            cache = output_cache(out)
             logits = out.logits[:, -1]
         elif k:
             raise ValueError("thoughts need eot_ids to mark the start of the answer")
@@ -374,7 +376,7 @@ class LatentReasoner:
             fed += 1
             nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
             out = self._forward(step_mask(fed), last_pos + fed, cache, input_ids=nxt[:, None])
-            cache = out.past_key_values
+            cache = output_cache(out)
             logits = out.logits[:, -1]
         layout.n_answer = max(len(g) for g in generated)
         texts = [self.tokenizer.decode([t for t in g if t not in cfg.stop_ids], skip_special_tokens=True)

@@ -18,6 +18,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationE
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.top_k import top_k
+from experiments.transformers_adapter import output_cache, with_cache
 
 PromptLike = str | dict[str, Any]
 
@@ -404,7 +405,7 @@ class LMPipeline:
 
         ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns its output (anything
         ``last_top_k`` reads: ``last_hidden_state``, ``logits``, ``last_logits`` (B, V), or ``last_hidden``
-        with ``last_hidden_rows``) with ``past_key_values`` when more than one step is asked. Only the last
+        with ``last_hidden_rows``) with its cache (see ``transformers_adapter.output_cache``) when more than one step is asked. Only the last
         position is projected onto the vocabulary, in row chunks, and reduced to the top-k at once (ties to
         the lower id); later steps run the plain model on the cache, so an intervention touches the prompt
         pass only.
@@ -423,7 +424,7 @@ class LMPipeline:
         k = self.top_k
         out = prompt_forward(inputs)
         vals, ids = self.last_top_k(out, k)
-        cache = out.past_key_values if steps > 1 else None
+        cache = output_cache(out) if steps > 1 else None
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         bsz = batch.input_ids.shape[0]
@@ -446,11 +447,10 @@ class LMPipeline:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions + 1
-            out = self.body(**self.forward_inputs({
-                "input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions,
-                "past_key_values": cache, "use_cache": True,
-            }))
-            cache = out.past_key_values
+            out = self.body(**self.forward_inputs(with_cache(self.body, {
+                "input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions, "use_cache": True,
+            }, cache)))
+            cache = output_cache(out)
             vals, ids = self.last_top_k(out, k)
         return GenerationOutput(
             torch.stack(tokens, dim=1), lengths, torch.stack(top_ids, dim=1), torch.stack(top_vals, dim=1)

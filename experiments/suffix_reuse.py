@@ -41,9 +41,11 @@ from experiments.architectures import family_of, get_module
 from experiments.hooks_backend import register_site_hook
 from experiments.pipeline import LMPipeline, PromptBatch
 from experiments.sites import Site
+from experiments.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
+                                              output_cache, verify_once, with_cache)
 
 #: Layer classes whose forward follows the contract used here (hidden states, 4-D additive mask,
-#: ``position_embeddings``, one ``past_key_values.update`` per call); tested per family in
+#: ``position_embeddings``, one cache ``update`` per call); tested per family in
 #: tests/test_suffix_reuse.py (Mistral and Qwen 3 layers share the Llama contract).
 SUPPORTED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
                               "Olmo2DecoderLayer", "Gemma2DecoderLayer", "GPT2Block"})
@@ -61,13 +63,11 @@ class _StopLayer(Exception):
     """Raised by the stand-in cache once a layer's new keys/values are known (the rest is not needed)."""
 
 
-class _Packing:
+class _Packing(CacheStandIn):
     """One packed layer call. Token t of the packed sequence belongs to active row ``slot[t]`` at column
     ``col[t]``. Stands in for the layer's cache (``update`` writes the new keys/values into the rows'
     (R, kv_heads, T, d_head) buffers, which start as the base run's) and lays the packed queries out
     as padded rows for the attention function."""
-
-    is_compileable = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, col: torch.Tensor,
                  attention_mask: torch.Tensor, implementation: str, stop: bool = False):
@@ -81,8 +81,7 @@ class _Packing:
         zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
         self.mask = torch.where(allowed, zero, torch.finfo(keys.dtype).min)[:, None]  # (R, 1, q, K)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[self.slot, :, self.col] = key_states[0].transpose(0, 1).to(self.keys.dtype)
         self.values[self.slot, :, self.col] = value_states[0].transpose(0, 1).to(self.values.dtype)
         if self.stop:
@@ -213,9 +212,10 @@ class SuffixReuse:
             return f"layer class {sorted(names - SUPPORTED_LAYERS)} not supported"
         if self.family.name == "decoder_layers" and self.rotary is None:
             return "no shared rotary embedding"
-        if model.config._attn_implementation not in ("sdpa", "eager"):
-            return f"attention implementation {model.config._attn_implementation!r}"
-        if model.config._attn_implementation == "eager" and getattr(model.config, "reorder_and_upcast_attn", False):
+        implementation = attention_implementation(model)
+        if implementation not in ("sdpa", "eager"):
+            return f"attention implementation {implementation!r}"
+        if implementation == "eager" and getattr(model.config, "reorder_and_upcast_attn", False):
             return "GPT-2's reorder_and_upcast_attn bypasses the attention registry"
         if self.window is not None and width >= int(self.window):
             return "prompt reaches the sliding window"
@@ -239,7 +239,7 @@ class SuffixReuse:
         finally:
             for handle in handles:
                 handle.remove()
-        cache = out.past_key_values
+        cache = output_cache(out)
         keys = [cache.layers[j].keys for j in range(self.n_layers)]
         values = [cache.layers[j].values for j in range(self.n_layers)]
         if len(residual) != self.n_layers + 1 or keys[0].shape[2] != batch.input_ids.shape[1]:
@@ -250,19 +250,14 @@ class SuffixReuse:
     @contextmanager
     def _packed(self) -> Iterator[str]:
         """Route the layers' attention to ``packed_attention``; yields the implementation it replaces."""
-        config = self.pipeline.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = PACKED_ATTENTION
-        try:
+        with attention_implementation_set(self.pipeline.model, PACKED_ATTENTION) as previous:
             yield previous
-        finally:
-            config._attn_implementation = previous
 
     def _layer(self, j: int, x: torch.Tensor, packing: _Packing, pairs: torch.Tensor,
                base: BaseRun) -> torch.Tensor | None:
         """Layer j on packed tokens x (n, d) of rows ``pairs`` (R,) laid out by ``packing``; returns the
         layer's output (n, d), or None when the packing stops after the cache update."""
-        kwargs: dict[str, Any] = {"attention_mask": None, "past_key_values": packing, "use_cache": True}
+        kwargs = with_cache(self.layers[j], {"attention_mask": None, "use_cache": True}, packing)
         if self.family.name == "decoder_layers":
             flat = pairs[packing.slot] * base.width + packing.col  # token -> (pair, column) in (B * T)
             kwargs["position_ids"] = base.batch.position_ids.flatten().index_select(0, flat)[None]
@@ -277,11 +272,34 @@ class SuffixReuse:
         return (out[0] if isinstance(out, tuple) else out)[0]
 
     @torch.no_grad()
+    def _self_check(self, base: BaseRun) -> str | None:
+        """None when re-inserting base row 0's own residual at layer 0 (every layer recomputed from its first
+        real column) gives its plain forward's final state; else how far off it is."""
+        width, first = base.width, int(base.batch.pad_offsets[0])
+        columns = torch.arange(first, width, device=base.residual[0].device)[None]
+        values = base.residual[0][0, columns[0]][None]
+        zero = torch.zeros(1, dtype=torch.long, device=columns.device)
+        out = self._prompt_pass(base, ResidualPatch(zero, zero, columns, values), want_cache=False)
+        expected = self.final_norm(base.residual[self.n_layers][0, width - 1])
+        diff = float((out.last_hidden[0] - expected).abs().max())
+        scale = max(1.0, float(expected.abs().max()))
+        tolerance = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+        if not diff <= tolerance * scale:
+            return f"an identity patch moved the final state by {diff:.3g}"
+        return None
+
     def prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> SimpleNamespace:
         """The intervened prompt pass of ``patch``'s rows: ``last_hidden`` (U, d) final-normed states at the
         last column with ``last_hidden_rows`` (R,) naming each row's (rows whose output cannot change share
-        their base pair's state), and, when ``want_cache``, ``past_key_values`` (a DynamicCache over all
-        layers and T columns); see ``LMPipeline.last_top_k``."""
+        their base pair's state), and, when ``want_cache``, ``cache`` (a DynamicCache over all
+        layers and T columns); see ``LMPipeline.last_top_k``. The first call in a process checks the packed
+        path against the plain forward (``transformers_adapter.verify_once``)."""
+        layer = type(self.layers[0]).__name__
+        verify_once(f"suffix reuse (hooks backend) on {layer}", lambda: self._self_check(base))
+        return self._prompt_pass(base, patch, want_cache)
+
+    @torch.no_grad()
+    def _prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> SimpleNamespace:
         L, width = self.n_layers, base.width
         read = width - 1
         n_rows = patch.pairs.shape[0]
@@ -349,7 +367,7 @@ class SuffixReuse:
         rows[computed] = torch.arange(len(computed), device=device)
         rows[untouched] = len(computed) + inverse
         cache = self._cache(base, patch, buffers) if want_cache else None
-        return SimpleNamespace(last_hidden=hidden, last_hidden_rows=rows, past_key_values=cache)
+        return SimpleNamespace(last_hidden=hidden, last_hidden_rows=rows, cache=cache)
 
     def _cache(self, base: BaseRun, patch: ResidualPatch,
                buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> DynamicCache:

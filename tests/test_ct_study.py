@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from experiments.attention_control import RecordAttention
 from experiments.codi import CODISpec, lora_targets, load_codi, save_codi_checkpoint, split_state_dict
 from experiments.error_taxonomy import classify, paired_bootstrap_diff, reversal_results, taxonomy_report
+from experiments.transformers_adapter import output_cache, with_cache
 from experiments.latent_reasoning import (
     CODIProjection,
     ExplicitCoTRunner,
@@ -26,6 +27,8 @@ from experiments.latent_reasoning import (
 from experiments.problem_sensitivity import betainc_regularized, correlation, problem_features, sensitivity_report
 from tasks.ct_positions.data import chain, generate_problems, gsm8k_problem, load_gsm8k, render_compact
 from tasks.ct_positions.organism import build_tokenizer
+
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
 
 torch.set_num_threads(1)
 QUESTIONS = ["3+4*2=", "12-3=", "7/7+1-1="]
@@ -72,18 +75,19 @@ def hand_loop(model, tok, question: str, k: int, projection, steps: int) -> list
     bot, eot = tok.convert_tokens_to_ids("<bot>"), tok.convert_tokens_to_ids("<eot>")
     ids = torch.tensor([tok(question)["input_ids"] + [bot]])
     out = model(input_ids=ids, use_cache=True, output_hidden_states=True)
-    cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]
+    cache, h = output_cache(out), out.hidden_states[-1][:, -1:]
     for _ in range(k):
-        out = model(inputs_embeds=projection(h), past_key_values=cache, use_cache=True, output_hidden_states=True)
-        cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]
-    out = model(input_ids=torch.tensor([[eot]]), past_key_values=cache, use_cache=True)
+        out = model(**with_cache(model, {"inputs_embeds": projection(h), "use_cache": True,
+                                         "output_hidden_states": True}, cache))
+        cache, h = output_cache(out), out.hidden_states[-1][:, -1:]
+    out = model(**with_cache(model, {"input_ids": torch.tensor([[eot]]), "use_cache": True}, cache))
     generated = []
     for _ in range(steps):
         nxt = int(out.logits[0, -1].argmax())
         generated.append(nxt)
         if nxt == tok.eos_token_id:
             break
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(**with_cache(model, {"input_ids": torch.tensor([[nxt]]), "use_cache": True}, output_cache(out)))
     return generated
 
 

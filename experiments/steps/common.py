@@ -177,7 +177,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def run_step(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run a step's ``main``; a user error becomes one line on stderr and exit status 1 (``--debug``: the traceback).
+    """Run a step's ``main``; any error becomes one line on stderr and exit status 1 (``--debug``: the traceback).
 
     Returns the exit status (0 on success) for ``sys.exit``.
     """
@@ -194,6 +194,13 @@ def run_step(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a crash inside the step: still one line, the traceback behind --debug
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        print(f"error: {type(exc).__name__}: {message} (an internal error; rerun with --debug for the traceback "
+              f"and report it)", file=sys.stderr)
         return 1
     return 0
 

@@ -31,6 +31,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
 from experiments.organism_training import adamw_with_warmup_cosine, seed_training
+from experiments.transformers_adapter import output_cache, with_cache
 from tasks.ct_positions.causal_models import CT_SLOTS, default_assignment
 from tasks.ct_positions.data import Problem, generate_problems, is_heldout, problem_from_structure, sample_structure
 from tasks.ct_positions.organism import BOT, EOT, N_VALUES, ORGANISM_DIR, build_tokenizer
@@ -102,7 +103,7 @@ def training_loss(model: LlamaForCausalLM, projection: CODIProjection, readout: 
         mask[b, width - len(r):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, output_hidden_states=True)
-    cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]
+    cache, hidden = output_cache(out), out.hidden_states[-1][:, -1]
     targets = torch.tensor([thought_targets(p) for p in problems])
     aux = []
     for j in range(NUM_THOUGHTS):
@@ -110,7 +111,7 @@ def training_loss(model: LlamaForCausalLM, projection: CODIProjection, readout: 
         mask = torch.cat([mask, torch.ones(bsz, 1, dtype=torch.long)], -1)
         out = model(inputs_embeds=emb[:, None], attention_mask=mask, position_ids=pos[:, -1:] + j + 1,
                     past_key_values=cache, use_cache=True, output_hidden_states=True)
-        cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]
+        cache, hidden = output_cache(out), out.hidden_states[-1][:, -1]
         aux.append(torch.nn.functional.cross_entropy(readout(hidden), targets[:, j]))
     answers = [[eot] + [vocab[c] for c in p.gold] + [tok.eos_token_id] for p in problems]
     n = max(map(len, answers))
@@ -122,8 +123,8 @@ def training_loss(model: LlamaForCausalLM, projection: CODIProjection, readout: 
         a_mask[b, : len(a)] = 1
         labels[b, : len(a) - 1] = torch.tensor(a[1:])
     a_pos = pos[:, -1:] + NUM_THOUGHTS + 1 + torch.arange(n)[None]
-    out = model(input_ids=a_ids, attention_mask=torch.cat([mask, a_mask], -1), position_ids=a_pos,
-                past_key_values=cache, use_cache=True)
+    out = model(**with_cache(model, {"input_ids": a_ids, "attention_mask": torch.cat([mask, a_mask], -1),
+                                     "position_ids": a_pos, "use_cache": True}, cache))
     answer_ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
     aux_ce = torch.stack(aux).mean()
     return answer_ce + aux_weight * aux_ce, answer_ce.item(), aux_ce.item()
