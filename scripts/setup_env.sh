@@ -1,28 +1,65 @@
 #!/usr/bin/env bash
-# Create or refresh ./.venv with the project installed (editable) and its dev tools.
-# torch is installed first from TORCH_SPEC (default torch==2.13.0): a CPU wheel on CPU-only
-# machines that carry it, the regular CUDA build from the registry elsewhere.
-# Set TORCH_SPEC to pick another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>".
+# Create or refresh a virtual environment with the project installed (editable) and its dev tools.
+#
+#   scripts/setup_env.sh            ./.venv from the lock: requirements/lock-cpu.txt, or lock-cuda.txt where
+#                                   nvidia-smi sees a GPU (TORCH_FLAVOR=cpu|cuda overrides the choice)
+#   scripts/setup_env.sh --newest   $VENV (required) with the newest releases pyproject.toml allows, torch kept
+#                                   at the lock's build (the canary of ./run_tests.sh --newest)
+#   scripts/setup_env.sh --lowest   $VENV (required) with the lowest allowed releases (requirements/lowest.txt)
+#
+# The CPU torch build comes from the PyTorch CPU index when no local wheel satisfies it. Prints what it installs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${VENV:-$root/.venv}"
+mode="${1:---locked}"
 python="${PYTHON:-python3}"
-torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+case "$mode" in
+  --locked) venv="${VENV:-$root/.venv}" ;;
+  --newest|--lowest) venv="${VENV:?set VENV to the throwaway environment folder}" ;;
+  *) echo "setup_env.sh: unknown option $mode (use --locked, --newest or --lowest)" >&2; exit 2 ;;
+esac
+if [ -z "${TORCH_FLAVOR:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH_FLAVOR=cuda; else TORCH_FLAVOR=cpu; fi
+fi
+case "$TORCH_FLAVOR" in
+  cpu|cuda) ;;
+  *) echo "setup_env.sh: TORCH_FLAVOR must be cpu or cuda, got $TORCH_FLAVOR" >&2; exit 2 ;;
+esac
+lock="$root/requirements/lock-$TORCH_FLAVOR.txt"
+torch_pin="$(grep -E '^torch==' "$lock")"
 stamp="$venv/.installed-stamp"
-want="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1) $torch_spec"
+want="$mode $TORCH_FLAVOR $(cat "$lock" "$root/pyproject.toml" "$root/requirements/lowest.txt" \
+  "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"
   "$python" -m venv "$venv"
 fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+if [ "$mode" = "--locked" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing into $venv (first run takes a minute or two)"
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  # shellcheck disable=SC2086
-  "$venv/bin/python" -m pip install --quiet $torch_spec
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+echo "[setup] installing into $venv ($mode, $TORCH_FLAVOR torch: $torch_pin; the first run takes a few minutes)"
+if ! "${pip[@]}" install "$torch_pin" 2>/dev/null; then
+  if [ "$TORCH_FLAVOR" = cpu ]; then
+    "${pip[@]}" install "$torch_pin" --index-url https://download.pytorch.org/whl/cpu
+  else
+    "${pip[@]}" install "$torch_pin"  # show pip's error
+  fi
 fi
-"$venv/bin/python" -m pip install --quiet -e "$root[dev]"
+case "$mode" in
+  --locked)
+    "${pip[@]}" install -r "$lock"
+    "${pip[@]}" install --no-deps -e "$root"
+    ;;
+  --newest)
+    "${pip[@]}" install --upgrade --upgrade-strategy eager -c <(echo "$torch_pin") -e "$root[dev]"
+    ;;
+  --lowest)
+    "${pip[@]}" install -c <(grep -v '^torch==' "$root/requirements/lowest.txt"; echo "$torch_pin") -e "$root[dev]"
+    ;;
+esac
+"$venv/bin/python" - <<'EOF'
+from importlib.metadata import version
+print("[setup] " + ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "pyvene", "datasets")))
+EOF
 echo "$want" > "$stamp"

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tasks.general_addition.organism import ORGANISM_DIR, build_tokenizer
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 N_PER_WIDTH = 300
 
 

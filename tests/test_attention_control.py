@@ -26,6 +26,8 @@ from experiments.attention_control import (  # noqa: E402
     register_attention,
 )
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 PROMPTS = ["12+3=", "4+45=9", "7=", "ab c"]
 LAYER = 1  # tiny models have layers 0 and 1
 

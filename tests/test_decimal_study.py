@@ -20,6 +20,8 @@ from tasks.decimal_comparison.formats import (
 from tasks.decimal_comparison.organism import ORGANISM_DIR, build_tokenizer
 from tasks.decimal_comparison.pairs import is_heldout_pair, make_pair, sample_pairs
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 needs_organism = pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(),
                                     reason="organism checkpoint absent; run tasks.decimal_comparison.organism.train_organism")
 

@@ -18,6 +18,8 @@ from experiments.model_units import AttentionHead, AttentionPattern, MLPOutput, 
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 BASES = [{"raw_input": s} for s in ("12+34=", "5+6=", "123+4=")]
 SOURCES = [{"raw_input": s} for s in ("9+87=", "777+1=", "3+3=")]
 SAME_LENGTH_SOURCES = [{"raw_input": s} for s in ("98+76=", "7+1=", "3+300=")]

@@ -17,6 +17,8 @@ from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 FAMILIES = ("gpt2", "llama")
 BASES = ["12+34=", "5+6=", "123+4=", "7+70=", "8+9="]
 SOURCES = ["9+87=", "777+1=", "3+3=", "45+5=", "61+2="]

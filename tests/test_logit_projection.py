@@ -7,6 +7,8 @@ import torch
 
 from tests.conftest import FAMILIES
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 PROMPTS = ["12+3=", "7+45=", "1+1="]
 
 

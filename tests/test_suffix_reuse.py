@@ -16,6 +16,8 @@ from experiments.model_units import ModelUnit, ResidualStream
 from experiments.suffix_reuse import SuffixReuse
 from experiments.token_positions import TokenPosition
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 # different lengths: left padding differs per row; positions are unpadded indices from the end
 BASES = [{"raw_input": s} for s in ("12+34=", "5+6=", "123+45=")]
 SOURCES = [{"raw_input": s} for s in ("98+76=", "7+1=", "300+99=")]
