@@ -9,14 +9,27 @@ every forward: the prompt pass and every cached decoding step.
 
 Coordinates. Batch rows are the rows of the padded batch. Positions are *cache coordinates*: the
 columns of the left-padded prompt (0 .. T-1), then the generated tokens (T, T+1, ...). In a forward
-whose keys hold ``K`` positions and whose queries hold ``Q`` new tokens, query ``i`` sits at
-coordinate ``K - Q + i``. A forward is a *prompt pass* when it has no cached keys (``K == Q``), a
-*decoding step* otherwise. A layer whose cache dropped old keys (a sliding-window cache once
-generation passes the window) has no such coordinates: ops on it raise instead of misplacing.
+whose cache holds ``N`` positions (past + new) and whose queries hold ``Q`` new tokens, query ``i``
+sits at coordinate ``N - Q + i``. A forward is a *prompt pass* when it has no cached keys, a
+*decoding step* otherwise. ``N`` is counted from the prompt pass on (the context must be entered
+before it; entered mid-generation, ``N`` is read off the first layer that provably holds every key).
+
+Sliding-window layers (Gemma 2's ``sliding_attention``; transformers' ``DynamicSlidingWindowLayer``
+keeps only the last ``window - 1`` keys) hand the attention ``K <= N`` keys: key ``j`` of such a layer
+is coordinate ``N - K + j``. Ops keep acting in cache coordinates there; a coordinate the layer no
+longer holds is outside every current query's window (invisible anyway), so an op naming it has
+nothing to act on at that layer. A layer holding fewer keys than ``N`` for any other reason (not a
+sliding layer, or holding less than its window) makes coordinates ambiguous: ops on it raise.
+
+Masks and precision. A query whose every visible key is blocked attends to nothing (an all-zero
+probability row, a zero attention output), never to masked (future, padding, outside-window)
+columns. The softmax runs in float32, or in float64 for float64 models (transformers' eager path
+softmaxes float64 in float32, where the mask's float64 minimum becomes -inf and left-padded batches
+turn NaN; this function does not).
 
 Ops (plain frozen dataclasses, tensors allowed):
 
-* :class:`RecordAttention` -- probabilities (B, h, q, K), queries (B, h, Q, d) after rotary,
+* :class:`RecordAttention` -- probabilities (B, h, q, N), queries (B, h, Q, d) after rotary,
   keys/values (B, KV, K, d) before grouped-query expansion; into ``controller.records``.
 * :class:`TransplantAttention` -- overwrite the probabilities of given rows/heads/query positions.
 * :class:`BlockAttention` -- a blocked key gets exactly zero probability (``-inf`` before the softmax).
@@ -113,6 +126,10 @@ class RecordAttention:
     (None: all); decoding steps always record their new queries. Padding key columns get
     probability 0 (masked) for every real query; a padding query (every key masked) holds eager
     attention's uniform spread. ``steps="prompt"`` records the prompt pass only, ``"all"`` every forward.
+
+    ``probs`` always span every cache coordinate ``0 .. N-1``: at a sliding-window layer that no longer
+    holds the oldest keys those columns are 0 (outside the window). ``key``/``value`` hold the keys the
+    layer has; the record's ``key_offset`` is the coordinate of their first one.
     """
 
     layers: int | Sequence[int]
@@ -176,10 +193,19 @@ class BlockAttention:
     """Give keys at ``key_positions`` (R, m; -1 = padding; cache coordinates) exactly zero probability.
 
     ``rows`` (R,) picks the batch rows (None: all rows; then R is the batch size, or 1 to apply the
-    same keys to every row). ``query_positions`` (R, n; -1 padding; cache coordinates) restricts which
-    queries lose the keys; None means every query later than the blocked key, in the prompt pass and
-    in every decoding step. ``layers``/``heads``: None = all. A query whose every key ends up blocked
-    attends to nothing (zero probabilities, zero output).
+    same keys to every row). ``layers``/``heads``: None = all.
+
+    The causal rule always holds: a query loses a key only when the key is strictly earlier
+    (key coordinate < query coordinate). A query is never blocked from itself or from a later key
+    (those pairs are silently ignored, with or without ``query_positions``). ``query_positions``
+    (R, n; -1 padding; cache coordinates) restricts *which* queries lose the keys; None means every
+    query, in the prompt pass and in every decoding step.
+
+    Blocking a key that a query cannot see anyway (padding, future, outside its sliding window,
+    dropped from a sliding-window cache) changes nothing. A query whose every visible key ends up
+    blocked attends to nothing (an all-zero probability row, zero attention output) -- never to
+    masked columns. Under the causal rule that needs a query whose own column is masked (e.g. a
+    0 inside a row's attention mask); padding queries are left as eager attention has them.
     """
 
     key_positions: IndexLike
@@ -248,7 +274,9 @@ class AttentionRecord:
 
     ``step``: index of the forward inside the context (0 = first forward, normally the prompt pass);
     ``prompt``: whether that forward had no cached keys; ``query_offset``: cache coordinate of the
-    forward's first query. Tensors not asked for are None.
+    forward's first query; ``key_offset``: cache coordinate of ``key``/``value``'s first position (0
+    unless a sliding-window layer dropped old keys; ``probs`` always start at coordinate 0). Tensors
+    not asked for are None.
     """
 
     op_index: int
@@ -262,6 +290,7 @@ class AttentionRecord:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
+    key_offset: int = 0
 
 
 @dataclass
@@ -275,7 +304,7 @@ class AttentionController:
     records: list[AttentionRecord] = field(default_factory=list)
     step: int = -1
     _last_layer: int | None = None
-    _expected_keys: int | None = None  # cache length of the current forward, when known
+    _expected_keys: int | None = None  # cache length N of the current forward, when known
     _tracked: bool = False  # the context saw the prompt pass, so cache lengths can be counted
 
     def get(self, layer: int, step: int = 0, op_index: int | None = None) -> AttentionRecord:
@@ -290,8 +319,8 @@ class AttentionController:
         return hits[0]
 
     # called once per attention call
-    def _begin(self, layer: int, query_len: int, key_len: int) -> None:
-        """Advance the forward counter when layers restart; count the expected cache length."""
+    def _begin(self, layer: int, query_len: int, key_len: int, window: int | None) -> None:
+        """Advance the forward counter when layers restart; count the cache length N of the forward."""
         if self._last_layer is None or layer <= self._last_layer:
             self.step += 1
             if key_len == query_len:  # prompt pass: no cached keys
@@ -299,9 +328,30 @@ class AttentionController:
                 self._expected_keys = key_len
             elif self._tracked:
                 self._expected_keys += query_len
-            else:  # entered mid-generation: trust the first layer of each forward
-                self._expected_keys = key_len
+            else:  # entered mid-generation: read N off a layer that holds every key
+                self._expected_keys = None
         self._last_layer = layer
+        if self._expected_keys is None and (window is None or key_len - query_len < window - 1):
+            self._expected_keys = key_len  # a full layer, or a sliding one that has dropped nothing yet
+
+    def _frame(self, layer: int, query_len: int, key_len: int, window: int | None) -> tuple[int, int]:
+        """(coordinate of the first query, coordinate of the first key) of this layer in this forward."""
+        total = self._expected_keys
+        if total is None:
+            raise RuntimeError(
+                f"layer {layer} (sliding window {window}) holds {key_len} keys and no earlier layer of this forward "
+                "told how many positions the cache holds (attention_control was entered mid-generation): cache "
+                "coordinates are ambiguous, interventions refused; enter attention_control before the prompt pass"
+            )
+        if key_len == total:
+            return total - query_len, 0
+        if window is not None and query_len <= key_len < total and key_len - query_len >= window - 1:
+            return total - query_len, total - key_len  # a sliding-window cache kept the last keys
+        raise RuntimeError(
+            f"layer {layer} sees {key_len} keys where the cache holds {total} positions"
+            f"{'' if window is None else f' (sliding window {window})'}: cache coordinates are ambiguous, "
+            "interventions refused"
+        )
 
 
 def _validate_ops(ops: Sequence[AttentionOp], num_layers: int, num_heads: int) -> tuple[AttentionOp, ...]:
@@ -406,29 +456,60 @@ def _scale_factors(op: ScaleQK, batch: int, start: int, length: int, device: tor
     return factors
 
 
-def _block_mask(ops: list[BlockAttention], batch: int, heads: int, offset: int, q_len: int, k_len: int,
-                device: torch.device) -> torch.Tensor:
-    """(B, H, q, K) bool: True where a BlockAttention removes the key."""
+def _block_mask(ops: list[BlockAttention], batch: int, heads: int, q_offset: int, k_offset: int, q_len: int,
+                k_len: int, device: torch.device) -> torch.Tensor:
+    """(B, H, q, K) bool: True where a BlockAttention removes the key (only keys earlier than the query).
+
+    Query ``i`` is coordinate ``q_offset + i``, key ``j`` coordinate ``k_offset + j``.
+    """
     blocked = torch.zeros(batch, heads, q_len, k_len, dtype=torch.bool, device=device)
-    q_coords = offset + torch.arange(q_len, device=device)
-    k_coords = torch.arange(k_len, device=device)
-    later = q_coords[:, None] > k_coords[None, :]  # (q, K)
+    q_coords = q_offset + torch.arange(q_len, device=device)
+    k_coords = k_offset + torch.arange(k_len, device=device)
+    earlier = k_coords[None, :] < q_coords[:, None]  # (q, K): the causal rule, always applied
     for op in ops:
         rows, keys = _row_targets(op.rows, op.key_positions, batch, "BlockAttention")
-        key_hit = _coordinate_hits(keys.to(device), 0, k_len)  # (R, K)
-        if op.query_positions is None:
-            hit = key_hit[:, None, :] & later[None]
-        else:
+        key_hit = _coordinate_hits(keys.to(device), k_offset, k_len)  # (R, K)
+        hit = key_hit[:, None, :] & earlier[None]
+        if op.query_positions is not None:
             qpos = op.query_positions
             if op.rows is None and qpos.shape[0] == 1:
                 qpos = qpos.expand(batch, -1)
-            query_hit = _coordinate_hits(qpos.to(device), offset, q_len)  # (R, q)
-            hit = query_hit[:, :, None] & key_hit[:, None, :]
+            query_hit = _coordinate_hits(qpos.to(device), q_offset, q_len)  # (R, q)
+            hit = hit & query_hit[:, :, None]
         head_sel = torch.zeros(heads, dtype=torch.bool, device=device)
         head_sel[list(op.heads) if op.heads is not None else slice(None)] = True
         for i, row in enumerate(rows.tolist()):
             blocked[row] |= hit[i][None] & head_sel[:, None, None]
     return blocked
+
+
+def _allowed_keys(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Bool, broadcastable to ``shape`` (B, H, Q, K): which keys the mask lets each query see.
+
+    transformers' eager mask is additive (0 = visible, the dtype's minimum = masked); a bool mask is
+    True where visible.
+    """
+    if attention_mask is None:
+        return torch.ones((1,) * len(shape), dtype=torch.bool)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _sliding_window(module: nn.Module, kwargs: dict[str, Any]) -> int | None:
+    """The layer's sliding window (None: full attention).
+
+    Whether the layer slides is what the model hands its attention (``sliding_window=``, else the
+    module's attribute); the width is the config's ``sliding_window`` when it has one, since the
+    cache (``DynamicSlidingWindowLayer``) and the mask are built from the config at every forward.
+    """
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    configured = getattr(getattr(module, "config", None), "sliding_window", None)
+    if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        return configured
+    return int(window)
 
 
 def controlled_attention_forward(
@@ -443,7 +524,8 @@ def controlled_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with interventions. query (B, H, Q, d); key/value (B, KV, K, d); returns
-    (output (B, Q, H, d), probabilities (B, H, Q, K)). Softmax in float32, cast back to the query dtype.
+    (output (B, Q, H, d), probabilities (B, H, Q, K)). Softmax in float32 (float64 for float64
+    logits), cast back to the query dtype.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -455,10 +537,11 @@ def controlled_attention_forward(
     controller: AttentionController | None = module.__dict__.get(_CONTROLLER_ATTR)
     ops: list[AttentionOp] = []
     layer = int(getattr(module, "layer_idx", -1))
-    offset = k_len - q_len
-    prompt = offset == 0
+    window = _sliding_window(module, kwargs)
+    prompt = k_len == q_len
+    q_offset, k_offset = k_len - q_len, 0
     if controller is not None:
-        controller._begin(layer, q_len, k_len)
+        controller._begin(layer, q_len, k_len, window)
         for op in controller.ops:
             if isinstance(op, RecordAttention):
                 hit = layer in op.layers and (prompt or op.steps == "all")
@@ -470,22 +553,19 @@ def controlled_attention_forward(
                 hit = layer == op.layer and (prompt or op.steps == "all")
             if hit:
                 ops.append(op)
-        if ops and k_len != controller._expected_keys:
-            raise RuntimeError(
-                f"layer {layer} sees {k_len} keys where the cache holds {controller._expected_keys} positions "
-                "(a sliding-window cache dropped old keys): cache coordinates are ambiguous, interventions refused"
-            )
+        if ops:
+            q_offset, k_offset = controller._frame(layer, q_len, k_len, window)
 
     key_states = _expand_kv(key, groups)
     value_states = _expand_kv(value, groups)
     for op in ops:
         if isinstance(op, ScaleQK):
             if op.target == "query":
-                factors = _scale_factors(op, batch, offset, q_len, query.device).to(query.dtype)
+                factors = _scale_factors(op, batch, q_offset, q_len, query.device).to(query.dtype)
                 query = query.clone()
                 query[:, op.head] = query[:, op.head] * factors[:, :, None]
             else:
-                factors = _scale_factors(op, batch, 0, k_len, key.device).to(key.dtype)
+                factors = _scale_factors(op, batch, k_offset, k_len, key.device).to(key.dtype)
                 key_states = key_states.clone()
                 key_states[:, op.head] = key_states[:, op.head] * factors[:, :, None]
 
@@ -494,13 +574,24 @@ def controlled_attention_forward(
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is not None:
         logits = logits + attention_mask
+    softmax_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     blocks = [op for op in ops if isinstance(op, BlockAttention)]
+    blocked = None
     if blocks:
-        blocked = _block_mask(blocks, batch, num_heads, offset, q_len, k_len, logits.device)
-        logits = logits.masked_fill(blocked, float("-inf"))
-    probs = nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
-    if blocks:
-        probs = torch.nan_to_num(probs, nan=0.0)  # every key blocked: attend to nothing
+        allowed = _allowed_keys(attention_mask, logits.shape).to(logits.device)
+        blocked = _block_mask(blocks, batch, num_heads, q_offset, k_offset, q_len, k_len, logits.device) & allowed
+        if not blocked.any():
+            blocked = None  # every named key is masked for its queries anyway: exactly eager attention
+    if blocked is None:
+        probs = nn.functional.softmax(logits, dim=-1, dtype=softmax_dtype)
+    else:
+        # rows a block touches: only permitted keys take part (-inf elsewhere, so a row whose every
+        # visible key is blocked spreads nothing over masked columns); other rows stay as eager has them
+        touched = blocked.any(-1, keepdim=True)
+        permitted = allowed & ~blocked
+        logits = torch.where(touched & ~permitted, float("-inf"), logits)
+        probs = nn.functional.softmax(logits, dim=-1, dtype=softmax_dtype)
+        probs = probs.masked_fill(touched & ~permitted.any(-1, keepdim=True), 0.0)  # attend to nothing
     probs = probs.to(query.dtype)
 
     for op in ops:
@@ -508,7 +599,7 @@ def controlled_attention_forward(
             probs = _transplant(probs, op, layer)
     for index, op in enumerate(controller.ops if controller is not None else ()):
         if op in ops and isinstance(op, RecordAttention):
-            _record(controller, index, op, layer, prompt, offset, probs, query, key, value)
+            _record(controller, index, op, layer, prompt, q_offset, k_offset, probs, query, key, value)
 
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
@@ -536,15 +627,18 @@ def _transplant(probs: torch.Tensor, op: TransplantAttention, layer: int) -> tor
 
 
 def _record(controller: AttentionController, index: int, op: RecordAttention, layer: int, prompt: bool,
-            offset: int, probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+            q_offset: int, k_offset: int, probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+            value: torch.Tensor) -> None:
     batch = probs.shape[0]
     heads = op.heads if op.heads is not None else tuple(range(probs.shape[1]))
     head_index = torch.tensor(heads, device=probs.device)
     positions = op.query_positions if prompt else None
-    record = AttentionRecord(index, layer, controller.step, prompt, offset, heads,
-                             positions.clone() if positions is not None else None)
+    record = AttentionRecord(index, layer, controller.step, prompt, q_offset, heads,
+                             positions.clone() if positions is not None else None, key_offset=k_offset)
     if "probs" in op.what:
         selected = probs.index_select(1, head_index)
+        if k_offset:  # a sliding-window layer dropped the oldest keys: they get probability 0
+            selected = nn.functional.pad(selected, (k_offset, 0))
         if positions is not None:
             pos = positions.to(probs.device)
             if pos.ndim == 1:

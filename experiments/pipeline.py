@@ -18,7 +18,8 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationE
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.top_k import top_k
-from experiments.transformers_adapter import output_cache, with_cache
+from experiments.attention_control import register_attention
+from experiments.transformers_adapter import attention_implementation, output_cache, with_cache
 
 PromptLike = str | dict[str, Any]
 
@@ -184,6 +185,12 @@ class LMPipeline:
             self.name = str(model_or_name)
             self.model, self.tokenizer = self._load(self.name, _resolve_dtype(dtype))
         self.model.eval().requires_grad_(False)  # fixed once: kernels must not depend on when pyvene wraps it
+        if (self.model.dtype == torch.float64 and attention_implementation(self.model) == "eager"
+                and self.model.config.model_type != "gpt2"):
+            # transformers' eager attention softmaxes float64 logits in float32: the float64 mask minimum becomes
+            # -inf, left-padding rows turn NaN and spread to real rows. The controlled eager attention (no ops) is
+            # the same maths with a float64 softmax.
+            self.model.set_attn_implementation(register_attention())
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
