@@ -32,7 +32,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +470,7 @@ def compute_interchange_scores(
     ``include_pairs`` adds every pair of the single-variable groups as a joint group.
     ``counterfactual_index`` defaults to the one the experiment patched from (recorded in its manifest).
     """
-    results = raw_results if isinstance(raw_results, RawResults) else RawResults(raw_results)
+    results, given = _results_and_datasets(raw_results, datasets)
     manifest = results.manifest
     recorded_index = int(manifest.settings.get("counterfactual_index", 0))
     if counterfactual_index is None:
@@ -480,6 +480,37 @@ def compute_interchange_scores(
             f"counterfactual_index={counterfactual_index} but the experiment patched from counterfactual "
             f"input #{recorded_index}; labels must come from the same counterfactual"
         )
+    if RAW_OUTPUT not in causal_model.parents:
+        raise ValueError(f"causal model {causal_model.id!r} has no {RAW_OUTPUT!r} variable to label with")
+    groups = _normalize_groups(target_variables_list, include_pairs)
+    for group in groups:
+        for key in group:
+            for var in parse_target(key):
+                if var not in causal_model.parents:
+                    raise ValueError(
+                        f"target variable {var!r} (in group {group}) is not a variable of causal model {causal_model.id!r}"
+                    )
+    metadata = {
+        "experiment_id": manifest.experiment_id,
+        "experiment_type": manifest.experiment_type,
+        "causal_model_id": causal_model.id,
+        "model_name": manifest.model.get("name"),
+        "counterfactual_index": counterfactual_index,
+        "include_pairs": include_pairs,
+        "results_root": str(results.root),
+    }
+    return _score_labels(
+        results, given, [_group_name(g) for g in groups],
+        lambda g, dataset: causal_model.label_counterfactual_data(dataset, groups[g], counterfactual_index),
+        causal_model.label_data, checker, metadata, groups)
+
+
+def _results_and_datasets(raw_results: RawResults | str | os.PathLike[str],
+                          datasets: CounterfactualDataset | list[CounterfactualDataset] | dict[str, CounterfactualDataset],
+                          ) -> tuple[RawResults, dict[str, CounterfactualDataset]]:
+    """The results and the given datasets, each checked against the manifest (id and fingerprint)."""
+    results = raw_results if isinstance(raw_results, RawResults) else RawResults(raw_results)
+    manifest = results.manifest
     given = as_dataset_dict(datasets)
     records = {record.dataset_id: record for record in manifest.datasets}
     for dataset_id, dataset in given.items():
@@ -496,24 +527,62 @@ def compute_interchange_scores(
                 f"fingerprint {fingerprint[:12]}… != recorded {record.fingerprint[:12]}… "
                 f"(size {len(dataset)} vs recorded {record.size}); regenerate it with the same seed or rerun the experiment"
             )
-    if RAW_OUTPUT not in causal_model.parents:
-        raise ValueError(f"causal model {causal_model.id!r} has no {RAW_OUTPUT!r} variable to label with")
-    groups = _normalize_groups(target_variables_list, include_pairs)
-    for group in groups:
-        for key in group:
-            for var in parse_target(key):
-                if var not in causal_model.parents:
-                    raise ValueError(
-                        f"target variable {var!r} (in group {group}) is not a variable of causal model {causal_model.id!r}"
-                    )
+    return results, given
 
+
+LabelSource = Callable[[CounterfactualDataset], Sequence[Any]] | Mapping[str, Sequence[Any]]
+
+
+def _labels_from(source: LabelSource, dataset: CounterfactualDataset, what: str) -> list[Any]:
+    labels = list(source[dataset.id] if isinstance(source, Mapping) else source(dataset))
+    if len(labels) != len(dataset):
+        raise ValueError(f"{what} gives {len(labels)} labels for dataset {dataset.id!r} of {len(dataset)} pairs")
+    return labels
+
+
+def score_labels(
+    raw_results: RawResults | str | os.PathLike[str],
+    datasets: CounterfactualDataset | list[CounterfactualDataset] | dict[str, CounterfactualDataset],
+    labels: Mapping[str, LabelSource],
+    checker: Callable[[str, Any], bool],
+    base_labels: LabelSource | None = None,
+    name: str = "labels",
+) -> InterchangeScores:
+    """Score raw results against labels given directly, no causal model needed: ``labels[variable]`` is a
+    function of a dataset returning one expected output per pair, or a dict {dataset id: labels}.
+
+    The same quantities as `compute_interchange_scores` (IIA, floor = the unpatched output against the same
+    labels); ``base_labels`` (the hypothesis's labels of the unpatched inputs) gives the base accuracy and
+    the label-based informative pairs (without it every pair counts as informative there). Controls
+    (`causal.controls`) and hypotheses awkward to write as a graph are scored this way."""
+    results, given = _results_and_datasets(raw_results, datasets)
+    if not labels:
+        raise ValueError("labels holds no variable")
+    names = list(labels)
+    sources = [labels[n] for n in names]
+    metadata = {"experiment_id": results.manifest.experiment_id, "experiment_type": results.manifest.experiment_type,
+                "causal_model_id": name, "model_name": results.manifest.model.get("name"),
+                "results_root": str(results.root)}
+    base_of = (lambda dataset: _labels_from(base_labels, dataset, "base_labels")) if base_labels is not None else None
+    return _score_labels(results, given, names,
+                         lambda g, dataset: _labels_from(sources[g], dataset, f"labels[{names[g]!r}]"),
+                         base_of, checker, metadata, [[n] for n in names])
+
+
+def _score_labels(results: RawResults, given: dict[str, CounterfactualDataset], group_names: list[str],
+                  label_of: Callable[[int, CounterfactualDataset], Sequence[Any]],
+                  base_label_of: Callable[[CounterfactualDataset], Sequence[Any]] | None,
+                  checker: Callable[[str, Any], bool], metadata: dict[str, Any],
+                  groups: list[list[str]]) -> InterchangeScores:
+    """The scoring loop shared by `compute_interchange_scores` and `score_labels`."""
+    manifest = results.manifest
+    records = {record.dataset_id: record for record in manifest.datasets}
     check = _MemoChecker(checker)
     cell_order = {cell.cell_id: i for i, cell in enumerate(manifest.cells)}
     address = results.cell_addresses()
 
     scored_ids = [d for d in records if d in given]  # manifest order
     cell_ids = [cell.cell_id for cell in manifest.cells]
-    group_names = [_group_name(g) for g in groups]
     n_groups, n_datasets, n_cells = len(groups), len(scored_ids), len(cell_ids)
     # per-row arrays, concatenated over (dataset, group) chunks and sorted once at the end
     chunks: dict[str, list[np.ndarray]] = {
@@ -544,7 +613,7 @@ def compute_interchange_scores(
         text_codes, text_uniques = pd.factorize(text_array, use_na_sentinel=False)
 
         base = results.base_outputs(dataset_id)
-        base_labels = causal_model.label_data(dataset)
+        base_labels = list(base_label_of(dataset)) if base_label_of is not None else [None] * size
         base_index = base["example_index"].to_numpy(dtype=np.int64) if len(base) else np.zeros(0, np.int64)
         bad = [int(i) for i in base_index if not 0 <= int(i) < size]
         if bad:
@@ -561,17 +630,19 @@ def compute_interchange_scores(
             )
         base_texts = base["output_text"].tolist() if len(base) else []
         base_codes, base_uniques = pd.factorize(np.asarray(base_texts, dtype=object), use_na_sentinel=False)
-        base_correct = _check_rows(check, base_texts, base_codes, base_uniques, base_labels, base_index)
-        base_rows.append({"dataset_id": dataset_id, "n": len(base_correct), "n_correct": int(base_correct.sum())})
+        if base_label_of is not None:
+            base_correct = _check_rows(check, base_texts, base_codes, base_uniques, base_labels, base_index)
+            base_rows.append({"dataset_id": dataset_id, "n": len(base_correct), "n_correct": int(base_correct.sum())})
 
-        for g_index, group in enumerate(groups):
-            labels = causal_model.label_counterfactual_data(dataset, group, counterfactual_index)
+        for g_index in range(n_groups):
+            labels = label_of(g_index, dataset)
             label_strings = np.asarray([str(label) for label in labels], dtype=object)
             # floor: the unintervened output of each example checked against its interchange label
             floor_example = np.zeros(size, dtype=bool)
             floor_example[base_index] = _check_rows(check, base_texts, base_codes, base_uniques, labels, base_index)
             informative_example = np.fromiter(
-                (_differs(label, base_label) for label, base_label in zip(labels, base_labels)), dtype=bool, count=size)
+                (base_label_of is None or _differs(label, base_label) for label, base_label in zip(labels, base_labels)),
+                dtype=bool, count=size)
             n_rows = len(indices)
             chunks["g"].append(np.full(n_rows, g_index, dtype=np.int64))
             chunks["d"].append(np.full(n_rows, d_index, dtype=np.int64))
@@ -639,13 +710,4 @@ def compute_interchange_scores(
 
     base_accuracy = _with_accuracy(pd.DataFrame(base_rows, columns=["dataset_id", "n", "n_correct"]))
     base_accuracy = base_accuracy[BASE_COLUMNS].reset_index(drop=True)
-    metadata = {
-        "experiment_id": manifest.experiment_id,
-        "experiment_type": manifest.experiment_type,
-        "causal_model_id": causal_model.id,
-        "model_name": manifest.model.get("name"),
-        "counterfactual_index": counterfactual_index,
-        "include_pairs": include_pairs,
-        "results_root": str(results.root),
-    }
     return InterchangeScores(table, per_example, base_accuracy, groups, metadata)

@@ -219,7 +219,9 @@ def test_step3_scores_listed_experiments_into_a_fresh_folder(tmp_path):
     assert out == study / "scores"
     assert not (out / "stale_from_an_old_run.json").exists()  # replaced as a whole, no mix of old and new
     assert not list(study.glob(".scores*"))  # no temporary folder left behind
-    assert sorted(p.name for p in out.glob("*.json")) == ["residual_stream__carry.json", "residual_stream__tens_no_carry.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "residual_stream__carry.json", "residual_stream__carry__verdicts.json", "residual_stream__controls__verdicts.json",
+        "residual_stream__tens_no_carry.json", "residual_stream__tens_no_carry__verdicts.json"]
     summary = (out / "summary.md").read_text()
     assert "ignored `raw/residual_stream_backup`" in summary
     assert "| digit_0_0 | `L-1@digit_0_0` |" in summary  # patched cell moves the answer on every informative pair

@@ -28,8 +28,10 @@ from typing import Any
 import pandas as pd
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.interchange_scores import InterchangeScores, compute_interchange_scores
-from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes
+from causal.controls import standard_controls
+from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels
+from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes, atomic_write_json
+from causal.verdicts import POOLED, VerdictRule, Verdicts, verdict_table_lines, verdicts_from_per_example
 from experiments.steps.common import add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task
 from experiments.task import Task
 from experiments.visualizations import save_heatmaps
@@ -141,18 +143,72 @@ def per_family_lines(scores: InterchangeScores) -> list[str]:
 
 HOW_TO_READ = [
     "How to read: **IIA** is the share of pairs where the patched output equals the hypothesis' interchange label; "
-    "the **floor** is the same checker on the *unpatched* output (what a patch that changes nothing scores); the "
-    "**informative IIA** is the IIA on the pairs whose label the interchange changes (n informative). Scores over "
-    "families are pooled over pairs. 95% Wilson CIs. A variable's **best cell** is the cell with the highest informative "
-    "IIA among those whose informative IIA is above the upper end of their floor's 95% CI (ties: higher lower CI bound, "
-    "earlier layer, manifest order); when no cell clears its floor the table says \"no cell carries it\".",
+    "the **floor** is the same checker on the *unpatched* output of the same pairs (what a patch that changes nothing "
+    "scores). A **verdict** comes from a paired test on the same pairs: the **effect** is IIA - floor with a CI, the "
+    "evidence is the pairs a patch moved towards the label (gained) against those it moved away (lost); the "
+    "**informative IIA** is the IIA on the pairs where the network's own unpatched output differs from the label. "
+    "Verdicts: **full**, **partial**, **none** (no cell carries the variable), **unsupported** (the hypothesis does "
+    "not describe the unpatched network). Every study also scores **controls**, labels false by construction, "
+    "which must come out none. Rule: see below and docs/verdicts.md.",
 ]
+
+
+def verdicts_of(name: str, scores: InterchangeScores, raw: RawResults, rule: VerdictRule,
+                is_control: bool = False) -> Verdicts:
+    """The verdicts of one hypothesis (or control set) on one experiment, cells in manifest order."""
+    return verdicts_from_per_example(name, scores.per_example, rule,
+                                     None if is_control else scores.base_accuracy,
+                                     [cell.cell_id for cell in raw.manifest.cells], is_control)
+
+
+def verdict_lines(verdicts: Verdicts) -> list[str]:
+    """The pooled verdict table, what the base fit says, and where families disagree with the pooled verdict."""
+    lines: list[str] = []
+    if not verdicts.fits:
+        fit = verdicts.base_fit.set_index("scope").loc[POOLED]
+        lines += [f"**This hypothesis does not describe the network**: the unpatched output matches its base labels "
+                  f"on {fit['accuracy']:.3f} of the pairs ({int(fit['n_correct'])}/{int(fit['n'])}, needed "
+                  f">= {verdicts.rule.min_base_accuracy}); its interchange results cannot support a location.", ""]
+    lines += ["Verdict per variable (pooled over all families):", "", *verdict_table_lines(verdicts)]
+    if verdicts.disagreements:
+        lines += ["", "Where families disagree with the pooled verdict:", ""]
+        lines += [f"- {line}" for line in verdicts.disagreements]
+    return lines
+
+
+def control_lines(verdicts: Verdicts) -> list[str]:
+    """The controls' verdicts; a located control is reported as a failure of the study."""
+    located = verdicts.located_variables()
+    lines = ["Controls (labels false by construction, scored on the same raw results; each must be none):", ""]
+    if located:
+        lines += [f"**STUDY FAILURE: {len(located)} control(s) got a location ({', '.join(located)}); the verdicts of "
+                  f"this experiment are not trustworthy.**", ""]
+    else:
+        n = verdicts.best[verdicts.best["scope"] == POOLED].shape[0]
+        lines += [f"All {n} controls: none.", ""]
+    return lines + verdict_table_lines(verdicts)
+
+
+UNIT_NAMES = {"patch_residual_stream": "residual stream", "patch_attention_heads": None}
+
+
+def verdict_record(verdicts: Verdicts) -> dict[str, Any]:
+    """JSON of a verdict set: the rule, every test, the best cells, the base fit, the disagreements."""
+    def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+        return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, "item") else v))
+                 for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+    return {"name": verdicts.name, "is_control": verdicts.is_control, "rule": verdicts.rule.model_dump(),
+            "rule_text": verdicts.rule.describe(), "best": records(verdicts.best), "tests": records(verdicts.tests),
+            "base_fit": records(verdicts.base_fit), "disagreements": verdicts.disagreements}
 
 
 def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any], targets: list[list[str]],
                  include_pairs: bool, experiments: list[tuple[dict[str, Any], Path]], notes: list[str],
-                 datasets: dict[str, CounterfactualDataset]) -> list[str]:
-    """Score every listed experiment into ``out`` (scores JSON, heatmaps, summary.md); returns the summary lines."""
+                 datasets: dict[str, CounterfactualDataset], rule: VerdictRule | None = None) -> list[str]:
+    """Score every listed experiment into ``out`` (scores and verdict JSON, heatmaps, summary.md); returns the
+    summary lines."""
+    rule = rule or VerdictRule()
     hypotheses = task.causal_models(settings)
     main_name = next(iter(hypotheses))
     described = ", ".join(f"{k} {v}" for k, v in settings.model_dump().items())
@@ -163,7 +219,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
     lines += ["", "## Experiments scored", ""]
     lines += [f"- `{entry['id']}` ({entry.get('type', '?')}, `{entry['folder']}`)" for entry, _ in experiments]
     lines += [f"- note: {note}" for note in notes]
-    lines += ["", *HOW_TO_READ]
+    lines += ["", *HOW_TO_READ, "", f"Verdict rule: {rule.describe()}."]
     for entry, raw_folder in experiments:
         raw = RawResults(raw_folder)
         experiment = raw.manifest.experiment_id
@@ -180,21 +236,32 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             scores = compute_interchange_scores(raw, causal_model, datasets, targets, task.checker,
                                                 include_pairs=include_pairs)
             scores.save(out / f"{experiment}__{name}.json")
+            verdicts = verdicts_of(causal_model.id, scores, raw, rule)
+            atomic_write_json(out / f"{experiment}__{name}__verdicts.json", verdict_record(verdicts))
             if name == main_name:
-                best = scores.best_cells()
-                highlight = {r["target_variables"]: r["cell_id"] for _, r in best.iterrows() if r["located"]}
+                highlight = {r.target_variables: r.cell_id for r in verdicts.best.itertuples(index=False)
+                             if r.scope == POOLED and r.grade in ("full", "partial")}
                 save_heatmaps(scores.pooled(), out / "heatmaps" / experiment, kind=kind, position_order=position_order,
                               hypothesis=causal_model.id, model=model_name, highlight=highlight,
-                              unit="residual stream" if kind == "positions" else None)
+                              unit=UNIT_NAMES.get(raw.manifest.experiment_type))
             lines += ["", f"## {experiment}: hypothesis `{causal_model.id}`", ""]
             base = scores.base_accuracy
             lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
                 f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
-            lines += ["Best cell per variable (pooled over all families):", "", *best_cell_lines(scores)]
+            lines += verdict_lines(verdicts)
+            lines += ["", "Descriptive: highest informative IIA per variable (label-based informative pairs; not a "
+                      "verdict):", "", *best_cell_lines(scores)]
             if name == main_name and kind == "positions" and task.summary_extras is not None:
                 lines += task.summary_extras(scores, settings, targets)
             lines += ["", f"### {experiment}, `{causal_model.id}`: per family"]
             lines += per_family_lines(scores)
+        main_model = hypotheses[main_name]
+        singles = list(dict.fromkeys(v for group in targets for v in group))
+        controls = score_labels(raw, datasets, standard_controls(main_model, singles), task.checker,
+                                name=f"controls of {main_model.id}")
+        control_verdicts = verdicts_of(controls.metadata["causal_model_id"], controls, raw, rule, is_control=True)
+        atomic_write_json(out / f"{experiment}__controls__verdicts.json", verdict_record(control_verdicts))
+        lines += ["", f"## {experiment}: controls", "", *control_lines(control_verdicts)]
     atomic_write_bytes(out / "summary.md", ("\n".join(lines) + "\n").encode())
     return lines
 

@@ -1,0 +1,184 @@
+"""Location verdicts: paired exact tests against the unpatched network, Holm/BH across cells, graded
+verdicts, controls. Laws: a cell identical to the unpatched network is never a location; a null is located
+at most at the nominal rate; a pooled verdict equals its families' when they all agree."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from causal.controls import _permutation, permuted_labels, shuffled_source_labels
+from causal.counterfactual_dataset import CounterfactualDataset
+from causal.verdicts import POOLED, VerdictRule, adjust_p_values, compare_hypotheses, paired_test, verdicts_from_per_example
+
+
+def per_pair(patched, unpatched, variable="v", cell="c", family="f", expected=None) -> pd.DataFrame:
+    patched, unpatched = np.asarray(patched, bool), np.asarray(unpatched, bool)
+    return pd.DataFrame({"target_variables": variable, "dataset_id": family, "cell_id": cell,
+                         "example_index": np.arange(len(patched)),
+                         "expected": expected if expected is not None else ["x"] * len(patched),
+                         "correct": patched, "base_correct_on_label": unpatched})
+
+
+def test_holm_matches_its_definition_and_bh_is_scipys():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = rng.uniform(0, 0.2, size=rng.integers(1, 9))
+        adjusted = adjust_p_values(p, "holm")
+        # Holm: reject H_(i) iff p_(j) <= alpha / (m - j) for every j <= i (sorted); check at several alphas
+        for alpha in (0.01, 0.05, 0.1):
+            order = np.argsort(p)
+            m = len(p)
+            reject = np.zeros(m, bool)
+            for rank, index in enumerate(order):
+                if p[index] <= alpha / (m - rank):
+                    reject[index] = True
+                else:
+                    break
+            assert ((adjusted <= alpha) == reject).all()
+        np.testing.assert_allclose(adjust_p_values(p, "bh"), stats.false_discovery_control(p, method="bh"))
+
+
+def test_paired_test_effect_and_exact_p():
+    effect, low, high, p = paired_test(gained=12, lost=2, n=40)
+    assert effect == pytest.approx(10 / 40)
+    assert p == pytest.approx(stats.binomtest(12, 14, 0.5, alternative="greater").pvalue)
+    assert low < effect < high
+    assert paired_test(0, 0, 40) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_cell_identical_to_unpatched_network_is_never_a_location():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        unpatched = rng.random(200) < rng.random()
+        verdicts = verdicts_from_per_example("h", per_pair(unpatched, unpatched))
+        assert verdicts.verdict("v") == "none" and verdicts.location("v") is None
+
+
+def test_half_right_hypothesis_is_not_located_although_its_old_informative_iia_is_high():
+    # the patch moves 50 outputs towards the label and 50 away from it: no effect
+    patched = np.r_[np.ones(50, bool), np.zeros(50, bool), np.ones(100, bool)]
+    unpatched = np.r_[np.zeros(50, bool), np.ones(50, bool), np.ones(100, bool)]
+    verdicts = verdicts_from_per_example("h", per_pair(patched, unpatched))
+    row = verdicts.tests.iloc[0]
+    assert row["effect"] == 0 and verdicts.verdict("v") == "none"
+    # restricted to the pairs the patch moved towards the label, the old informative IIA would read 1.0
+    assert patched[:50].mean() == 1.0
+
+
+def test_full_partial_none_grades():
+    n = 200
+    unpatched = np.zeros(n, bool)
+    full = verdicts_from_per_example("h", per_pair(np.ones(n, bool), unpatched))
+    assert full.verdict("v") == "full"
+    partial_patch = np.r_[np.ones(60, bool), np.zeros(140, bool)]
+    assert verdicts_from_per_example("h", per_pair(partial_patch, unpatched)).verdict("v") == "partial"
+    weak = np.r_[np.ones(2, bool), np.zeros(198, bool)]
+    assert verdicts_from_per_example("h", per_pair(weak, unpatched)).verdict("v") == "none"
+
+
+def test_unfit_hypothesis_is_unsupported():
+    n = 100
+    base = pd.DataFrame({"dataset_id": ["f"], "n": [n], "n_correct": [50]})
+    verdicts = verdicts_from_per_example("h", per_pair(np.ones(n, bool), np.zeros(n, bool)), base_accuracy=base)
+    assert not verdicts.fits and verdicts.verdict("v") == "unsupported" and verdicts.location("v") is None
+
+
+def test_pooled_verdict_equals_families_when_they_agree():
+    frames = [per_pair(np.r_[np.ones(40, bool), np.zeros(10, bool)], np.zeros(50, bool), family=f) for f in "abc"]
+    verdicts = verdicts_from_per_example("h", pd.concat(frames, ignore_index=True))
+    grades = {scope: verdicts.verdict("v", scope) for scope in (POOLED, "a", "b", "c")}
+    assert set(grades.values()) == {"partial"} and not verdicts.disagreements
+
+
+def test_a_family_with_the_opposite_sign_is_reported():
+    good = per_pair(np.ones(80, bool), np.zeros(80, bool), family="good")
+    bad = per_pair(np.zeros(20, bool), np.ones(20, bool), family="bad")
+    verdicts = verdicts_from_per_example("h", pd.concat([good, bad], ignore_index=True))
+    assert verdicts.verdict("v") in ("full", "partial")
+    assert any("bad" in line and "other sign" in line for line in verdicts.disagreements)
+
+
+def simulated_false_location_rate(n_studies: int, rule: VerdictRule, seed: int = 0, n_cells: int = 8,
+                                  n_variables: int = 4, n_pairs: int = 60) -> float:
+    """Share of null studies (patched and unpatched outputs exchangeable) where some cell is located."""
+    rng = np.random.default_rng(seed)
+    located = 0
+    for _ in range(n_studies):
+        frames = []
+        for v, c in itertools.product(range(n_variables), range(n_cells)):
+            rate = rng.uniform(0.1, 0.9)
+            frames.append(per_pair(rng.random(n_pairs) < rate, rng.random(n_pairs) < rate, variable=f"v{v}",
+                                   cell=f"c{c}"))
+        verdicts = verdicts_from_per_example("null", pd.concat(frames, ignore_index=True), rule)
+        located += bool(verdicts.located_variables())
+    return located / n_studies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("correction", ["holm", "bh"])
+def test_null_is_located_at_most_at_the_nominal_rate(correction):
+    rule = VerdictRule(correction=correction)
+    n = 200
+    rate = simulated_false_location_rate(n, rule)
+    # the observed rate must not be significantly above alpha
+    assert stats.binomtest(round(rate * n), n, rule.alpha, alternative="greater").pvalue > 0.01, rate
+
+
+@pytest.mark.slow
+def test_the_simulation_can_fail():
+    """The same simulation flags a rule that is too loose (alpha = 0.5)."""
+    rate = simulated_false_location_rate(100, VerdictRule(alpha=0.5))
+    assert rate > 0.05
+
+
+def test_vectorised_statistics_equal_scipys_binomtest():
+    for gained, lost in [(0, 0), (0, 5), (5, 0), (7, 3), (30, 29), (1, 40)]:
+        n = gained + lost + 17
+        effect, low, high, p = paired_test(gained, lost, n)
+        if gained + lost:
+            test = stats.binomtest(gained, gained + lost, 0.5, alternative="greater")
+            ci = stats.binomtest(gained, gained + lost).proportion_ci(0.95, method="exact")
+            assert p == pytest.approx(test.pvalue, rel=1e-9, abs=1e-15)
+            scale = (gained + lost) / n
+            assert low == pytest.approx(scale * (2 * ci.low - 1), abs=1e-9)
+            assert high == pytest.approx(scale * (2 * ci.high - 1), abs=1e-9)
+
+
+def test_compare_hypotheses_uses_only_pairs_where_labels_differ():
+    first = per_pair([1, 1, 1, 0, 1], [0] * 5, expected=["a", "b", "c", "d", "e"])
+    second = per_pair([0, 0, 1, 1, 1], [0] * 5, expected=["x", "y", "c", "z", "e"])
+    table = compare_hypotheses(first, second)
+    row = table.iloc[0]
+    assert row["n_differ"] == 3 and row["first_only"] == 2 and row["second_only"] == 1
+
+
+def test_controls_are_deterministic_and_never_keep_a_pair_label():
+    from causal.causal_model import CausalModel
+
+    model = CausalModel(
+        variables=["a", "b", "raw_input", "raw_output"],
+        values={"a": list(range(5)), "b": list(range(5)), "raw_input": None, "raw_output": None},
+        parents={"a": [], "b": [], "raw_input": ["a", "b"], "raw_output": ["a", "b"]},
+        mechanisms={"a": lambda: 0, "b": lambda: 0, "raw_input": lambda a, b: f"{a}+{b}",
+                    "raw_output": lambda a, b: str(a + b)},
+        id="toy",
+    )
+    examples = [{"input": {"a": i % 5, "b": (2 * i) % 5}, "counterfactual_inputs": [{"a": (i + 1) % 5, "b": 0}]}
+                for i in range(12)]
+    dataset = CounterfactualDataset.from_examples(
+        [{"input": model.new_raw_input(e["input"]),
+          "counterfactual_inputs": [model.new_raw_input(c) for c in e["counterfactual_inputs"]]} for e in examples],
+        id="toy")
+    perm = _permutation(dataset, 0, "x")
+    assert sorted(perm.tolist()) == list(range(12)) and not (perm == np.arange(12)).any()
+    first = permuted_labels(model, "a")(dataset)
+    assert first == permuted_labels(model, "a")(dataset)
+    assert sorted(first) == sorted(model.label_counterfactual_data(dataset, ["a"]))
+    assert len(shuffled_source_labels(model, "a")(dataset)) == 12
+    with pytest.raises(ValueError, match="not a variable"):
+        permuted_labels(model, "nope")
