@@ -26,6 +26,8 @@ from experiments.attention_control import (  # noqa: E402
 from experiments.pipeline import LMPipeline, PromptBatch  # noqa: E402
 from experiments.transformers_adapter import output_cache, with_cache  # noqa: E402
 
+pytestmark = pytest.mark.exactness  # part of the newest-releases canary
+
 PROMPTS = ["12+3=", "4+45=9", "7=", "ab c"]
 LONG_PROMPTS = ["12+345=", "4+45=99", "7+1=", "ab cd e"]  # longer than the sliding window below
 WINDOW = 4
