@@ -4,9 +4,10 @@ Nothing in this package imports torch (or transformers / pyvene), so analyses ca
 results folder alone.
 """
 
-from causal.causal_model import CausalModel
+from causal.causal_model import CausalModel, MechanismError
+from causal.controls import permuted_labels, shuffled_source_labels, standard_controls
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.interchange_scores import InterchangeScores, compute_interchange_scores, wilson_interval
+from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels, wilson_interval
 from causal.raw_results import (
     CellSpec,
     DatasetRecord,
@@ -16,9 +17,19 @@ from causal.raw_results import (
     ResultsManifest,
     UnitAddress,
 )
+from causal.verdicts import Verdicts, VerdictRule, compare_hypotheses, verdicts_from_per_example
 
 __all__ = [
     "CausalModel",
+    "MechanismError",
+    "score_labels",
+    "permuted_labels",
+    "shuffled_source_labels",
+    "standard_controls",
+    "Verdicts",
+    "VerdictRule",
+    "verdicts_from_per_example",
+    "compare_hypotheses",
     "CounterfactualDataset",
     "compute_interchange_scores",
     "InterchangeScores",

@@ -80,6 +80,10 @@ def _check_arity(var: str, mechanism: Callable[..., Any], n_parents: int) -> Non
         )
 
 
+
+class MechanismError(ValueError):
+    """A mechanism raised while running the model; the message names the variable (and the example)."""
+
 class _Domain:
     """Fast membership test for a finite domain (hashable values use a set)."""
 
@@ -264,7 +268,11 @@ class CausalModel:
             if var in given:
                 computed[var] = given[var]
                 continue
-            value = self.mechanisms[var](*[computed[p] for p in self.parents[var]])
+            try:
+                value = self.mechanisms[var](*[computed[p] for p in self.parents[var]])
+            except Exception as exc:
+                raise MechanismError(
+                    f"causal model {self.id!r}: the mechanism of {var!r} raised {type(exc).__name__}: {exc}") from exc
             self._check_value(var, value, "mechanism output:")
             computed[var] = value
         return {var: computed[var] for var in self.variables}
@@ -402,13 +410,33 @@ class CausalModel:
                     f"example {i} has {len(cfs)} counterfactual input(s); counterfactual_index={counterfactual_index}"
                 )
             cf = cfs[counterfactual_index]
-            labels.append(self.run_interchange(example["input"], {v: cf for v in target_variables})[RAW_OUTPUT])
+            self._check_provides(example["input"], i, "input")
+            self._check_provides(cf, i, f"counterfactual input #{counterfactual_index}")
+            try:
+                labels.append(self.run_interchange(example["input"], {v: cf for v in target_variables})[RAW_OUTPUT])
+            except MechanismError as exc:
+                raise MechanismError(f"{exc} (example {i}, interchange of {target_variables})") from exc
         return labels
+
+    def _check_provides(self, setting: dict[str, Any], index: int, what: str) -> None:
+        """Refuse a dataset setting that lacks an input variable (it would silently take a default)."""
+        missing = [v for v in self.inputs if v not in setting]
+        if missing:
+            raise ValueError(
+                f"example {index}'s {what} has no value for input variable(s) {missing} of causal model {self.id!r}: "
+                f"the dataset was made for another model (it provides {sorted(k for k in setting if k != RAW_INPUT)})")
 
     def label_data(self, dataset: Any) -> list[Any]:
         """``raw_output`` of each example's unintervened base run."""
         self._check_has_raw_output()
-        return [self.run_forward(example["input"])[RAW_OUTPUT] for example in self._examples(dataset)]
+        labels = []
+        for i, example in enumerate(self._examples(dataset)):
+            self._check_provides(example["input"], i, "input")
+            try:
+                labels.append(self.run_forward(example["input"])[RAW_OUTPUT])
+            except MechanismError as exc:
+                raise MechanismError(f"{exc} (example {i}, base input)") from exc
+        return labels
 
     def _check_has_raw_output(self) -> None:
         if RAW_OUTPUT not in self.parents:

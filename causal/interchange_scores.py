@@ -42,6 +42,7 @@ import pandas as pd
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import RawResults, ResultsError, atomic_write_json, atomic_write_parquet
+from causal.verdicts import Verdicts, VerdictRule, verdicts_from_per_example
 
 Z_95 = 1.959963984540054
 
@@ -322,6 +323,13 @@ class InterchangeScores:
                              + format_scores(row._asdict()))
         return "\n".join(lines)
 
+    def verdicts(self, rule: VerdictRule | None = None, name: str | None = None) -> Verdicts:
+        """The location verdicts of these scores (`causal.verdicts`: paired tests against the unpatched network,
+        corrected across all (variable, cell) tests, pooled and per family)."""
+        return verdicts_from_per_example(name or str(self.metadata.get("causal_model_id", "hypothesis")),
+                                         self.per_example, rule, self.base_accuracy if len(self.base_accuracy) else None,
+                                         list(dict.fromkeys(self.table["cell_id"])))
+
     def __repr__(self) -> str:
         return (
             f"InterchangeScores({len(self.target_variables)} groups, "
@@ -409,11 +417,19 @@ class _MemoChecker:
             key = (output, type(expected), expected)
             hit = self.cache.get(key)
         except TypeError:  # unhashable label
-            return bool(self.checker(output, expected))
+            return self._run(output, expected)
         if hit is None:
-            hit = bool(self.checker(output, expected))
+            hit = self._run(output, expected)
             self.cache[key] = hit
         return hit
+
+    def _run(self, output: str, expected: Any) -> bool:
+        try:
+            return bool(self.checker(output, expected))
+        except Exception as exc:
+            name = getattr(self.checker, "__name__", type(self.checker).__name__)
+            raise ValueError(f"checker {name!r} raised {type(exc).__name__}: {exc} on output {output!r} with "
+                             f"expected {expected!r}") from exc
 
 
 def _check_rows(

@@ -18,7 +18,8 @@ Fields (``S`` is the task's pydantic settings model, e.g. the number of digits a
 - ``max_new_tokens(s)``; ``organism``: the shipped model folder (the default ``--model``);
 - optional: ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
   (the settings part of the folder name), ``summary_extras(scores, s, targets) -> [markdown lines]``
-  (task-specific tables for the main hypothesis' residual-stream scores).
+  (task-specific tables for the main hypothesis' residual-stream scores), ``variable_descriptions(s) ->
+  {variable: what it is for every input}`` (shown beside the names in verdict tables).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Task:
     results_name: str | None = None
     study_slug: Callable[[Any], str] | None = None
     summary_extras: Callable[..., list[str]] | None = None
+    variable_descriptions: Callable[[Any], dict[str, str]] | None = None
 
     def main_model(self, settings: Any) -> Any:
         """The main hypothesis (the first causal model)."""

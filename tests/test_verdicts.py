@@ -182,3 +182,50 @@ def test_controls_are_deterministic_and_never_keep_a_pair_label():
     assert len(shuffled_source_labels(model, "a")(dataset)) == 12
     with pytest.raises(ValueError, match="not a variable"):
         permuted_labels(model, "nope")
+
+
+# ---------------------------------------------------------------------------- refuse what cannot be scored
+def _toy_model(raising: bool = False):
+    from causal.causal_model import CausalModel
+
+    def total(a, b):
+        if raising and a == 3:
+            raise ZeroDivisionError("division by zero")
+        return str(a + b)
+
+    return CausalModel(
+        variables=["a", "b", "raw_input", "raw_output"],
+        values={"a": list(range(5)), "b": list(range(5)), "raw_input": None, "raw_output": None},
+        parents={"a": [], "b": [], "raw_input": ["a", "b"], "raw_output": ["a", "b"]},
+        mechanisms={"a": lambda: 0, "b": lambda: 0, "raw_input": lambda a, b: f"{a}+{b}", "raw_output": total},
+        id="toy",
+    )
+
+
+def test_a_dataset_lacking_an_input_variable_is_refused():
+    model = _toy_model()
+    examples = [{"input": {"a": i, "raw_input": f"{i}"}, "counterfactual_inputs": [{"a": 1, "raw_input": "1"}]}
+                for i in range(3)]  # made for a model without b
+    with pytest.raises(ValueError, match=r"input variable\(s\) \['b'\]"):
+        model.label_counterfactual_data(examples, ["a"])
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        model.label_data(examples)
+
+
+def test_a_raising_mechanism_names_its_variable_and_example():
+    from causal.causal_model import MechanismError
+
+    model = _toy_model(raising=True)
+    examples = [{"input": {"a": i, "b": 0}, "counterfactual_inputs": [{"a": 0, "b": 1}]} for i in range(5)]
+    with pytest.raises(MechanismError, match=r"mechanism of 'raw_output' raised ZeroDivisionError.*example 3"):
+        model.label_data(examples)
+
+
+def test_a_raising_checker_names_output_and_label():
+    from causal.interchange_scores import _MemoChecker
+
+    def picky(output, expected):
+        return int(output) == expected
+
+    with pytest.raises(ValueError, match=r"checker 'picky' raised ValueError.*'abc'"):
+        _MemoChecker(picky)("abc", 3)

@@ -161,7 +161,7 @@ def verdicts_of(name: str, scores: InterchangeScores, raw: RawResults, rule: Ver
                                      [cell.cell_id for cell in raw.manifest.cells], is_control)
 
 
-def verdict_lines(verdicts: Verdicts) -> list[str]:
+def verdict_lines(verdicts: Verdicts, describe: dict[str, str] | None = None) -> list[str]:
     """The pooled verdict table, what the base fit says, and where families disagree with the pooled verdict."""
     lines: list[str] = []
     if not verdicts.fits:
@@ -169,7 +169,7 @@ def verdict_lines(verdicts: Verdicts) -> list[str]:
         lines += [f"**This hypothesis does not describe the network**: the unpatched output matches its base labels "
                   f"on {fit['accuracy']:.3f} of the pairs ({int(fit['n_correct'])}/{int(fit['n'])}, needed "
                   f">= {verdicts.rule.min_base_accuracy}); its interchange results cannot support a location.", ""]
-    lines += ["Verdict per variable (pooled over all families):", "", *verdict_table_lines(verdicts)]
+    lines += ["Verdict per variable (pooled over all families):", "", *verdict_table_lines(verdicts, describe=describe)]
     if verdicts.disagreements:
         lines += ["", "Where families disagree with the pooled verdict:", ""]
         lines += [f"- {line}" for line in verdicts.disagreements]
@@ -209,6 +209,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
     """Score every listed experiment into ``out`` (scores and verdict JSON, heatmaps, summary.md); returns the
     summary lines."""
     rule = rule or VerdictRule()
+    describe = task.variable_descriptions(settings) if task.variable_descriptions is not None else {}
     hypotheses = task.causal_models(settings)
     main_name = next(iter(hypotheses))
     described = ", ".join(f"{k} {v}" for k, v in settings.model_dump().items())
@@ -248,7 +249,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             base = scores.base_accuracy
             lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
                 f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
-            lines += verdict_lines(verdicts)
+            lines += verdict_lines(verdicts, describe)
             lines += ["", "Descriptive: highest informative IIA per variable (label-based informative pairs; not a "
                       "verdict):", "", *best_cell_lines(scores)]
             if name == main_name and kind == "positions" and task.summary_extras is not None:

@@ -97,6 +97,23 @@ def own_position_lines(scores: Any, s: AdditionSettings, targets: list[list[str]
     return ["", "Informative IIA of each input variable at its own token position, by layer:", "", *lines]
 
 
+def variable_descriptions(s: AdditionSettings) -> dict[str, str]:
+    """What each variable is, for every input (e.g. the top output digit is 0 on sums below 10**D)."""
+    place = lambda p: ["ones", "tens", "hundreds", "thousands", "ten-thousands"][p]  # noqa: E731
+    out: dict[str, str] = {}
+    for addend in ADDENDS:
+        for p in range(s.digits):
+            out[digit_var(addend, p)] = f"{place(p)} digit of addend {addend}"
+    for p in range(s.digits):
+        out[carry_var(p)] = f"carry out of the {place(p)} column, 0 or 1"
+    for p in range(s.digits):
+        out[output_digit_var(p)] = f"{place(p)} digit of the sum"
+    out[output_digit_var(s.digits)] = (f"{place(s.digits)} digit of the sum: the carry out of the top column, 0 for sums "
+                                       f"below {10 ** s.digits}")
+    out["raw_output"] = "the whole sum"
+    return out
+
+
 def sweeps(pipeline: Any, s: AdditionSettings, positions: list[Any], config: dict[str, Any],
            layers: list[int] | None = None, heads: bool = True) -> list[Any]:
     """Residual stream at every layer (incl. embeddings) × position; every single head at the last position."""
@@ -128,4 +145,5 @@ TASK = Task(
     results_name="addition",
     study_slug=lambda s: f"{s.digits}d" + ("" if s.template == DEFAULT_TEMPLATE else f"_{s.template}"),
     summary_extras=own_position_lines,
+    variable_descriptions=variable_descriptions,
 )
