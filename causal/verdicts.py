@@ -254,7 +254,8 @@ def _disagreements(best: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
         for fam in families.itertuples(index=False):
             note = None
             if fam.grade != row["grade"]:
-                note = f"{fam.scope}: {fam.grade}"
+                where = f" at {fam.cell_id} (effect {fam.effect:+.3f})" if fam.grade in ("full", "partial") else ""
+                note = f"{fam.scope}: {fam.grade}{where}"
             key = (variable, fam.scope, row["cell_id"])
             if row["grade"] in ("full", "partial") and key in by_key.index:
                 at = by_key.loc[key]
@@ -282,6 +283,35 @@ def verdicts_from_per_example(name: str, per_example: pd.DataFrame, rule: Verdic
     order = {c: i for i, c in enumerate(cell_order if cell_order is not None else dict.fromkeys(per_example["cell_id"]))}
     best = _best_rows(tests, order)
     return Verdicts(name, rule, tests, best, fit, _disagreements(best, tests), is_control)
+
+
+def simulate_null_studies(n_studies: int, rule: VerdictRule | None = None, seed: int = 0, n_variables: int = 4,
+                          n_cells: int = 8, n_pairs: int = 60, progress: bool = False) -> float:
+    """Share of simulated null studies in which the rule locates some variable anywhere (pooled scope).
+
+    Each study has ``n_variables`` × ``n_cells`` cells of ``n_pairs`` pairs; in every cell the patched and the
+    unpatched outputs match the label independently with the same cell-specific rate (drawn uniformly in
+    [0.1, 0.9]): patching changes nothing systematically, so every location is a false one."""
+    rule = rule or VerdictRule()
+    rng = np.random.default_rng(seed)
+    located = 0
+    studies = range(n_studies)
+    if progress:
+        from tqdm import tqdm
+
+        studies = tqdm(studies, desc=f"null studies ({rule.correction})")
+    size = n_variables * n_cells
+    variables = np.repeat([f"v{v}" for v in range(n_variables)], n_cells * n_pairs)
+    cells = np.tile(np.repeat([f"c{c}" for c in range(n_cells)], n_pairs), n_variables)
+    for _ in studies:
+        rates = np.repeat(rng.uniform(0.1, 0.9, size=size), n_pairs)
+        frame = pd.DataFrame({"target_variables": variables, "dataset_id": "f", "cell_id": cells,
+                              "correct": rng.random(size * n_pairs) < rates,
+                              "base_correct_on_label": rng.random(size * n_pairs) < rates})
+        counts = paired_counts(frame, by_family=False)
+        tests = cell_tests(counts, rule)
+        located += bool(tests["grade"].isin(["full", "partial"]).any())
+    return located / n_studies
 
 
 def compare_hypotheses(first: pd.DataFrame, second: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:

@@ -9,18 +9,18 @@ symbols and words of the question (each clause counts each
 operation type at most once).
 
 Impact of an intervention on a problem = baseline correct − intervention correct (1: broken,
-0: unchanged, −1: fixed). Correlations: Pearson r and Spearman ρ with two-sided p-values from the
-t distribution with n − 2 degrees of freedom (None for a constant feature or impact).
+0: unchanged, −1: fixed). Correlations: Pearson r and Spearman ρ with two-sided p-values from
+``scipy.stats.pearsonr`` / ``scipy.stats.spearmanr`` (None for a constant feature or impact).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 FEATURES: tuple[str, ...] = ("n_tokens", "n_operations", "n_operation_types", "max_number", "multi_step",
                              "has_division", "has_multiplication", "has_fractions")
@@ -60,61 +60,18 @@ def problem_features(question: str, ops: Sequence[str] | None = None,
     }
 
 
-def _t_pvalue(r: float, n: int) -> float:
-    """Two-sided p-value of a correlation ``r`` over ``n`` pairs (t test, n − 2 df)."""
-    if n < 3:
-        return float("nan")
-    if abs(r) >= 1:
-        return 0.0
-    df = n - 2
-    t = abs(r) * math.sqrt(df / (1 - r * r))
-    return float(betainc_regularized(df / 2, 0.5, df / (df + t * t)))
-
-
-def betainc_regularized(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) (continued fraction, modified Lentz)."""
-    if not 0 <= x <= 1:
-        raise ValueError("x must lie in [0, 1]")
-    if x in (0.0, 1.0):
-        return x
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - betainc_regularized(b, a, 1 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-14:
-            break
-    return math.exp(log_front) * f / a
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank)."""
-    return pd.Series(x).rank(method="average").to_numpy()
-
-
 def correlation(x: Sequence[float], y: Sequence[float], method: str = "pearson") -> tuple[float | None, float | None]:
-    """(coefficient, two-sided p-value); (None, None) when x or y is constant."""
+    """(coefficient, two-sided p-value) from ``scipy.stats.pearsonr`` / ``spearmanr``; (None, None)
+    when x or y is constant."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or len(x) < 3:
         raise ValueError("x and y must have the same length >= 3")
-    if method == "spearman":
-        x, y = _rank(x), _rank(y)
-    elif method != "pearson":
+    if method not in ("pearson", "spearman"):
         raise ValueError(f"method must be pearson or spearman, got {method!r}")
-    if np.std(x) == 0 or np.std(y) == 0:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return None, None
-    r = float(np.corrcoef(x, y)[0, 1])
-    return r, _t_pvalue(r, len(x))
+    result = stats.pearsonr(x, y) if method == "pearson" else stats.spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
 
 
 def sensitivity_report(features: pd.DataFrame, impact: pd.Series, problem_type: pd.Series | None = None,

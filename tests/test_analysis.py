@@ -63,6 +63,54 @@ def test_bh_and_slope_by_hand() -> None:
     assert r["spearman_r"] == pytest.approx(1.0) and r["pearson_p"] < 1e-3
 
 
+def test_bh_matches_scipy_with_nans() -> None:
+    """q-values are scipy's BH over the non-NaN entries, in the input's order; NaN in, NaN out."""
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 9, 200):
+        p = rng.uniform(size=n) ** 3
+        np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p, method="bh"),
+                                   rtol=1e-12, atol=0)
+        with_nan = p.copy()
+        holes = rng.random(n) < 0.3
+        with_nan[holes] = np.nan
+        q = benjamini_hochberg(with_nan)
+        assert q.shape == p.shape and np.isnan(q[holes]).all() and not np.isnan(q[~holes]).any()
+        if (~holes).any():
+            np.testing.assert_allclose(q[~holes], stats.false_discovery_control(p[~holes], method="bh"),
+                                       rtol=1e-12, atol=0)
+    assert benjamini_hochberg(np.array([])).shape == (0,)
+    assert np.isnan(benjamini_hochberg(np.array([np.nan, np.nan]))).all()
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.0, 1.0, 0.5])), [0.0, 1.0, 0.75])
+
+
+def test_ols_slope_matches_independent_fits() -> None:
+    """Slope and intercept agree with numpy's polyfit, SE and R² with scipy's linregress; edge cases NaN."""
+    from scipy import stats
+
+    rng = np.random.default_rng(11)
+    for n in (3, 5, 40, 500):
+        x = rng.normal(size=n) * 3 + 1
+        y = 0.7 * x + rng.normal(size=n)
+        fit, ref = ols_slope(x, y), stats.linregress(x, y)
+        slope, intercept = np.polyfit(x, y, 1)
+        assert fit.n == n
+        assert fit.slope == pytest.approx(slope, rel=1e-9) and fit.intercept == pytest.approx(intercept, rel=1e-9)
+        resid = y - intercept - slope * x
+        assert fit.se == pytest.approx(np.sqrt((resid ** 2).sum() / (n - 2) / ((x - x.mean()) ** 2).sum()), rel=1e-9)
+        assert fit.r2 == pytest.approx(1 - (resid ** 2).sum() / ((y - y.mean()) ** 2).sum(), rel=1e-9)
+        assert (fit.se, fit.r2) == pytest.approx((ref.stderr, ref.rvalue ** 2), rel=1e-12)
+    for x, y in [(np.array([]), np.array([])), (np.array([1.0]), np.array([2.0])),
+                 (np.ones(5), rng.normal(size=5)), (np.array([0.0, 1.0, 2.0]), np.array([1.0, np.nan, 2.0]))]:
+        fit = ols_slope(x, y)
+        assert fit.n == len(x) and all(np.isnan([fit.slope, fit.intercept, fit.se, fit.r2]))
+    two = ols_slope(np.array([0.0, 1.0]), np.array([3.0, 5.0]))  # exact line, no residual dof
+    assert (two.slope, two.intercept, two.r2) == (2.0, 3.0, 1.0) and np.isnan(two.se)
+    flat = ols_slope(rng.normal(size=6), np.full(6, 2.0))  # exact fit, nothing to explain
+    assert (flat.slope, flat.intercept, flat.se) == (0.0, 2.0, 0.0) and np.isnan(flat.r2)
+
+
 # ---------------------------------------------------------------------------- every family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_profile_matches_recorded_attention(pipelines, family: str) -> None:

@@ -13,7 +13,8 @@ from scipy import stats
 
 from causal.controls import _permutation, permuted_labels, shuffled_source_labels
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.verdicts import POOLED, VerdictRule, adjust_p_values, compare_hypotheses, paired_test, verdicts_from_per_example
+from causal.verdicts import (POOLED, VerdictRule, adjust_p_values, compare_hypotheses, paired_test, simulate_null_studies,
+                             verdicts_from_per_example)
 
 
 def per_pair(patched, unpatched, variable="v", cell="c", family="f", expected=None) -> pd.DataFrame:
@@ -103,28 +104,12 @@ def test_a_family_with_the_opposite_sign_is_reported():
     assert any("bad" in line and "other sign" in line for line in verdicts.disagreements)
 
 
-def simulated_false_location_rate(n_studies: int, rule: VerdictRule, seed: int = 0, n_cells: int = 8,
-                                  n_variables: int = 4, n_pairs: int = 60) -> float:
-    """Share of null studies (patched and unpatched outputs exchangeable) where some cell is located."""
-    rng = np.random.default_rng(seed)
-    located = 0
-    for _ in range(n_studies):
-        frames = []
-        for v, c in itertools.product(range(n_variables), range(n_cells)):
-            rate = rng.uniform(0.1, 0.9)
-            frames.append(per_pair(rng.random(n_pairs) < rate, rng.random(n_pairs) < rate, variable=f"v{v}",
-                                   cell=f"c{c}"))
-        verdicts = verdicts_from_per_example("null", pd.concat(frames, ignore_index=True), rule)
-        located += bool(verdicts.located_variables())
-    return located / n_studies
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("correction", ["holm", "bh"])
 def test_null_is_located_at_most_at_the_nominal_rate(correction):
     rule = VerdictRule(correction=correction)
     n = 200
-    rate = simulated_false_location_rate(n, rule)
+    rate = simulate_null_studies(n, rule)
     # the observed rate must not be significantly above alpha
     assert stats.binomtest(round(rate * n), n, rule.alpha, alternative="greater").pvalue > 0.01, rate
 
@@ -132,7 +117,7 @@ def test_null_is_located_at_most_at_the_nominal_rate(correction):
 @pytest.mark.slow
 def test_the_simulation_can_fail():
     """The same simulation flags a rule that is too loose (alpha = 0.5)."""
-    rate = simulated_false_location_rate(100, VerdictRule(alpha=0.5))
+    rate = simulate_null_studies(100, VerdictRule(alpha=0.5))
     assert rate > 0.05
 
 

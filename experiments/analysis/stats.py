@@ -13,20 +13,13 @@ __all__ = ["benjamini_hochberg", "correlation", "ols_slope", "wilson_interval", 
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
-    """BH-adjusted q-values (same order as the input; NaN stays NaN)."""
+    """BH-adjusted q-values (``scipy.stats.false_discovery_control``, method ``"bh"``) over the
+    non-NaN entries; same shape and order as the input, NaN stays NaN."""
     p = np.asarray(p_values, dtype=float)
     q = np.full_like(p, np.nan)
     ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv)
-    ranked = pv[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.clip(ranked, 0, 1)
-    q[ok] = out
+    if ok.any():
+        q[ok] = _stats.false_discovery_control(p[ok], method="bh")
     return q
 
 
@@ -56,17 +49,20 @@ class Slope:
 
 
 def ols_slope(x: np.ndarray, y: np.ndarray) -> Slope:
-    """Least-squares line through (x, y); SE from the residual variance (n-2 dof); NaN when n < 3."""
+    """Least-squares line through (x, y) by ``scipy.stats.linregress``: slope, intercept, the slope's
+    SE (residual variance, n-2 dof) and R² = r².
+
+    All NaN when n < 2 or x is constant; SE NaN when n == 2 (no residual dof); for a constant y the
+    fit is exact (slope 0, SE 0) and R² is NaN (no variance to explain)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     if n < 2 or np.ptp(x) == 0:
         return Slope(np.nan, np.nan, np.nan, np.nan, n)
-    xm, ym = x.mean(), y.mean()
-    sxx = ((x - xm) ** 2).sum()
-    slope = ((x - xm) * (y - ym)).sum() / sxx
-    intercept = ym - slope * xm
-    resid = y - intercept - slope * x
-    sst = ((y - ym) ** 2).sum()
-    r2 = 1 - (resid ** 2).sum() / sst if sst > 0 else np.nan
-    se = np.sqrt((resid ** 2).sum() / (n - 2) / sxx) if n > 2 else np.nan
-    return Slope(float(slope), float(intercept), float(se), float(r2), n)
+    fit = _stats.linregress(x, y)
+    if n == 2:
+        se = np.nan
+    elif np.ptp(y) == 0:
+        se = 0.0  # linregress reports NaN here; the residuals are all zero
+    else:
+        se = fit.stderr
+    return Slope(float(fit.slope), float(fit.intercept), float(se), float(fit.rvalue ** 2), n)
