@@ -27,6 +27,7 @@ VALUE_LABELS: dict[str, str] = {
     "informative_accuracy": "informative IIA",
     "accuracy": "IIA (all pairs)",
     "floor": "floor (no intervention)",
+    "effect": "effect: IIA - floor (same pairs)",
 }
 """Score columns a heatmap can show, with their colour-bar labels."""
 
@@ -62,8 +63,10 @@ def _heatmap(grid: np.ndarray, row_labels: list[str], col_labels: list[str], tit
              value: str, box: tuple[int, int] | None) -> Figure:
     fig = Figure(figsize=(2.0 + 0.75 * len(col_labels), 1.6 + 0.45 * len(row_labels)))
     ax = fig.subplots()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # cells without a value: grey
-    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto", origin="lower")
+    signed = value == "effect"  # a difference of rates: -1 .. 1 on a diverging scale
+    cmap = matplotlib.colormaps["RdBu_r" if signed else "viridis"].with_extremes(bad="lightgrey")  # no value: grey
+    image = ax.imshow(np.ma.masked_invalid(grid), vmin=-1.0 if signed else 0.0, vmax=1.0, cmap=cmap, aspect="auto",
+                      origin="lower")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(len(row_labels)), row_labels)
     ax.set_xlabel(xlabel)
@@ -72,8 +75,9 @@ def _heatmap(grid: np.ndarray, row_labels: list[str], col_labels: list[str], tit
     for r in range(grid.shape[0]):
         for c in range(grid.shape[1]):
             if not np.isnan(grid[r, c]):
+                light = abs(grid[r, c]) < 0.6 if signed else grid[r, c] > 0.6
                 ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if grid[r, c] > 0.6 else "white")
+                        color="black" if light else "white")
     if box is not None:
         r, c = box
         ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))

@@ -242,8 +242,10 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             if name == main_name:
                 highlight = {r.target_variables: r.cell_id for r in verdicts.best.itertuples(index=False)
                              if r.scope == POOLED and r.grade in ("full", "partial")}
-                save_heatmaps(scores.pooled(), out / "heatmaps" / experiment, kind=kind, position_order=position_order,
-                              hypothesis=causal_model.id, model=model_name, highlight=highlight,
+                pooled = scores.pooled()
+                pooled["effect"] = pooled["accuracy"] - pooled["floor"]
+                save_heatmaps(pooled, out / "heatmaps" / experiment, kind=kind, position_order=position_order,
+                              hypothesis=causal_model.id, model=model_name, highlight=highlight, value="effect",
                               unit=UNIT_NAMES.get(raw.manifest.experiment_type))
             lines += ["", f"## {experiment}: hypothesis `{causal_model.id}`", ""]
             base = scores.base_accuracy
