@@ -110,6 +110,17 @@ def run_condition(reasoner: LatentReasoner, problems: Sequence[Problem], conditi
     return rows
 
 
+def _verdicts(scores: Any) -> dict[str, Any]:
+    """Per slot, the pooled verdict of the paired rule (causal.verdicts) with its cell, effect and CI."""
+    verdicts = scores.verdicts()
+    out: dict[str, Any] = {"rule": verdicts.rule.describe()}
+    for r in verdicts.best[verdicts.best["scope"] == "(pooled)"].itertuples(index=False):
+        out[r.target_variables] = {"grade": r.grade, "cell_id": r.cell_id, "effect": round(float(r.effect), 4),
+                                   "effect_ci": [round(float(r.effect_ci_low), 4), round(float(r.effect_ci_high), 4)],
+                                   "gained": int(r.gained), "lost": int(r.lost), "p_adjusted": float(r.p_adjusted)}
+    return out
+
+
 def accuracy_table(frame: pd.DataFrame) -> dict[str, Any]:
     out = {}
     for condition, group in frame.groupby("condition", sort=False):
@@ -204,6 +215,7 @@ def ct_patching(reasoner: LatentReasoner, cfg: StudyConfig, out: Path) -> dict[s
                 "diagonal": diagonal,
                 "floor": floors,
                 "mean_diagonal_minus_floor": float(np.mean([diagonal[s] - floors[s] for s in diagonal])),
+                "verdicts": _verdicts(scores),
             }
         entry["base_accuracy"] = {r.dataset_id: float(r.accuracy) for r in scores.base_accuracy.itertuples()}
         results["n_ops"][str(n_ops)] = entry
@@ -258,6 +270,11 @@ def summary_markdown(acc: dict, tax: dict, sens: dict, ct: dict | None) -> str:
                 lines.append(f"- {n_ops} ops, {name} ({r['causal_model']}; mean IIA − floor "
                              f"{r['mean_diagonal_minus_floor']:+.2f}): " + ", ".join(
                                  f"{s} {v:.2f} (floor {r['floor'][s]:.2f})" for s, v in r["diagonal"].items()))
+                verdicts = {k: v for k, v in r["verdicts"].items() if k != "rule"}
+                lines.append(f"  verdicts (paired test vs the unpatched run, Holm): " + ", ".join(
+                    f"{slot} {v['grade']}" + (f" at {v['cell_id']} (effect {v['effect']:+.2f})"
+                                              if v["grade"] in ("full", "partial") else "")
+                    for slot, v in verdicts.items()))
     return "\n".join(lines) + "\n"
 
 
