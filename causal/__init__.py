@@ -4,7 +4,7 @@ Nothing in this package imports torch (or transformers / pyvene), so analyses ca
 results folder alone.
 """
 
-from causal.causal_model import CausalModel, MechanismError
+from causal.causal_model import CausalModel, MechanismError, StructuredValues
 from causal.controls import permuted_labels, shuffled_source_labels, standard_controls
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels, wilson_interval
@@ -22,6 +22,7 @@ from causal.verdicts import Verdicts, VerdictRule, compare_hypotheses, verdicts_
 __all__ = [
     "CausalModel",
     "MechanismError",
+    "StructuredValues",
     "score_labels",
     "permuted_labels",
     "shuffled_source_labels",

@@ -1,8 +1,8 @@
 """`CausalModel`: a finite structural causal model of an algorithm. Torch-free.
 
 A model is a DAG of named variables. Each variable has a domain (``values[v]``: a finite
-sequence, or ``None`` for free text / unbounded values), a list of parents, and a
-mechanism. Root (input) variables' mechanisms take no arguments and return a default
+sequence; a `StructuredValues` predicate for structured or unbounded values that must still be
+checked; or ``None`` for free text), a list of parents, and a mechanism. Root (input) variables' mechanisms take no arguments and return a default
 value; other mechanisms take their parents' values positionally, in ``parents[v]`` order.
 
 By convention ``raw_input`` is the prompt string (computed from the inputs, e.g. from a
@@ -10,6 +10,9 @@ By convention ``raw_input`` is the prompt string (computed from the inputs, e.g.
 
 Interventions clamp variables to given values (`run_forward`); interchange interventions
 clamp variables to the values they take on counterfactual inputs (`run_interchange`).
+An input variable is interchanged like any other: ``run_interchange(base, {"a": cf})`` runs the base
+input with ``a`` clamped to ``cf["a"]`` (the base input's own ``a`` is overridden), and every
+descendant of ``a`` is recomputed from the clamped value — no wrapper node is needed.
 A key of the form ``"a<-b"`` copies the counterfactual run's variable ``b`` into the base
 run's variable ``a``.
 """
@@ -84,6 +87,29 @@ def _check_arity(var: str, mechanism: Callable[..., Any], n_parents: int) -> Non
 class MechanismError(ValueError):
     """A mechanism raised while running the model; the message names the variable (and the example)."""
 
+class StructuredValues:
+    """The domain of a variable whose values are structured (tuples, dicts, lists, …) or unbounded but still
+    checkable: ``values={"pair": StructuredValues(lambda v: isinstance(v, tuple) and len(v) == 2, "digit pairs")}``.
+    Every value the variable takes (given, interchanged or computed) must satisfy ``predicate``; like ``None``,
+    it is not finite, so the variable is never sampled from its domain."""
+
+    __slots__ = ("predicate", "description")
+
+    def __init__(self, predicate: Callable[[Any], bool], description: str):
+        if not callable(predicate):
+            raise ValueError("StructuredValues needs a callable predicate")
+        self.predicate, self.description = predicate, description
+
+    def __contains__(self, value: Any) -> bool:
+        try:
+            return bool(self.predicate(value))
+        except Exception:
+            return False
+
+    def __repr__(self) -> str:
+        return f"StructuredValues({self.description!r})"
+
+
 class _Domain:
     """Fast membership test for a finite domain (hashable values use a set)."""
 
@@ -137,12 +163,12 @@ class CausalModel:
         self.variables: list[str] = variables
         self.id = id
         self.values: dict[str, Sequence[Any] | None] = {}
-        self._domains: dict[str, _Domain | None] = {}
+        self._domains: dict[str, _Domain | StructuredValues | None] = {}
         for var in variables:
             domain = values[var]
-            if domain is None:
+            if domain is None or isinstance(domain, StructuredValues):
                 self.values[var] = None
-                self._domains[var] = None
+                self._domains[var] = domain
                 continue
             if isinstance(domain, (str, bytes)) or not isinstance(domain, (Sequence, range)):
                 if isinstance(domain, (set, frozenset)):
@@ -248,7 +274,8 @@ class CausalModel:
         domain = self._domains[var]
         if domain is not None and value not in domain:
             raise ValueError(
-                f"{what} value {value!r} for variable {var!r} is outside its domain {_short(self.values[var])}"
+                f"{what} value {value!r} for variable {var!r} is outside its domain "
+                f"{domain.description if isinstance(domain, StructuredValues) else _short(self.values[var])}"
             )
 
     # ------------------------------------------------------------------ running

@@ -384,3 +384,25 @@ def test_display_structure_writes_png(model, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fig is not None
     assert "a0" in model.print_structure()
+
+
+def test_structured_values_are_validated_and_input_variables_interchange_directly():
+    from causal import StructuredValues
+
+    model = CausalModel(
+        ["a", "b", "pair", "raw_output"],
+        {"a": list(range(3)), "b": list(range(3)),
+         "pair": StructuredValues(lambda v: isinstance(v, tuple) and len(v) == 2, "2-tuples"), "raw_output": None},
+        {"a": [], "b": [], "pair": ["a", "b"], "raw_output": ["pair"]},
+        {"a": lambda: 0, "b": lambda: 0, "pair": lambda a, b: (a, b), "raw_output": lambda p: str(p[0] + p[1])},
+    )
+    # interchanging the input variable a: the base's own a is overridden, descendants recomputed
+    run = model.run_interchange({"a": 1, "b": 2}, {"a": {"a": 2, "b": 0}})
+    assert run["a"] == 2 and run["pair"] == (2, 2) and run["raw_output"] == "4"
+    assert not model.is_finite("pair")
+    with pytest.raises(ValueError, match="outside its domain 2-tuples"):
+        model.run_forward({"a": 1, "b": 1, "pair": [1, 2]})
+    broken = CausalModel(model.variables, {**model.values, "pair": StructuredValues(lambda v: isinstance(v, tuple), "tuples")},
+                         model.parents, {**model.mechanisms, "pair": lambda a, b: [a, b]})
+    with pytest.raises(ValueError, match="mechanism output"):
+        broken.run_forward({"a": 1, "b": 1})
