@@ -250,3 +250,5 @@ def test_study_end_to_end_on_the_organism(tmp_path):
         assert (out / "figures" / f"{name}.png").exists() and (out / "figures" / f"{name}.pdf").exists()
     assert "Bug rate per format" in (out / "summary.md").read_text()
     assert Path(out / "data" / "patching.json").exists()
+    verdicts = [v["verdict"] for b in saved["patching_best_fix"] for v in b["per_format"].values()]
+    assert verdicts and all(v["grade"] in ("full", "partial", "none") for v in verdicts)

@@ -8,6 +8,14 @@ from typing import Any
 from causal.raw_results import atomic_write_bytes
 
 
+def _grade(per_format: dict) -> str:
+    """`` (partial, effect +0.41)``: the paired verdict of one (format, cell), when the study computed it."""
+    v = per_format.get("verdict")
+    if not v:
+        return ""
+    return f" ({v['grade']}, effect {v['effect']:+.2f})"
+
+
 def _r(r: dict[str, Any] | None) -> str:
     if not r or r.get("rate") is None:
         return "n/a"
@@ -23,7 +31,9 @@ def _per_layer_lines(per_layer: dict[str, dict[str, Any]]) -> list[str]:
 def write_summary_md(out: Path, s: dict[str, Any]) -> None:
     """Write ``<out>/summary.md`` (rates as ``rate [95% CI] (k/n)``; floors = the unpatched run)."""
     lines = [f"# Decimal comparison study: {s.get('model')}", ""]
-    lines += ["Rates: `rate [95% Wilson CI] (k/n)`. Floor: the same rate of the unpatched run.", ""]
+    lines += ["Rates: `rate [95% Wilson CI] (k/n)`. Floor: the same rate of the unpatched run. A verdict in "
+              "parentheses (full / partial / none) is the paired test of the patched against the unpatched run on the "
+              "same pairs, Holm-corrected across the cells of a format (docs/verdicts.md).", ""]
     lines += ["## One pair (9.8 vs 9.11)", ""]
     for fmt, q in s.get("quick_check", {}).items():
         lines.append(f"- `{fmt}`: answer {q['answer']!r} -> {q['outcome']}")
@@ -39,7 +49,8 @@ def write_summary_md(out: Path, s: dict[str, Any]) -> None:
         lines += ["", "## Layer × component patching (correct format -> buggy format, role-matched positions)", "",
                   "| cell | per format: fix rate / floor |", "|---|---|"]
         for b in s["patching_best_fix"]:
-            per = "; ".join(f"{f}: {_r(v['success'])} / {v['floor']['rate']:.2f}" for f, v in b["per_format"].items())
+            per = "; ".join(f"{f}: {_r(v['success'])} / {v['floor']['rate']:.2f}{_grade(v)}"
+                            for f, v in b["per_format"].items())
             lines.append(f"| `{b['cell_id']}` | {per} |")
         lines += ["", "Best cell per component at the matched positions:", ""]
         for comp, best in s.get("patching_best_per_component", {}).items():
@@ -48,7 +59,8 @@ def write_summary_md(out: Path, s: dict[str, Any]) -> None:
                 lines.append(f"- {comp}: `{b['cell_id']}` mean fix rate {b['mean_success']:.2f}")
         lines += ["", "Reverse direction (buggy format -> correct format; break rate / floor):", ""]
         for b in s.get("patching_best_break", [])[:3]:
-            per = "; ".join(f"{f}: {_r(v['success'])} / {v['floor']['rate']:.2f}" for f, v in b["per_format"].items())
+            per = "; ".join(f"{f}: {_r(v['success'])} / {v['floor']['rate']:.2f}{_grade(v)}"
+                            for f, v in b["per_format"].items())
             lines.append(f"- `{b['cell_id']}`: {per}")
     if "generalisation" in s:
         lines += ["", "## Generalisation (held-out pairs)", ""]

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from causal.interchange_scores import wilson_interval
+from causal.verdicts import verdicts_from_per_example
 from causal.raw_results import atomic_write_json
 from tasks.decimal_comparison.answers import OUTCOMES, classify_answer
 from tasks.decimal_comparison.formats import CORRECT_FORMAT, FORMATS, parse_format_option
@@ -208,15 +210,20 @@ def run_cells(pipeline, cells, datasets: dict[str, Any], folder: Path, exp_id: s
                                                           "max_rows_per_forward": cfg.max_rows})
     raw = experiment.perform_interventions(datasets, results_dir=folder, verbose=True)
     rows = []
+    pairs: list[pd.DataFrame] = []  # per pair: patched / unpatched reached the target outcome (for the verdicts)
     addresses = raw.cell_addresses().set_index("cell_id")
     for did, dataset in datasets.items():
         xy = {i: (ex["input"]["x"], ex["input"]["y"]) for i, ex in enumerate(dataset)}
         want = target_outcome(did)
         base = raw.base_outputs(did)
-        floor_k = sum(outcome_of(t, *xy[i]) == want for t, i in zip(base["output_text"], base["example_index"]))
+        base_hit = {int(i): outcome_of(t, *xy[i]) == want for t, i in zip(base["output_text"], base["example_index"])}
+        floor_k = sum(base_hit.values())
         cells_out = raw.intervened_outputs(did)
         for cell_id, frame in cells_out.groupby("cell_id", sort=False):
             outcomes = [outcome_of(t, *xy[i]) for t, i in zip(frame["output_text"], frame["example_index"])]
+            pairs.append(pd.DataFrame({"target_variables": did.split(".", 1)[0], "dataset_id": did, "cell_id": cell_id,
+                                       "correct": [o == want for o in outcomes],
+                                       "base_correct_on_label": [base_hit[int(i)] for i in frame["example_index"]]}))
             addr = addresses.loc[cell_id]
             rows.append({
                 "dataset_id": did, "direction": did.split(".", 1)[0], "format": did.split(".", 1)[1],
@@ -227,6 +234,13 @@ def run_cells(pipeline, cells, datasets: dict[str, Any], folder: Path, exp_id: s
                 "floor": rate(floor_k, len(base)),
                 "outcomes": {o: outcomes.count(o) for o in OUTCOMES},
             })
+    if pairs:  # the paired verdict of each (dataset, cell), corrected across the cells of its dataset
+        tests = verdicts_from_per_example(exp_id, pd.concat(pairs, ignore_index=True)).tests.set_index(["scope", "cell_id"])
+        for row in rows:
+            t = tests.loc[(row["dataset_id"], row["cell_id"])]
+            row["verdict"] = {"grade": str(t["grade"]), "effect": float(t["effect"]),
+                              "effect_ci": [float(t["effect_ci_low"]), float(t["effect_ci_high"])],
+                              "gained": int(t["gained"]), "lost": int(t["lost"]), "p_adjusted": float(t["p_adjusted"])}
     return rows
 
 
@@ -240,7 +254,8 @@ def best_rows(rows: list[dict], direction: str = "fix", key: Callable[[dict], An
     return [{"cell_id": rs[0]["cell_id"], "layer": rs[0]["layer"], "component": rs[0]["component"],
              "position_id": rs[0]["position_id"], "head": rs[0]["head"],
              "mean_success": float(np.mean([r["success"]["rate"] for r in rs])),
-             "per_format": {r["format"]: {"success": r["success"], "floor": r["floor"]} for r in rs}}
+             "per_format": {r["format"]: {"success": r["success"], "floor": r["floor"], "verdict": r.get("verdict")}
+                            for r in rs}}
             for rs in ranked[:top]]
 
 
