@@ -51,6 +51,8 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from experiments.transformers_adapter import attention_implementation
+
 ATTENTION_IMPLEMENTATION = "controlled_eager_attention"
 """Name under which the controllable attention function is registered (both registries)."""
 
@@ -386,11 +388,11 @@ def attention_control(model: PreTrainedModel, ops: Sequence[AttentionOp] = ()) -
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
     controller = AttentionController(model, _validate_ops(ops, num_layers, num_heads), num_layers, num_heads)
-    previous = config._attn_implementation
+    previous = attention_implementation(model)
     modules = list(model.modules())
     try:
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-        if config._attn_implementation != ATTENTION_IMPLEMENTATION:
+        if attention_implementation(model) != ATTENTION_IMPLEMENTATION:
             raise RuntimeError(
                 f"{type(model).__name__} does not accept attention implementation {ATTENTION_IMPLEMENTATION!r} "
                 "(its attention does not dispatch through transformers' AttentionInterface)"
@@ -401,7 +403,7 @@ def attention_control(model: PreTrainedModel, ops: Sequence[AttentionOp] = ()) -
     finally:
         for module in modules:
             module.__dict__.pop(_CONTROLLER_ATTR, None)
-        if config._attn_implementation != previous:
+        if attention_implementation(model) != previous:
             model.set_attn_implementation(previous)
 
 

@@ -42,6 +42,7 @@ from experiments.hooks_backend import register_site_hook
 from experiments.pipeline import LMPipeline, PromptBatch
 from experiments.sites import Site
 from experiments.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
+                                              cache_layer_states,
                                               output_cache, verify_once, with_cache)
 
 #: Layer classes whose forward follows the contract used here (hidden states, 4-D additive mask,
@@ -240,8 +241,7 @@ class SuffixReuse:
             for handle in handles:
                 handle.remove()
         cache = output_cache(out)
-        keys = [cache.layers[j].keys for j in range(self.n_layers)]
-        values = [cache.layers[j].values for j in range(self.n_layers)]
+        keys, values = (list(t) for t in zip(*(cache_layer_states(cache, j) for j in range(self.n_layers))))
         if len(residual) != self.n_layers + 1 or keys[0].shape[2] != batch.input_ids.shape[1]:
             raise RuntimeError("suffix reuse: the base pass did not expose every layer's residual and keys/values")
         rotary = self.rotary(residual[0], batch.position_ids) if self.family.name == "decoder_layers" else None

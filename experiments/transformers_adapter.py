@@ -11,6 +11,10 @@ Three facts are not promised and changed within 5.x (see ``docs/dependencies.md`
   (5.0–5.3), ``update(k, v, layer_idx)`` (5.4–5.23), ``update(k, v, layer_idx, kwargs=...)`` (5.24+);
   :class:`CacheStandIn` accepts all three.
 
+Two more details live here too: the per-layer keys/values of a ``DynamicCache`` (:func:`cache_layer_states`)
+and the config field naming the attention implementation (:func:`attention_implementation`,
+:func:`attention_implementation_set`).
+
 The suffix-reuse fast path hands decoder layers a :class:`CacheStandIn`; on its first use in a process
 it runs :func:`verify_once` with a tiny forward compared against the plain one, and stops with one
 line (:class:`TransformersIncompatible`) naming the installed version, the tested range and
@@ -73,6 +77,12 @@ def output_cache(out: Any) -> Any:
     return getattr(out, "cache", None)
 
 
+def cache_layer_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) a ``DynamicCache`` holds for ``layer``: (B, kv_heads, T, d_head) each."""
+    held = cache.layers[layer]
+    return held.keys, held.values
+
+
 def attention_implementation(model: transformers.PreTrainedModel) -> str | None:
     """The attention implementation ``model`` dispatches to (``"sdpa"``, ``"eager"``, a registered name)."""
     return model.config._attn_implementation
@@ -117,7 +127,7 @@ def verify_once(what: str, check: Callable[[], str | None]) -> None:
         return
     try:
         problem = check()
-    except TransformersIncompatible:
+    except (TransformersIncompatible, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:  # the point of the check: any way the private detail breaks
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")

@@ -109,8 +109,9 @@ def training_loss(model: LlamaForCausalLM, projection: CODIProjection, readout: 
     for j in range(NUM_THOUGHTS):
         emb = projection(hidden)
         mask = torch.cat([mask, torch.ones(bsz, 1, dtype=torch.long)], -1)
-        out = model(inputs_embeds=emb[:, None], attention_mask=mask, position_ids=pos[:, -1:] + j + 1,
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = model(**with_cache(model, {"inputs_embeds": emb[:, None], "attention_mask": mask,
+                                         "position_ids": pos[:, -1:] + j + 1, "use_cache": True,
+                                         "output_hidden_states": True}, cache))
         cache, hidden = output_cache(out), out.hidden_states[-1][:, -1]
         aux.append(torch.nn.functional.cross_entropy(readout(hidden), targets[:, j]))
     answers = [[eot] + [vocab[c] for c in p.gold] + [tok.eos_token_id] for p in problems]
