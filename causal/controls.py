@@ -8,7 +8,11 @@ A sound study locates none of them. Each control is a label function (see `causa
 * :func:`shuffled_source_labels` — pair i's base run with the variable taken from *another* pair's
   counterfactual input: a variable whose value the patch does not carry.
 
-Both are seeded and deterministic per (family, seed). Torch-free.
+Both are seeded and deterministic per (family, seed). A permuted or shuffled label can coincide with the
+true label of the pair (few distinct outputs make that common); on such pairs a network that computes the
+variable follows the control too. :func:`pairs_where_control_differs` keeps only the pairs where the control's
+label differs from the true one, so a control is false by construction on every pair it is scored on.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
 from causal.counterfactual_dataset import CounterfactualDataset
@@ -75,12 +80,31 @@ def shuffled_source_labels(causal_model: CausalModel, variables: Sequence[str] |
     return labels
 
 
-def standard_controls(causal_model: CausalModel, variables: Sequence[str], seed: int = 0,
+def standard_controls(causal_model: CausalModel, groups: Sequence[str | Sequence[str]], seed: int = 0,
                       counterfactual_index: int = 0) -> dict[str, LabelFunction]:
-    """Both controls for each variable, named ``<kind>:<variable>``."""
+    """Both controls for each variable group (a name, or a list of names interchanged together), named
+    ``<kind>:<group>`` with the group's names joined by ``+`` (as `compute_interchange_scores` names groups)."""
     controls: dict[str, LabelFunction] = {}
-    for variable in variables:
-        controls[f"permuted:{variable}"] = permuted_labels(causal_model, variable, seed, counterfactual_index)
-        controls[f"shuffled_source:{variable}"] = shuffled_source_labels(causal_model, variable, seed,
-                                                                         counterfactual_index)
+    for group in groups:
+        names = [group] if isinstance(group, str) else list(group)
+        name = "+".join(names)
+        controls[f"permuted:{name}"] = permuted_labels(causal_model, names, seed, counterfactual_index)
+        controls[f"shuffled_source:{name}"] = shuffled_source_labels(causal_model, names, seed, counterfactual_index)
     return controls
+
+
+def pairs_where_control_differs(control_pairs: pd.DataFrame, true_pairs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a control's per-pair table (``target_variables`` named ``<kind>:<variable>``) whose label
+    (``expected``) differs from the true label of the same (variable, dataset, cell, example) in
+    ``true_pairs`` (a real hypothesis's per-pair table); raises when a control's variable has no true pairs."""
+    keys = ["dataset_id", "cell_id", "example_index"]
+    variable = control_pairs["target_variables"].str.split(":", n=1).str[1]
+    missing = sorted(set(variable) - set(true_pairs["target_variables"]))
+    if missing:
+        raise ValueError(f"controls of {missing} have no true labels to compare with")
+    true = true_pairs[["target_variables", *keys, "expected"]].rename(
+        columns={"target_variables": "_variable", "expected": "_true"})
+    joined = control_pairs.assign(_variable=variable.to_numpy()).merge(true, on=["_variable", *keys], how="left",
+                                                                       validate="many_to_one")
+    keep = joined["expected"].astype(str).to_numpy() != joined["_true"].astype(str).to_numpy()
+    return control_pairs[keep].reset_index(drop=True)

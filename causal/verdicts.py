@@ -8,14 +8,14 @@ Per pair i of a (variable, cell) and a scope (one family, or all families pooled
 (base) output matches the same label. The evidence is in the discordant pairs: ``gained`` (patched right,
 unpatched wrong) and ``lost`` (patched wrong, unpatched right).
 
-* **effect** = IIA − floor = (gained − lost) / n, with a CI conditional on the number of discordant pairs
-  (the exact Clopper–Pearson interval of gained / (gained + lost), mapped onto the effect);
+* **effect** = IIA − floor = (gained − lost) / n, with a percentile bootstrap CI over pairs;
 * **test**: one-sided exact binomial (McNemar) test of gained against lost, H0: a patch is as likely to
   move the output away from the label as towards it (``scipy.stats.binom``, as ``binomtest`` computes it);
 * **informative IIA**: the IIA on the pairs where the *network's own unpatched output* differs from the
   label (``n_informative`` = n − unpatched right), with an exact (Clopper–Pearson) CI, as the IIA's; unlike a restriction by the
   hypothesis's base label it cannot drop the pairs a patch moved away from the label;
-* **correction**: Holm (default) or Benjamini–Hochberg across all (variable, cell) tests of a scope;
+* **correction**: Holm (default) or Benjamini–Hochberg across all (variable, cell) tests pooled over the
+  families, and separately across all (family, variable, cell) tests of the per-family verdicts;
 * **grade**: ``full`` (significant after correction, and both the IIA and the informative IIA have their CI's
   lower bound ≥ ``full_threshold``), ``partial`` (significant, effect ≥ ``min_effect``), ``none``.
   A hypothesis whose base labels the unpatched network matches on fewer than ``min_base_accuracy`` of the
@@ -60,7 +60,8 @@ class VerdictRule(BaseModel):
     def describe(self) -> str:
         method = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}
         return (f"one-sided exact paired test (McNemar) of patched vs unpatched on the same pairs, "
-                f"{method[self.correction]} at alpha = {self.alpha} across all (variable, cell) tests of a scope; "
+                f"{method[self.correction]} at alpha = {self.alpha} across all pooled (variable, cell) tests, and "
+                f"separately across all per-family (family, variable, cell) tests; effect CI: bootstrap over pairs; "
                 f"full: significant and IIA and informative IIA both with {self.confidence:.0%} CI lower bound "
                 f">= {self.full_threshold}; partial: significant and effect >= {self.min_effect}; "
                 f"hypotheses matching the unpatched network on < {self.min_base_accuracy} of pairs: unsupported")
@@ -98,25 +99,45 @@ def clopper_pearson(k: np.ndarray, n: np.ndarray, confidence: float) -> tuple[np
     return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
 
 
-def paired_tests(gained: np.ndarray, lost: np.ndarray, n: np.ndarray, confidence: float = 0.95
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Vectorised `paired_test`: (effect, CI low, CI high, one-sided exact p) per row."""
+BOOTSTRAP_RESAMPLES = 4000
+
+
+def _bootstrap_effect_ci(gained: int, lost: int, n: int, confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of the effect (gained - lost) / n, resampling the n pairs. A resample of pairs
+    is a multinomial draw of the (gained, lost, neither) counts, so it is drawn as one (seeded by the counts:
+    the same data always give the same interval)."""
+    if n <= 0:
+        return math.nan, math.nan
+    if gained + lost == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng([int(gained), int(lost), int(n)])
+    draws = rng.multinomial(int(n), [gained / n, lost / n, max(0.0, 1 - (gained + lost) / n)], size=BOOTSTRAP_RESAMPLES)
+    effects = (draws[:, 0] - draws[:, 1]) / n
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(effects, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def paired_tests(gained: np.ndarray, lost: np.ndarray, n: np.ndarray, confidence: float = 0.95,
+                 intervals: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: (effect, CI low, CI high, one-sided exact p). effect = (gained - lost) / n; p = the exact
+    binomial (McNemar) test of gained among the discordant pairs, ``P(X >= gained)`` for X ~ Bin(gained + lost,
+    1/2) (what ``scipy.stats.binomtest(..., alternative="greater")`` computes); CI = percentile bootstrap over
+    pairs (`_bootstrap_effect_ci`)."""
     gained, lost, n = (np.asarray(x, dtype=float) for x in (gained, lost, n))
     discordant = gained + lost
     with np.errstate(invalid="ignore", divide="ignore"):
         effect = np.where(n > 0, (gained - lost) / np.maximum(n, 1), np.nan)
         p = np.where(discordant > 0, stats.binom.sf(gained - 1, discordant, 0.5), 1.0)
-        low, high = clopper_pearson(gained, discordant, confidence)
-        scale = discordant / np.maximum(n, 1)
-        low, high = scale * (2 * low - 1), scale * (2 * high - 1)
-    none = discordant == 0
-    return effect, np.where(none, 0.0, low), np.where(none, 0.0, high), p
+    bounds = ([_bootstrap_effect_ci(int(g), int(l), int(m), confidence) for g, l, m in zip(gained, lost, n)]
+              if intervals else [(math.nan, math.nan)] * len(n))
+    low = np.array([b[0] for b in bounds], dtype=float)
+    high = np.array([b[1] for b in bounds], dtype=float)
+    return effect, low, high, p
 
 
 def paired_test(gained: int, lost: int, n: int, confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(effect, CI low, CI high, one-sided p) of patched vs unpatched from the discordant counts of n pairs:
-    effect = (gained - lost) / n; p = the exact binomial (McNemar) test of gained among the discordant pairs;
-    the CI maps the exact interval of gained / discordant onto the effect."""
+    """(effect, CI low, CI high, one-sided p) of patched vs unpatched from the counts of n pairs (`paired_tests`)."""
     effect, low, high, p = paired_tests(np.array([gained]), np.array([lost]), np.array([n]), confidence)
     return float(effect[0]), float(low[0]), float(high[0]), float(p[0])
 
@@ -141,13 +162,14 @@ def paired_counts(per_example: pd.DataFrame, by_family: bool) -> pd.DataFrame:
     return counts[["target_variables", "scope", "cell_id", "n", "n_patched", "n_unpatched", "gained", "lost"]]
 
 
-def cell_tests(counts: pd.DataFrame, rule: VerdictRule, unsupported: Mapping[str, bool] | None = None) -> pd.DataFrame:
+def cell_tests(counts: pd.DataFrame, rule: VerdictRule, unsupported: Mapping[str, bool] | None = None,
+               intervals: bool = True) -> pd.DataFrame:
     """Every (variable, scope, cell) of ``counts`` tested and graded (`TEST_COLUMNS`); the correction runs
     over all (variable, cell) rows of each scope. ``unsupported[scope]``: the hypothesis does not describe
     the network there (every grade in that scope becomes ``unsupported``)."""
     table = counts[["target_variables", "scope", "cell_id", "n", "n_patched", "n_unpatched", "gained", "lost"]].copy()
     n, gained = table["n"].to_numpy(float), table["gained"].to_numpy(float)
-    effect, low, high, p = paired_tests(gained, table["lost"].to_numpy(float), n, rule.confidence)
+    effect, low, high, p = paired_tests(gained, table["lost"].to_numpy(float), n, rule.confidence, intervals)
     n_inf = n - table["n_unpatched"].to_numpy(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         table["iia"] = np.where(n > 0, table["n_patched"] / np.maximum(n, 1), np.nan)
@@ -160,7 +182,8 @@ def cell_tests(counts: pd.DataFrame, rule: VerdictRule, unsupported: Mapping[str
         table["informative_ci_low"], table["informative_ci_high"] = clopper_pearson(gained, n_inf, rule.confidence)
     table["p_value"] = p
     table["p_adjusted"] = np.nan
-    for _, index in table.groupby("scope", sort=False).groups.items():
+    family_of_tests = np.where(table["scope"] == POOLED, POOLED, "families")
+    for _, index in table.groupby(family_of_tests, sort=False).groups.items():
         table.loc[index, "p_adjusted"] = adjust_p_values(table.loc[index, "p_value"].to_numpy(), rule.correction)
     table["significant"] = table["p_adjusted"] <= rule.alpha
     full = (table["significant"] & (table["iia_ci_low"] >= rule.full_threshold)
@@ -286,8 +309,10 @@ def verdicts_from_per_example(name: str, per_example: pd.DataFrame, rule: Verdic
 
 
 def simulate_null_studies(n_studies: int, rule: VerdictRule | None = None, seed: int = 0, n_variables: int = 4,
-                          n_cells: int = 8, n_pairs: int = 60, progress: bool = False) -> float:
-    """Share of simulated null studies in which the rule locates some variable anywhere (pooled scope).
+                          n_cells: int = 8, n_pairs: int = 60, progress: bool = False, n_families: int = 1,
+                          scope: Literal["pooled", "families"] = "pooled") -> float:
+    """Share of simulated null studies in which the rule locates some variable anywhere in ``scope`` (the
+    pooled verdicts, or any family's).
 
     Each study has ``n_variables`` × ``n_cells`` cells of ``n_pairs`` pairs; in every cell the patched and the
     unpatched outputs match the label independently with the same cell-specific rate (drawn uniformly in
@@ -303,13 +328,15 @@ def simulate_null_studies(n_studies: int, rule: VerdictRule | None = None, seed:
     size = n_variables * n_cells
     variables = np.repeat([f"v{v}" for v in range(n_variables)], n_cells * n_pairs)
     cells = np.tile(np.repeat([f"c{c}" for c in range(n_cells)], n_pairs), n_variables)
+    families = np.repeat([f"f{k}" for k in range(n_families)], size * n_pairs)
     for _ in studies:
-        rates = np.repeat(rng.uniform(0.1, 0.9, size=size), n_pairs)
-        frame = pd.DataFrame({"target_variables": variables, "dataset_id": "f", "cell_id": cells,
-                              "correct": rng.random(size * n_pairs) < rates,
-                              "base_correct_on_label": rng.random(size * n_pairs) < rates})
-        counts = paired_counts(frame, by_family=False)
-        tests = cell_tests(counts, rule)
+        rates = np.tile(np.repeat(rng.uniform(0.1, 0.9, size=size), n_pairs), n_families)
+        total = size * n_pairs * n_families
+        frame = pd.DataFrame({"target_variables": np.tile(variables, n_families), "dataset_id": families,
+                              "cell_id": np.tile(cells, n_families), "correct": rng.random(total) < rates,
+                              "base_correct_on_label": rng.random(total) < rates})
+        counts = paired_counts(frame, by_family=scope == "families")
+        tests = cell_tests(counts, rule, intervals=False)  # grades need no effect interval
         located += bool(tests["grade"].isin(["full", "partial"]).any())
     return located / n_studies
 

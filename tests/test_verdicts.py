@@ -121,17 +121,48 @@ def test_the_simulation_can_fail():
     assert rate > 0.05
 
 
-def test_vectorised_statistics_equal_scipys_binomtest():
+def test_exact_p_equals_scipys_binomtest_and_the_bootstrap_ci_covers():
     for gained, lost in [(0, 0), (0, 5), (5, 0), (7, 3), (30, 29), (1, 40)]:
         n = gained + lost + 17
         effect, low, high, p = paired_test(gained, lost, n)
         if gained + lost:
             test = stats.binomtest(gained, gained + lost, 0.5, alternative="greater")
-            ci = stats.binomtest(gained, gained + lost).proportion_ci(0.95, method="exact")
             assert p == pytest.approx(test.pvalue, rel=1e-9, abs=1e-15)
-            scale = (gained + lost) / n
-            assert low == pytest.approx(scale * (2 * ci.low - 1), abs=1e-9)
-            assert high == pytest.approx(scale * (2 * ci.high - 1), abs=1e-9)
+            assert low <= effect <= high
+    # coverage of the 95% interval, including a case with no lost pair (where a conditional interval fails)
+    rng = np.random.default_rng(1)
+    for p_gain, p_lose in [(0.59, 0.0), (0.2, 0.01)]:
+        n, runs, covered = 640, 200, 0
+        for _ in range(runs):
+            g, l, _ = rng.multinomial(n, [p_gain, p_lose, 1 - p_gain - p_lose])
+            _, low, high, _ = paired_test(int(g), int(l), n)
+            covered += low <= p_gain - p_lose <= high
+        assert covered / runs >= 0.9, (p_gain, p_lose, covered / runs)
+
+
+@pytest.mark.slow
+def test_per_family_verdicts_are_corrected_across_families():
+    rate = simulate_null_studies(200, VerdictRule(), n_families=5, scope="families")
+    assert stats.binomtest(round(rate * 200), 200, 0.05, alternative="greater").pvalue > 0.01, rate
+
+
+def test_a_control_is_scored_only_where_its_label_differs_from_the_truth():
+    from causal.controls import pairs_where_control_differs
+
+    rng = np.random.default_rng(0)
+    n = 400
+    true = np.where(rng.random(n) < 0.8, "0", "1")  # two outputs: permuted labels often coincide with true ones
+    patched_follows_truth = np.ones(n, bool)
+    unpatched = rng.random(n) < 0.5
+    control = rng.permutation(true)
+    true_pairs = per_pair(patched_follows_truth, unpatched, expected=true)
+    control_pairs = per_pair(control == true, np.where(unpatched, control == true, control != true),
+                             variable="permuted:v", expected=control)
+    naive = verdicts_from_per_example("controls", control_pairs)
+    kept = pairs_where_control_differs(control_pairs, true_pairs)
+    assert len(kept) == int((control != true).sum())
+    assert verdicts_from_per_example("controls", kept).verdict("permuted:v") == "none"
+    assert naive.verdict("permuted:v") in ("full", "partial"), "without the restriction the control would be located"
 
 
 def test_compare_hypotheses_uses_only_pairs_where_labels_differ():

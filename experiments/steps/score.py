@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.controls import standard_controls
+from causal.controls import pairs_where_control_differs, standard_controls
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels
 from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes, atomic_write_json
 from causal.verdicts import POOLED, VerdictRule, Verdicts, verdict_table_lines, verdicts_from_per_example
@@ -153,14 +153,6 @@ HOW_TO_READ = [
 ]
 
 
-def verdicts_of(name: str, scores: InterchangeScores, raw: RawResults, rule: VerdictRule,
-                is_control: bool = False) -> Verdicts:
-    """The verdicts of one hypothesis (or control set) on one experiment, cells in manifest order."""
-    return verdicts_from_per_example(name, scores.per_example, rule,
-                                     None if is_control else scores.base_accuracy,
-                                     [cell.cell_id for cell in raw.manifest.cells], is_control)
-
-
 def verdict_lines(verdicts: Verdicts, describe: dict[str, str] | None = None) -> list[str]:
     """The pooled verdict table, what the base fit says, and where families disagree with the pooled verdict."""
     lines: list[str] = []
@@ -179,7 +171,8 @@ def verdict_lines(verdicts: Verdicts, describe: dict[str, str] | None = None) ->
 def control_lines(verdicts: Verdicts) -> list[str]:
     """The controls' verdicts; a located control is reported as a failure of the study."""
     located = verdicts.located_variables()
-    lines = ["Controls (labels false by construction, scored on the same raw results; each must be none):", ""]
+    lines = ["Controls (labels false by construction, scored on the same raw results on the pairs where the control's "
+             "label differs from the true one; each must be none):", ""]
     if located:
         lines += [f"**STUDY FAILURE: {len(located)} control(s) got a location ({', '.join(located)}); the verdicts of "
                   f"this experiment are not trustworthy.**", ""]
@@ -237,7 +230,9 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             scores = compute_interchange_scores(raw, causal_model, datasets, targets, task.checker,
                                                 include_pairs=include_pairs)
             scores.save(out / f"{experiment}__{name}.json")
-            verdicts = verdicts_of(causal_model.id, scores, raw, rule)
+            verdicts = scores.verdicts(rule)
+            if name == main_name:
+                true_pairs, main_groups = scores.per_example, scores.target_variables
             atomic_write_json(out / f"{experiment}__{name}__verdicts.json", verdict_record(verdicts))
             if name == main_name:
                 highlight = {r.target_variables: r.cell_id for r in verdicts.best.itertuples(index=False)
@@ -259,10 +254,11 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             lines += ["", f"### {experiment}, `{causal_model.id}`: per family"]
             lines += per_family_lines(scores)
         main_model = hypotheses[main_name]
-        singles = list(dict.fromkeys(v for group in targets for v in group))
-        controls = score_labels(raw, datasets, standard_controls(main_model, singles), task.checker,
+        controls = score_labels(raw, datasets, standard_controls(main_model, main_groups), task.checker,
                                 name=f"controls of {main_model.id}")
-        control_verdicts = verdicts_of(controls.metadata["causal_model_id"], controls, raw, rule, is_control=True)
+        control_verdicts = verdicts_from_per_example(
+            controls.metadata["causal_model_id"], pairs_where_control_differs(controls.per_example, true_pairs), rule,
+            cell_order=[cell.cell_id for cell in raw.manifest.cells], is_control=True)
         atomic_write_json(out / f"{experiment}__controls__verdicts.json", verdict_record(control_verdicts))
         lines += ["", f"## {experiment}: controls", "", *control_lines(control_verdicts)]
     atomic_write_bytes(out / "summary.md", ("\n".join(lines) + "\n").encode())
