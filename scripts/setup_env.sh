@@ -40,6 +40,7 @@ fi
 pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 echo "[setup] installing into $venv ($mode, $TORCH_FLAVOR torch: $torch_pin; the first run takes a few minutes)"
 if ! "${pip[@]}" install "$torch_pin" 2>/dev/null; then
+  echo "[setup] $torch_pin is not on the default index; trying the PyTorch index"
   if [ "$TORCH_FLAVOR" = cpu ]; then
     "${pip[@]}" install "$torch_pin" --index-url https://download.pytorch.org/whl/cpu
   else
@@ -58,6 +59,15 @@ case "$mode" in
     "${pip[@]}" install -c <(grep -v '^torch==' "$root/requirements/lowest.txt"; echo "$torch_pin") -e "$root[dev]"
     ;;
 esac
+if [ "$TORCH_FLAVOR" = cuda ] && ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  # torch==X also matches a local X+cpu wheel (PEP 440): replace it with the registry's CUDA build
+  echo "[setup] the installed torch is a CPU build; installing the CUDA build of $torch_pin"
+  PIP_FIND_LINKS="" "${pip[@]}" install --force-reinstall --no-deps "$torch_pin"
+  if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+    echo "setup_env.sh: could not install a CUDA build of $torch_pin (pip found only a CPU build)" >&2
+    exit 1
+  fi
+fi
 "$venv/bin/python" - <<'EOF'
 from importlib.metadata import version
 print("[setup] " + ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "pyvene", "datasets")))
