@@ -368,6 +368,14 @@ def compare_hypotheses(first: pd.DataFrame, second: pd.DataFrame, confidence: fl
                                        "ci_high", "p_value"])
 
 
+def test_summary(row: Any) -> dict[str, Any]:
+    """JSON-ready summary of one graded test row (a row of ``Verdicts.tests`` or ``Verdicts.best``)."""
+    get = row.get if hasattr(row, "get") else lambda k: getattr(row, k)
+    return {"grade": str(get("grade")), "cell_id": str(get("cell_id")), "effect": float(get("effect")),
+            "effect_ci": [float(get("effect_ci_low")), float(get("effect_ci_high"))], "gained": int(get("gained")),
+            "lost": int(get("lost")), "p_adjusted": float(get("p_adjusted"))}
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from causal.interchange_scores import compute_interchange_scores, wilson_interval
+from causal.verdicts import POOLED, test_summary
 from causal.raw_results import (
     CellSpec,
     DatasetRecord,
@@ -114,10 +115,8 @@ def _verdicts(scores: Any) -> dict[str, Any]:
     """Per slot, the pooled verdict of the paired rule (causal.verdicts) with its cell, effect and CI."""
     verdicts = scores.verdicts()
     out: dict[str, Any] = {"rule": verdicts.rule.describe()}
-    for r in verdicts.best[verdicts.best["scope"] == "(pooled)"].itertuples(index=False):
-        out[r.target_variables] = {"grade": r.grade, "cell_id": r.cell_id, "effect": round(float(r.effect), 4),
-                                   "effect_ci": [round(float(r.effect_ci_low), 4), round(float(r.effect_ci_high), 4)],
-                                   "gained": int(r.gained), "lost": int(r.lost), "p_adjusted": float(r.p_adjusted)}
+    for r in verdicts.best[verdicts.best["scope"] == POOLED].itertuples(index=False):
+        out[r.target_variables] = test_summary(r)
     return out
 
 

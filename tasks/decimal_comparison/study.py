@@ -36,7 +36,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from causal.interchange_scores import wilson_interval
-from causal.verdicts import verdicts_from_per_example
+from causal.verdicts import test_summary, verdicts_from_per_example
 from causal.raw_results import atomic_write_json
 from tasks.decimal_comparison.answers import OUTCOMES, classify_answer
 from tasks.decimal_comparison.formats import CORRECT_FORMAT, FORMATS, parse_format_option
@@ -237,10 +237,8 @@ def run_cells(pipeline, cells, datasets: dict[str, Any], folder: Path, exp_id: s
     if pairs:  # the paired verdict of each (dataset, cell), corrected across the cells of its dataset
         tests = verdicts_from_per_example(exp_id, pd.concat(pairs, ignore_index=True)).tests.set_index(["scope", "cell_id"])
         for row in rows:
-            t = tests.loc[(row["dataset_id"], row["cell_id"])]
-            row["verdict"] = {"grade": str(t["grade"]), "effect": float(t["effect"]),
-                              "effect_ci": [float(t["effect_ci_low"]), float(t["effect_ci_high"])],
-                              "gained": int(t["gained"]), "lost": int(t["lost"]), "p_adjusted": float(t["p_adjusted"])}
+            row["verdict"] = test_summary(tests.loc[(row["dataset_id"], row["cell_id"])].to_dict()
+                                          | {"cell_id": row["cell_id"]})
     return rows
 
 
