@@ -21,6 +21,7 @@ from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, Resu
 from experiments.backend import DEFAULT_BACKEND
 from experiments.fleet import check_shard, shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.model_identity import weights_identity
 from experiments.model_units import AttentionHead, ModelUnit
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
@@ -52,26 +53,16 @@ class ExperimentConfig(BaseModel):
         return max(1, self.max_rows_per_forward // self.batch_size)
 
 
-def weights_probe(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, shape and first/last 16 values: changes if any tensor is replaced."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().flatten()
-        sample = torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy()
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()
-
-
 def model_fingerprint(pipeline: LMPipeline) -> dict[str, Any]:
-    """What identifies the network: name (folder name for local checkpoints), class, config, weights probe."""
+    """What identifies the network: name (folder name for local checkpoints), class, config, the full content hash
+    of the weights (`experiments.model_identity`)."""
     model = pipeline.model
     local = Path(pipeline.name)
     return {
         "name": local.name if local.exists() else pipeline.name,
         "class": type(model).__name__,
         "config_sha256": hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest(),
-        "weights_probe_sha256": weights_probe(model),
+        **weights_identity(model, pipeline.weight_files),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype),
         "device_type": pipeline.device.type,

@@ -17,6 +17,7 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.model_identity import weight_files
 from experiments.top_k import top_k
 from experiments.attention_control import register_attention
 from experiments.transformers_adapter import attention_implementation, output_cache, with_cache
@@ -76,6 +77,17 @@ class GenerationOutput:
     lengths: list[int]
     topk_token_ids: torch.Tensor
     topk_logits: torch.Tensor
+
+
+def _weight_files(source: str, local: bool) -> list[Path] | None:
+    """The weight files a checkpoint was loaded from (a local folder, or the hub snapshot in the local cache);
+    None when they cannot be found (the identity then hashes the tensors)."""
+    try:
+        folder = Path(source) if local else Path(huggingface_hub.snapshot_download(source, local_files_only=True))
+        found = weight_files(folder)
+    except Exception:  # not in the cache in snapshot form, or unreadable: fall back to the tensors
+        return None
+    return found or None
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -180,6 +192,7 @@ class LMPipeline:
                 raise ValueError("pass tokenizer= together with an already loaded model")
             self.model = model_or_name.to(self.device, _resolve_dtype(dtype))
             self.tokenizer = tokenizer
+            self.weight_files: list[Path] | None = None  # an object: its identity is its tensors' content
             self.name = str(getattr(model_or_name.config, "_name_or_path", "") or type(model_or_name).__name__)
         else:
             self.name = str(model_or_name)
@@ -277,6 +290,7 @@ class LMPipeline:
             )
         except OSError as exc:
             raise ModelLoadError(f"could not load model {name!r}: {_first_line(exc)}") from exc
+        self.weight_files = _weight_files(source, looks_local)
         return model.to(self.device), tokenizer
 
     # ------------------------------------------------------------------ architecture facts

@@ -25,6 +25,14 @@ FAMILIES = ("gpt2", "llama", "gemma2", "olmo2", "qwen2")
 INIT_RANGE = 0.2
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory):
+    """Weight-file hashes are cached under $CAUSAL_ABSTRACTION_CACHE: keep the suite's cache out of $HOME."""
+    import os
+
+    os.environ["CAUSAL_ABSTRACTION_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 def _single_thread() -> None:
     """Tiny tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
     import torch
