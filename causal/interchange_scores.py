@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
@@ -61,17 +62,19 @@ BASE_COLUMNS = ["dataset_id", "n", "n_correct", "accuracy", "ci_low", "ci_high"]
 
 
 def wilson_interval(successes: int | np.ndarray, n: int | np.ndarray, z: float = Z_95) -> tuple[Any, Any]:
-    """Wilson score interval for a binomial proportion (NaN where ``n == 0``). Works on arrays."""
-    k = np.asarray(successes, dtype=float)
-    total = np.asarray(n, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = k / total
-        z2 = z * z
-        denominator = 1 + z2 / total
-        center = (p + z2 / (2 * total)) / denominator
-        half = z * np.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / denominator
-        low = np.clip(center - half, 0.0, 1.0)
-        high = np.clip(center + half, 0.0, 1.0)
+    """Wilson score interval for a binomial proportion (NaN where ``n == 0``), from
+    ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``. Works on arrays; ``z`` sets the level
+    (1.96: 95%)."""
+    k = np.asarray(successes)
+    total = np.asarray(n)
+    confidence = float(2 * stats.norm.cdf(z) - 1)
+    flat_k, flat_n = np.broadcast_arrays(k, total)
+    low = np.full(flat_k.shape, np.nan)
+    high = np.full(flat_k.shape, np.nan)
+    for index in np.ndindex(flat_k.shape):
+        if flat_n[index] > 0:
+            ci = stats.binomtest(int(flat_k[index]), int(flat_n[index])).proportion_ci(confidence, method="wilson")
+            low[index], high[index] = ci.low, ci.high
     if low.ndim == 0:
         return float(low), float(high)
     return low, high
