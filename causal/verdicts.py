@@ -105,13 +105,16 @@ BOOTSTRAP_RESAMPLES = 4000
 def _bootstrap_effect_ci(gained: int, lost: int, n: int, confidence: float) -> tuple[float, float]:
     """Percentile bootstrap CI of the effect (gained - lost) / n, resampling the n pairs. A resample of pairs
     is a multinomial draw of the (gained, lost, neither) counts, so it is drawn as one (seeded by the counts:
-    the same data always give the same interval)."""
+    the same data always give the same interval), from the observed shares smoothed by half a pair each."""
     if n <= 0:
         return math.nan, math.nan
     if gained + lost == 0:
         return 0.0, 0.0
     rng = np.random.default_rng([int(gained), int(lost), int(n)])
-    draws = rng.multinomial(int(n), [gained / n, lost / n, max(0.0, 1 - (gained + lost) / n)], size=BOOTSTRAP_RESAMPLES)
+    # half a pair added to each category: a category never seen can still be drawn, so the interval does not
+    # collapse to a point when every pair went one way
+    counts = np.array([gained, lost, n - gained - lost], dtype=float) + 0.5
+    draws = rng.multinomial(int(n), counts / counts.sum(), size=BOOTSTRAP_RESAMPLES)
     effects = (draws[:, 0] - draws[:, 1]) / n
     tail = (1 - confidence) / 2
     low, high = np.quantile(effects, [tail, 1 - tail])

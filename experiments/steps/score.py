@@ -31,7 +31,8 @@ from causal.counterfactual_dataset import CounterfactualDataset
 from causal.controls import pairs_where_control_differs, standard_controls
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels
 from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes, atomic_write_json
-from causal.verdicts import POOLED, VerdictRule, Verdicts, verdict_table_lines, verdicts_from_per_example
+from causal.verdicts import (POOLED, VerdictRule, Verdicts, compare_hypotheses, verdict_table_lines,
+                             verdicts_from_per_example)
 from experiments.steps.common import add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task
 from experiments.task import Task
 from experiments.visualizations import save_heatmaps
@@ -168,6 +169,31 @@ def verdict_lines(verdicts: Verdicts, describe: dict[str, str] | None = None) ->
     return lines
 
 
+def comparison_lines(main: Verdicts, main_pairs: pd.DataFrame, other_name: str, other_pairs: pd.DataFrame) -> list[str]:
+    """Where the main hypothesis locates a variable: at that cell, on the pairs where the two hypotheses'
+    labels differ, how often the patched output follows each (paired, two-sided exact test)."""
+    rows = []
+    for r in main.best[(main.best["scope"] == POOLED) & main.best["grade"].isin(["full", "partial"])].itertuples():
+        pick = lambda pairs: pairs[(pairs["target_variables"] == r.target_variables)  # noqa: E731
+                                   & (pairs["cell_id"] == r.cell_id)]
+        other = pick(other_pairs)
+        if other.empty:
+            continue
+        table = compare_hypotheses(pick(main_pairs), other)
+        if table.empty:
+            rows.append(f"| {r.target_variables} | `{r.cell_id}` | 0 | - | - | - | - |")
+            continue
+        c = table.iloc[0]
+        rows.append(f"| {r.target_variables} | `{r.cell_id}` | {c['n_differ']} | {c['first_only']} | {c['second_only']} | "
+                    f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.2g} |")
+    if not rows:
+        return []
+    return [f"Paired comparison with `{other_name}` at the cells `{main.name}` locates, on the pairs where the two "
+            f"hypotheses' labels differ (patched output follows only the first / only the second):", "",
+            "| variable | cell | pairs with different labels | follows first only | follows second only | "
+            "difference [95% CI] | p (two-sided exact) |", "|---|---|---|---|---|---|---|", *rows]
+
+
 def control_lines(verdicts: Verdicts) -> list[str]:
     """The controls' verdicts; a located control is reported as a failure of the study."""
     located = verdicts.located_variables()
@@ -232,7 +258,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             scores.save(out / f"{experiment}__{name}.json")
             verdicts = scores.verdicts(rule)
             if name == main_name:
-                true_pairs, main_groups = scores.per_example, scores.target_variables
+                true_pairs, main_groups, main_verdicts = scores.per_example, scores.target_variables, verdicts
             atomic_write_json(out / f"{experiment}__{name}__verdicts.json", verdict_record(verdicts))
             if name == main_name:
                 highlight = {r.target_variables: r.cell_id for r in verdicts.best.itertuples(index=False)
@@ -247,6 +273,9 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
                 f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
             lines += verdict_lines(verdicts, describe)
+            if name != main_name:
+                comparison = comparison_lines(main_verdicts, true_pairs, causal_model.id, scores.per_example)
+                lines += ["", *comparison] if comparison else []
             lines += ["", "Descriptive: highest informative IIA per variable (label-based informative pairs; not a "
                       "verdict):", "", *best_cell_lines(scores)]
             if name == main_name and kind == "positions" and task.summary_extras is not None:
