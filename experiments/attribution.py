@@ -190,6 +190,14 @@ class ResidualAttribution:
                                               metric.numpy(), informative)
         return result
 
+    def exact(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]], base_labels: Sequence[Any],
+              cf_labels: Sequence[Any], estimated: AttributionResult) -> np.ndarray:
+        """(C, N) exact effects of the cells on the pairs of an earlier `estimate` (its base metric reused)."""
+        src = self._source_states(sources)
+        return self.exact_effects(bases, sources, [self._answer_ids(x) for x in base_labels],
+                                  [self._answer_ids(x) for x in cf_labels], src, self._source_offsets,
+                                  estimated.metric_base, estimated.informative)
+
     @torch.no_grad()
     def exact_effects(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
                       answers_base: list[list[int]], answers_cf: list[list[int]], src: list[torch.Tensor],
