@@ -282,3 +282,10 @@ def test_step3_scores_whole_addends_for_multi_digit_tokens(tmp_path):
     assert "| digit_0_1+digit_0_0 | `L-1@addend_0` |" in summary
     assert "| digit_0_0 |" not in summary and "| digit_0_1 |" not in summary
     assert "| digit_0_1+digit_0_0 | 1.000 |" in summary  # informative IIA at its own position (the embeddings)
+
+
+def test_step3_refuses_a_target_the_main_hypothesis_lacks(tmp_path):
+    """A typo in --target-vars is refused with one line (competitors lacking a variable are only skipped)."""
+    study = _write_study(tmp_path / "study")
+    with pytest.raises(ValueError, match=r"\['carry_9'\] are not variables of the main hypothesis"):
+        _step3().main(["--results", str(study), "--target-vars", "carry_9"])

@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from causal.causal_model import parse_target
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.controls import pairs_where_control_differs, standard_controls
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels
@@ -253,7 +254,16 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
         position_order = list(dict.fromkeys(u.position_id for c in raw.manifest.cells for u in c.units))
         model_name = raw.manifest.model.get("name") or str(metadata["model"])
         for name, causal_model in hypotheses.items():
-            scores = compute_interchange_scores(raw, causal_model, datasets, targets, task.checker,
+            own = [g for g in targets if all(v in causal_model.parents for key in g for v in parse_target(key))]
+            if name == main_name and len(own) < len(targets):  # a typo, not a competitor's other variables
+                missing = ["+".join(g) for g in targets if g not in own]
+                raise ValueError(f"target variable(s) {missing} are not variables of the main hypothesis "
+                                 f"{causal_model.id!r}")
+            if not own:
+                lines += ["", f"## {experiment}: hypothesis `{causal_model.id}` not scored", "",
+                          f"It has none of the target variables ({', '.join('+'.join(g) for g in targets)})."]
+                continue
+            scores = compute_interchange_scores(raw, causal_model, datasets, own, task.checker,
                                                 include_pairs=include_pairs)
             scores.save(out / f"{experiment}__{name}.json")
             verdicts = scores.verdicts(rule)
@@ -270,6 +280,9 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
                               unit=UNIT_NAMES.get(raw.manifest.experiment_type))
             lines += ["", f"## {experiment}: hypothesis `{causal_model.id}`", ""]
             base = scores.base_accuracy
+            if len(own) < len(targets):
+                skipped = [("+".join(g)) for g in targets if g not in own]
+                lines += [f"Not variables of this hypothesis (not scored for it): {', '.join(skipped)}.", ""]
             lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
                 f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
             lines += verdict_lines(verdicts, describe)
