@@ -77,7 +77,8 @@ def tensors_sha256(model: torch.nn.Module) -> str:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         data = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}\n".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return digest.hexdigest()
 
 
