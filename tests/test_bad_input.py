@@ -281,3 +281,25 @@ def test_unknown_model_is_a_one_line_error_from_step_1(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "ModelLoadError" in lines[0], proc.stderr
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])
+def test_an_unknown_device_is_refused_by_the_parser(device, capsys):
+    from tasks.general_addition.study import study_parser
+
+    with pytest.raises(SystemExit):
+        study_parser(None).parse_args(["--device", device])
+    assert f"unknown device {device!r}" in capsys.readouterr().err
+
+
+def test_a_crash_inside_a_step_is_one_line(capsys):
+    from experiments.steps.common import run_step
+
+    def crashing(argv):
+        raise KeyError("an internal surprise")
+
+    assert run_step(crashing, []) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "KeyError" in err[0] and "--debug" in err[0]
+    with pytest.raises(KeyError):
+        run_step(crashing, ["--debug"])

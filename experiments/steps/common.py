@@ -45,6 +45,16 @@ def task_settings(task: Task, args: argparse.Namespace) -> Any:
     return task.settings(**{name: getattr(args, name) for name in settings_fields(task)})
 
 
+DEVICE_PATTERN = re.compile(r"(cpu|mps|(cuda|xpu)(:\d+)?)")
+
+
+def device_name(value: str) -> str:
+    """``--device``: cpu, mps, cuda or xpu (optionally ``:N``); anything else is refused by argparse in one line."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}: use cpu, cuda, cuda:N, mps or xpu")
+    return value
+
+
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
@@ -73,7 +83,8 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
     parser.add_argument("--out", type=Path, default=None,
                         help=f"study folder (default results/{task.results_name or task.name}/<model>/<settings>, "
                              f"…_test with --test)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--device", default=None, type=device_name,
+                        help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--test", action="store_true", help="tiny, fast run (smoke test)")
