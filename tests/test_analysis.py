@@ -270,3 +270,52 @@ def test_bad_config_is_refused(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_exampels: 5\n")
     assert main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_default_scaling_control_can_move(pipelines, family: str) -> None:
+    """The default control (the same head one layer up) reads what the scaled head writes: its read row changes
+    with the factor (a same-layer head could not: the scaled queries are the target head's own copy)."""
+    from experiments.analysis.scaling import scaling_sweep
+
+    pipe = pipelines[family]
+    sweep = scaling_sweep(pipe, PROMPTS, 0, 1, [0.25, 4.0])
+    control = sweep[sweep.role == "control"]
+    assert set(zip(control.m_layer, control.m_head)) == {(1, 1)}
+    low = control[control.factor == 0.25].sort_values("example")["entropy"].to_numpy()
+    high = control[control.factor == 4.0].sort_values("example")["entropy"].to_numpy()
+    assert not np.allclose(low, high, atol=1e-6)
+    top = scaling_sweep(pipe, PROMPTS, pipe.num_layers - 1, 1, [0.5, 2.0])
+    assert set(top.role) == {"target"}  # no layer above the last: no control that could move
+
+
+def test_query_vs_key_refuses_the_degenerate_default(pipelines) -> None:
+    from experiments.analysis.scaling import query_vs_key
+
+    with pytest.raises(ValueError, match="ratio would be 1 by construction"):
+        query_vs_key(pipelines["llama"], PROMPTS, 1, 0, [0.5, 2.0])
+
+
+def test_sink_mass_is_measured_only_where_tokens_are_set_aside(pipelines) -> None:
+    pipe = pipelines["llama"]
+    none = profile_attention(pipe, PROMPTS, layers=[0], query_positions=[-1], progress=False)
+    assert none["sink_mass"].isna().all()
+    one = profile_attention(pipe, PROMPTS, layers=[0], query_positions=[-1], sink_tokens=1, progress=False)
+    assert (one["sink_mass"] > 0).all()
+
+
+def test_n_keys_counts_only_the_sliding_window(char_tokenizer) -> None:
+    from experiments.pipeline import LMPipeline
+    from tests.conftest import make_model
+
+    model = make_model("gemma2", len(char_tokenizer))
+    model.config.sliding_window = 3
+    pipe = LMPipeline(model, tokenizer=char_tokenizer, device="cpu")
+    types = model.config.layer_types
+    table = profile_attention(pipe, ["12+345=", "7+8="], query_positions=[-1], progress=False)
+    for layer, kind in enumerate(types):
+        rows = table[table.layer == layer]
+        if kind == "sliding_attention":
+            assert (rows["n_keys"] <= 3).all()
+        else:
+            assert (rows["n_keys"] > 3).any()

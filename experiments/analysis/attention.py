@@ -48,6 +48,16 @@ def k_effective(probs: torch.Tensor, mass: float = 0.9) -> torch.Tensor:
     return torch.where(total.squeeze(-1) > 0, k, torch.zeros_like(k))
 
 
+def _sliding_window(pipeline: LMPipeline, layer: int) -> int | None:
+    """The sliding window of ``layer`` (keys at distance < window are visible), None for full attention."""
+    config = pipeline.model.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or types is None or types[layer] != "sliding_attention":
+        return None
+    return int(window)
+
+
 def row_statistics(probs: torch.Tensor, key_mask: torch.Tensor, mass: float = 0.9, sink_tokens: int = 0
                    ) -> dict[str, torch.Tensor]:
     """Statistics of attention rows ``probs`` (..., K) restricted to keys in ``key_mask`` (..., K) bool.
@@ -124,7 +134,13 @@ def profile_attention(
             for layer in chunk_layers:
                 rec = ctl.get(layer)
                 probs = rec.probs.double()  # (B, h, T, T)
-                stats = row_statistics(probs, mask.expand_as(probs), mass)
+                window = _sliding_window(pipeline, layer)
+                if window is None:
+                    visible = mask
+                else:  # keys at distance < window (real tokens are contiguous, so column distance = token distance)
+                    cols_t = torch.arange(T, device=real.device)
+                    visible = mask & ((cols_t[:, None] - cols_t[None, :]) < window)[None, None]
+                stats = row_statistics(probs, visible.expand_as(probs), mass)
                 sink = (probs * (~key_mask)[:, None, None, :]).sum(-1)
                 qnorm = rec.query.double().norm(dim=-1)  # (B, h, T)
                 kv_index = torch.tensor([h // n_rep for h in heads], device=rec.key.device)
@@ -140,7 +156,9 @@ def profile_attention(
                     }
                     for name in ("entropy", "max_attention", "k_eff", "perplexity", "n_keys"):
                         data[name] = stats[name][rows_b, hi, cols].cpu().numpy()
-                    data["sink_mass"] = sink[rows_b, hi, cols].cpu().numpy()
+                    # nothing is set aside at sink_tokens=0: the mass is not measured there, not 0
+                    data["sink_mass"] = (sink[rows_b, hi, cols].cpu().numpy() if sink_tokens
+                                         else np.full(len(cols), np.nan))
                     data["query_norm"] = qnorm[rows_b, hi, cols].cpu().numpy()
                     data["key_norm"] = knorm[rows_b, hi, cols].cpu().numpy()
                     data["attended_key_norm"] = attended[rows_b, hi, cols].cpu().numpy()

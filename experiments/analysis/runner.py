@@ -364,7 +364,7 @@ def run_gain(ctx: Context) -> None:
         layer, head = p.num_layers - 1, 0
     controls = cfg.gain_controls
     if controls is None:
-        controls = [(layer, (head + 1) % p.num_heads)] + ([(layer + 1, head)] if layer + 1 < p.num_layers else [])
+        controls = [(layer + 1, head)] if layer + 1 < p.num_layers else []  # a same-layer head cannot move
     sweep = scaling_sweep(p, prompts, layer, head, cfg.factors, "query", "read", controls=controls,
                           batch_size=cfg.batch_size)
     rep.table("gain/exp1_sweep", sweep, parquet=False)

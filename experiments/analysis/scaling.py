@@ -60,7 +60,9 @@ def scaling_sweep(
 
     ``where="read"``: queries at the read position (query arm) / keys at ``key_positions`` (key arm; unpadded
     indices per prompt, None = every real key). ``where="all"``: every position (then the two arms coincide).
-    Returns one row per (factor, measured head, example): factor, log_factor, target, scaled, role
+    ``controls`` default to the same head one layer up (none for the last layer): a head that reads what the
+    target writes, so it can move. Returns one row per (factor, measured head, example): factor, log_factor,
+    target, scaled, role
     (target/control), m_layer, m_head, example, entropy, max_attention, k_eff.
     """
     check_layer(pipeline, layer)
@@ -73,7 +75,9 @@ def scaling_sweep(
     if where not in ("read", "all"):
         raise ValueError(f"where must be 'read' or 'all', got {where!r}")
     if controls is None:
-        controls = [(layer, (head + 1) % pipeline.num_heads)] if pipeline.num_heads > 1 else []
+        # a head that can move: the same head one layer up reads the residual the scaled head writes to (a head
+        # of the same layer cannot: the scaled queries/keys are the target head's own copy)
+        controls = [(layer + 1, head)] if layer + 1 < pipeline.num_layers else []
     for cl, ch in controls:
         check_layer(pipeline, cl)
         check_head(pipeline, ch)
@@ -157,11 +161,15 @@ def gain_table(pipeline: LMPipeline, prompts: Sequence[Any], factors: Sequence[f
 def query_vs_key(pipeline: LMPipeline, prompts: Sequence[Any], layer: int, head: int,
                  factors: Sequence[float] | None = None, key_positions: Sequence[Sequence[int]] | None = None,
                  read_position: int = -1, batch_size: int = 64) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """EXP3: the same head scaled through its read-position query vs its keys at ``key_positions``.
+    """EXP3: the same head scaled through its read-position query vs its keys at ``key_positions`` (required:
+    with every key scaled the two arms are the same intervention).
 
     Returns both sweeps (concatenated) and ``{gain_query, gain_key, sensitivity_ratio = gain_query /
     gain_key, ...}`` with what each arm scaled.
     """
+    if key_positions is None:
+        raise ValueError("query_vs_key needs key_positions: scaling every key a row sees multiplies its logits "
+                         "exactly as scaling its query does, so the ratio would be 1 by construction")
     q = scaling_sweep(pipeline, prompts, layer, head, factors, "query", "read", read_position=read_position,
                       controls=[], batch_size=batch_size)
     k = scaling_sweep(pipeline, prompts, layer, head, factors, "key", "read", key_positions=key_positions,
