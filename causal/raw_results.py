@@ -42,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import re
 import socket
 import sys
@@ -820,6 +821,10 @@ class RawResults:
 # ------------------------------------------------------------------------------------------ writing
 
 
+_RESTART_HINT = ("; if it holds this experiment's results with a lost or damaged manifest, rerun step 2 with "
+                 "--restart (restart=True) to discard them and start over")
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -841,16 +846,34 @@ class RawResultsWriter:
         wait: bool = False,
         timeout: float | None = None,
         log: Callable[[str], None] | None = _stderr,
+        restart: bool = False,
     ):
         self.root = Path(root)
         self.manifest = manifest
         self.log = log or (lambda message: None)
         self.lock = FolderLock(self.root, wait=wait, timeout=timeout).acquire()
         try:
+            if restart:
+                self._discard()
             self._open()
         except BaseException:
             self.lock.release()
             raise
+
+    def _discard(self) -> None:
+        """``restart``: delete this folder's results (manifest, base, cells, parts, blocks) under the lock; files
+        of any other name are left alone (and make the folder refused as of unknown origin)."""
+        gone = []
+        for name in (MANIFEST_NAME, "base", "cells", PARTS_DIR, BLOCKS_DIR):
+            path = self.root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+                gone.append(name)
+            elif path.exists():
+                path.unlink()
+                gone.append(name)
+        if gone:
+            self.log(f"{self.root}: restart: discarded {', '.join(gone)}")
 
     def _open(self) -> None:
         removed = remove_leftover_temp_files(self.root)
@@ -864,9 +887,9 @@ class RawResultsWriter:
         if manifest_path.exists():
             try:
                 existing = RawResults.read_manifest(self.root)
-            except ResultsError:
+            except ResultsError as exc:
                 if data_present:
-                    raise
+                    raise ResultsError(f"{exc}{_RESTART_HINT}") from exc
                 self.log(f"{manifest_path} was unreadable and no results exist yet: writing it anew")
         if existing is not None:
             if existing.identity() != self.manifest.identity():
@@ -877,7 +900,7 @@ class RawResultsWriter:
                 raise ResultsError(
                     f"{self.root} already holds results of a different experiment "
                     f"(experiment_id={existing.experiment_id!r}; differing: {', '.join(details + differ)}); "
-                    f"use another results folder, or delete this one to start over"
+                    f"use another results folder, or rerun with --restart (restart=True) to discard its results"
                 )
             if not (self.root / PARTS_DIR).is_dir():
                 self._upgrade_legacy()
@@ -888,6 +911,7 @@ class RawResultsWriter:
             raise ResultsError(
                 f"{self.root} is not empty but holds no {MANIFEST_NAME} (it holds {', '.join(unknown[:5])}): "
                 f"refusing to mix new results with files of unknown origin; use an empty or new folder"
+                f"{_RESTART_HINT if {'base', 'cells', PARTS_DIR} & set(unknown) else ''}"
             )
         atomic_write_json(manifest_path, self.manifest.model_dump(mode="json"))
         self._write_parts_format()

@@ -152,11 +152,13 @@ class InterventionExperiment:
         lock_timeout: float | None = None,
         shard: tuple[int, int] | None = None,
         cell_blocks: int | None = None,
+        restart: bool = False,
     ) -> RawResults:
         """Run every cell on every pair; resume a folder holding the same experiment. Returns the results.
 
         On resume every finished part is verified (sha256, rows); damaged ones are deleted, reported
-        on stderr and recomputed. The folder is locked while this runs: a second writer raises
+        on stderr and recomputed. ``restart=True`` first discards the folder's results (its manifest, base,
+        cells, parts and blocks), e.g. after the manifest was deleted or damaged. The folder is locked while this runs: a second writer raises
         ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
         ``shard=(i, n)``: only every n-th unit of work from the i-th (``experiments.fleet``); the folder then
         holds that shard's work, to be combined with ``experiments.fleet.merge_shards``. A unit is a part, or
@@ -170,7 +172,8 @@ class InterventionExperiment:
         self._check_inputs(items)
         root = Path(results_dir or self.config.results_dir or Path("results") / self.config.id)
         groups = group_cells(self.cells, self.config.cells_per_forward)
-        with RawResultsWriter(root, self._manifest(items, groups), wait=wait_for_lock, timeout=lock_timeout) as writer:
+        with RawResultsWriter(root, self._manifest(items, groups), wait=wait_for_lock, timeout=lock_timeout,
+                              restart=restart) as writer:
             for problem in writer.discard_damaged_parts():
                 print(f"{root}: recomputing damaged {problem}", file=sys.stderr, flush=True)
             k = self.config.counterfactual_index

@@ -68,3 +68,25 @@ def test_resume_refuses_weights_changed_in_place(char_tokenizer, tmp_path):
     model.save_pretrained(folder)
     with pytest.raises(ResultsError, match="weights_sha256"):
         run()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_lost_manifest_has_a_restart_path(damage, char_tokenizer, tmp_path):
+    model = make_model("llama", len(char_tokenizer))
+    pipeline = LMPipeline(model, tokenizer=char_tokenizer, device="cpu", max_new_tokens=2)
+    data = CounterfactualDataset.from_dict({"input": [{"raw_input": "12+34="}, {"raw_input": "5+6="}],
+                                            "counterfactual_inputs": [[{"raw_input": "9+8="}], [{"raw_input": "1+1="}]]},
+                                           id="pairs")
+    experiment = PatchResidualStream(pipeline, [0], [last_token_position(pipeline)], config={"id": "r"})
+    folder = tmp_path / "raw"
+    first = experiment.perform_interventions({"pairs": data}, results_dir=folder, verbose=False)
+    rows = first.intervened_outputs().sort_values(["cell_id", "example_index"])["output_text"].tolist()
+    manifest = folder / "manifest.json"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(ResultsError, match="--restart"):
+        experiment.perform_interventions({"pairs": data}, results_dir=folder, verbose=False)
+    again = experiment.perform_interventions({"pairs": data}, results_dir=folder, verbose=False, restart=True)
+    assert again.intervened_outputs().sort_values(["cell_id", "example_index"])["output_text"].tolist() == rows

@@ -111,6 +111,9 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
                                   "raw/shards/<sweep>/I-of-N"))
     step2.add_argument("--cell-blocks", type=int, default=None, metavar="M",
                        help=help2("with --shard: split each part's cells into M ranges (default: ceil(N / parts))"))
+    step2.add_argument("--restart", action="store_true",
+                       help=help2("discard each sweep's existing raw results (e.g. after its manifest was lost) and "
+                                  "start over"))
     step2.add_argument("--merge-shards", type=int, default=None, metavar="N",
                        help=help2("merge the N finished shards of each sweep into raw/<sweep> (no model needed)"))
     return parser

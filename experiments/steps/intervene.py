@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
             print(f"{name}: shard {args.shard[0]}/{args.shard[1]} written to {folder}")
             continue
         folder = out / "raw" / name
-        experiment.perform_interventions(datasets, results_dir=folder)
+        experiment.perform_interventions(datasets, results_dir=folder, restart=args.restart)
         record_experiment(out, name, experiment.experiment_type, folder)
         print(f"{name}: {len(experiment.cells)} cells × {pairs} pairs")
     print(f"raw results written to {out / 'raw'}")
