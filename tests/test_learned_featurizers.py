@@ -68,3 +68,23 @@ def test_das_recovers_a_planted_subspace(orthogonal_map):
     permuted = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
     control = train_das(downstream, base, source, permuted, k=2, steps=300, orthogonal_map=orthogonal_map)
     assert control.test_accuracy < 0.5, control.test_accuracy
+
+
+def test_residual_das_on_a_network_trains_only_the_subspace_and_judges_held_out_pairs(pipelines):
+    from experiments.attribution import ResidualCell
+    from experiments.residual_das import ResidualDAS
+    from experiments.token_positions import TokenPosition
+
+    pipeline = pipelines["llama"]
+    prompts = [{"raw_input": f"{a}+{b}="} for a, b in [(12, 34), (5, 6), (77, 8), (40, 41), (3, 90), (66, 6), (1, 2), (9, 9)]]
+    labels = ["1", "2", "3", "4", "5", "6", "7", "8"]
+    before = [p.detach().clone() for p in pipeline.model.parameters()]
+    last = TokenPosition(lambda s: [-1], pipeline, id="last")
+    # a source equal to its base: every interchange is the identity, so nothing can move
+    same = ResidualDAS(pipeline, prompts, prompts, labels, test_fraction=0.5).fit(ResidualCell(1, last), k=2, steps=3)
+    for judged in (same.das, same.full_vector, same.untrained):
+        assert judged.effect == 0.0 and judged.p_value == 1.0
+    basis = same.featurizer.basis
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2, dtype=basis.dtype), atol=1e-5, rtol=0)
+    assert len(same.losses) == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, pipeline.model.parameters())), "the network stays frozen"
