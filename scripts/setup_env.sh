@@ -31,6 +31,11 @@ want="$mode $TORCH_FLAVOR $(cat "$lock" "$root/pyproject.toml" "$root/requiremen
   "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ]; then
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+    echo "setup_env.sh: the locks are resolved for Python 3.11 and $python is $("$python" -V 2>&1);" \
+         "set PYTHON to a python3.11 (or install the ranges of pyproject.toml with pip install -e .)" >&2
+    exit 2
+  fi
   echo "[setup] creating $venv"
   "$python" -m venv "$venv"
 fi
