@@ -43,6 +43,7 @@ from scipy import stats
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import RawResults, ResultsError, atomic_write_json, atomic_write_parquet
+from causal.json_records import json_records, json_scalar
 from causal.verdicts import Verdicts, VerdictRule, verdicts_from_per_example
 
 Z_95 = 1.959963984540054
@@ -140,21 +141,6 @@ def _normalize_groups(target_variables_list: Any, include_pairs: bool) -> list[l
         for a, b in itertools.combinations(singles, 2):
             add([a, b])
     return groups
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe scalar: numpy -> python, NaN/NA -> None."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
 class InterchangeScores:
@@ -319,7 +305,7 @@ class InterchangeScores:
                        f"no cell carries {name}")
             lines.append(f"{name}: {verdict}; best {len(frame)} of {n_cells.get(name, 0)} cells")
             for row in frame.itertuples(index=False):
-                head = "" if _clean(row.head) is None else f" head {int(row.head)}"
+                head = "" if json_scalar(row.head) is None else f" head {int(row.head)}"
                 if row.n_units > 1:
                     head += f" (+{row.n_units - 1} more units)"
                 lines.append(f"  {row.cell_id} (layer {row.layer} {row.component}{head} @ {row.position_id}): "
@@ -354,12 +340,12 @@ class InterchangeScores:
         atomic_write_json(
             path,
             {
-                "metadata": {k: _clean(v) if not isinstance(v, (list, dict)) else v for k, v in self.metadata.items()},
+                "metadata": {k: json_scalar(v) if not isinstance(v, (list, dict)) else v for k, v in self.metadata.items()},
                 "target_variables": self.target_variables,
-                "table": _records(self.table),
-                "pooled": _records(self.pooled()),
-                "best_cells": _records(self.best_cells()),
-                "base_accuracy": _records(self.base_accuracy),
+                "table": json_records(self.table),
+                "pooled": json_records(self.pooled()),
+                "best_cells": json_records(self.best_cells()),
+                "base_accuracy": json_records(self.base_accuracy),
                 "per_example_file": parquet_path.name,
             },
         )
@@ -393,16 +379,16 @@ def format_scores(row: Any) -> str:
 
 
 def _fmt_int(value: Any) -> str:
-    return "n/a" if _clean(value) is None else str(int(value))
+    return "n/a" if json_scalar(value) is None else str(int(value))
 
 
 def _fmt_acc(value: Any) -> str:
-    value = _clean(value)
+    value = json_scalar(value)
     return "n/a" if value is None else f"{value:.3f}"
 
 
 def _fmt_ci(low: Any, high: Any) -> str:
-    low, high = _clean(low), _clean(high)
+    low, high = json_scalar(low), json_scalar(high)
     if low is None or high is None:
         return "n/a"
     return f"[{low:.3f}, {high:.3f}]"

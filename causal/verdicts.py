@@ -34,6 +34,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
+from causal.json_records import json_records
+
 POOLED = "(pooled)"
 GRADES = ("full", "partial", "none")
 UNSUPPORTED = "unsupported"
@@ -233,19 +235,25 @@ class Verdicts:
     disagreements: list[str] = field(default_factory=list)
     is_control: bool = False
 
-    def verdict(self, variable: str, scope: str = POOLED) -> str:
+    def _best_row(self, variable: str, scope: str) -> pd.Series:
         rows = self.best[(self.best["target_variables"] == variable) & (self.best["scope"] == scope)]
         if rows.empty:
             raise KeyError(f"no verdict for {variable!r} in scope {scope!r}")
-        return str(rows.iloc[0]["grade"])
+        return rows.iloc[0]
+
+    def verdict(self, variable: str, scope: str = POOLED) -> str:
+        return str(self._best_row(variable, scope)["grade"])
 
     def location(self, variable: str, scope: str = POOLED) -> str | None:
         """The best cell's id when the verdict is full or partial, else None ("no cell carries it")."""
-        rows = self.best[(self.best["target_variables"] == variable) & (self.best["scope"] == scope)]
-        if rows.empty:
-            raise KeyError(f"no verdict for {variable!r} in scope {scope!r}")
-        row = rows.iloc[0]
+        row = self._best_row(variable, scope)
         return str(row["cell_id"]) if row["grade"] in ("full", "partial") else None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe record: the rule (fields and text), every test, the best cells, the base fit, the disagreements."""
+        return {"name": self.name, "is_control": self.is_control, "rule": self.rule.model_dump(),
+                "rule_text": self.rule.describe(), "best": json_records(self.best), "tests": json_records(self.tests),
+                "base_fit": json_records(self.base_fit), "disagreements": self.disagreements}
 
     @property
     def fits(self) -> bool:

@@ -212,17 +212,6 @@ def control_lines(verdicts: Verdicts) -> list[str]:
 UNIT_NAMES = {"patch_residual_stream": "residual stream", "patch_attention_heads": None}
 
 
-def verdict_record(verdicts: Verdicts) -> dict[str, Any]:
-    """JSON of a verdict set: the rule, every test, the best cells, the base fit, the disagreements."""
-    def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-        return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, "item") else v))
-                 for k, v in row.items()} for row in frame.to_dict(orient="records")]
-
-    return {"name": verdicts.name, "is_control": verdicts.is_control, "rule": verdicts.rule.model_dump(),
-            "rule_text": verdicts.rule.describe(), "best": records(verdicts.best), "tests": records(verdicts.tests),
-            "base_fit": records(verdicts.base_fit), "disagreements": verdicts.disagreements}
-
-
 def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any], targets: list[list[str]],
                  include_pairs: bool, experiments: list[tuple[dict[str, Any], Path]], notes: list[str],
                  datasets: dict[str, CounterfactualDataset], rule: VerdictRule | None = None) -> list[str]:
@@ -267,10 +256,9 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
                                                 include_pairs=include_pairs)
             scores.save(out / f"{experiment}__{name}.json")
             verdicts = scores.verdicts(rule)
+            atomic_write_json(out / f"{experiment}__{name}__verdicts.json", verdicts.to_json())
             if name == main_name:
                 true_pairs, main_groups, main_verdicts = scores.per_example, scores.target_variables, verdicts
-            atomic_write_json(out / f"{experiment}__{name}__verdicts.json", verdict_record(verdicts))
-            if name == main_name:
                 highlight = {r.target_variables: r.cell_id for r in verdicts.best.itertuples(index=False)
                              if r.scope == POOLED and r.grade in ("full", "partial")}
                 pooled = scores.pooled()
@@ -301,7 +289,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
         control_verdicts = verdicts_from_per_example(
             controls.metadata["causal_model_id"], pairs_where_control_differs(controls.per_example, true_pairs), rule,
             cell_order=[cell.cell_id for cell in raw.manifest.cells], is_control=True)
-        atomic_write_json(out / f"{experiment}__controls__verdicts.json", verdict_record(control_verdicts))
+        atomic_write_json(out / f"{experiment}__controls__verdicts.json", control_verdicts.to_json())
         lines += ["", f"## {experiment}: controls", "", *control_lines(control_verdicts)]
     atomic_write_bytes(out / "summary.md", ("\n".join(lines) + "\n").encode())
     return lines
