@@ -67,13 +67,13 @@ class ResidualAttribution:
                 raise ValueError(f"cell {cell.cell_id}: layer {cell.layer} out of range -1..{self.n_layers - 1}")
 
     # ------------------------------------------------------------------ inputs
-    def _answer_ids(self, label: Any) -> list[int]:
+    def answer_ids(self, label: Any) -> list[int]:
         ids = self.pipeline.tokenizer(str(label), add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"label {label!r} has no tokens")
         return list(ids)
 
-    def _sequences(self, prompts: Sequence[dict[str, Any]], answers: Sequence[list[int]]
+    def teacher_forced_inputs(self, prompts: Sequence[dict[str, Any]], answers: Sequence[list[int]]
                    ) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
         """Left-padded prompt + answer sequences; per row the column of prompt token 0 and the answer length."""
         rows = [list(self.pipeline.tokenize_one(p)["input_ids"]) + a for p, a in zip(prompts, answers)]
@@ -89,7 +89,7 @@ class ResidualAttribution:
         starts = [width - len(row) for row in rows]
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, starts, [len(a) for a in answers]
 
-    def _hooks(self, store: list[torch.Tensor | None], leaf: bool,
+    def residual_hooks(self, store: list[torch.Tensor | None], leaf: bool,
                patch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
         """Keep the residual entering every layer and the last layer's output in ``store`` (index r); with
         ``leaf`` the embeddings' output becomes a leaf that requires grad and every state keeps its grad;
@@ -115,7 +115,7 @@ class ResidualAttribution:
         handles += [register_site_hook(layer, "output", keeper(j + 1)) for j, layer in enumerate(self.layers)]
         return handles
 
-    def _answer_logprob(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    def answer_logprob(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
         """(B,) summed log-probabilities of each row's last ``lengths[b]`` tokens (teacher-forced)."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         out = []
@@ -125,18 +125,19 @@ class ResidualAttribution:
             out.append(logp[b, cols - 1, inputs["input_ids"][b, cols]].sum())
         return torch.stack(out)
 
-    def _source_states(self, sources: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    def residual_states(self, prompts: Sequence[dict[str, Any]]) -> tuple[list[torch.Tensor], list[int]]:
+        """The residual entering every layer and the last layer's output, (B, T, d) each (index r), of a
+        left-padded batch of ``prompts``, with each row's pad offset (column of its token 0)."""
         store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
-        batch = self.pipeline.load(sources)
-        handles = self._hooks(store, leaf=False)
+        batch = self.pipeline.load(prompts)
+        handles = self.residual_hooks(store, leaf=False)
         try:
             with torch.no_grad():
                 self.pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
-        self._source_offsets = batch.pad_offsets
-        return [t.detach() for t in store]  # type: ignore[union-attr]
+        return [t.detach() for t in store], list(batch.pad_offsets)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ estimates
     def estimate(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
@@ -146,20 +147,19 @@ class ResidualAttribution:
         if not (len(sources) == len(base_labels) == len(cf_labels) == n):
             raise ValueError("bases, sources and both label lists must have the same length")
         model = self.pipeline.model
-        src = self._source_states(sources)
-        src_offsets = self._source_offsets
-        answers_cf = [self._answer_ids(label) for label in cf_labels]
-        answers_base = [self._answer_ids(label) for label in base_labels]
+        src, src_offsets = self.residual_states(sources)
+        answers_cf = [self.answer_ids(label) for label in cf_labels]
+        answers_base = [self.answer_ids(label) for label in base_labels]
         informative = np.array([str(a) != str(b) for a, b in zip(cf_labels, base_labels)])
         grads, acts, starts, metric = [], None, [], torch.zeros(n)
         for sign, answers in ((1.0, answers_cf), (-1.0, answers_base)):
             store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
-            inputs, row_starts, lengths = self._sequences(bases, answers)
-            handles = self._hooks(store, leaf=True)
+            inputs, row_starts, lengths = self.teacher_forced_inputs(bases, answers)
+            handles = self.residual_hooks(store, leaf=True)
             try:
                 with torch.enable_grad():
                     logits = model(**inputs, use_cache=False).logits
-                    lp = self._answer_logprob(logits, inputs, lengths)
+                    lp = self.answer_logprob(logits, inputs, lengths)
                     (sign * lp).sum().backward()
             finally:
                 for h in handles:
@@ -193,9 +193,9 @@ class ResidualAttribution:
     def exact(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]], base_labels: Sequence[Any],
               cf_labels: Sequence[Any], estimated: AttributionResult) -> np.ndarray:
         """(C, N) exact effects of the cells on the pairs of an earlier `estimate` (its base metric reused)."""
-        src = self._source_states(sources)
-        return self.exact_effects(bases, sources, [self._answer_ids(x) for x in base_labels],
-                                  [self._answer_ids(x) for x in cf_labels], src, self._source_offsets,
+        src, src_offsets = self.residual_states(sources)
+        return self.exact_effects(bases, sources, [self.answer_ids(x) for x in base_labels],
+                                  [self.answer_ids(x) for x in cf_labels], src, src_offsets,
                                   estimated.metric_base, estimated.informative)
 
     @torch.no_grad()
@@ -209,7 +209,7 @@ class ResidualAttribution:
             r = cell.layer + 1
             metric = torch.zeros(len(bases))
             for sign, answers in ((1.0, answers_cf), (-1.0, answers_base)):
-                inputs, row_starts, lengths = self._sequences(bases, answers)
+                inputs, row_starts, lengths = self.teacher_forced_inputs(bases, answers)
                 rows, cols, values = [], [], []
                 for i in range(len(bases)):
                     base_idx = cell.position.index(bases[i])
@@ -220,13 +220,13 @@ class ResidualAttribution:
                 device = inputs["input_ids"].device
                 patch = (r, torch.tensor(rows, device=device), torch.tensor(cols, device=device), torch.cat(values))
                 store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
-                handles = self._hooks(store, leaf=False, patch=patch)
+                handles = self.residual_hooks(store, leaf=False, patch=patch)
                 try:
                     logits = model(**inputs, use_cache=False).logits
                 finally:
                     for h in handles:
                         h.remove()
-                metric += sign * self._answer_logprob(logits, inputs, lengths).cpu()
+                metric += sign * self.answer_logprob(logits, inputs, lengths).cpu()
             out[c] = metric.numpy() - metric_base
         out[:, ~informative] = 0.0
         return out

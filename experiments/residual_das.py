@@ -63,12 +63,11 @@ class ResidualDAS:
     def _prepare(self, cell: ResidualCell) -> dict[str, Any]:
         access = ResidualAttribution(self.pipeline, [cell])
         r = cell.layer + 1
-        src = access._source_states(self.sources)
-        src_offsets = access._source_offsets
-        answers = [access._answer_ids(label) for label in self.labels]
-        inputs, starts, lengths = access._sequences(self.bases, answers)
+        src, src_offsets = access.residual_states(self.sources)
+        answers = [access.answer_ids(label) for label in self.labels]
+        inputs, starts, lengths = access.teacher_forced_inputs(self.bases, answers)
         store: list[torch.Tensor | None] = [None] * (access.n_layers + 1)
-        handles = access._hooks(store, leaf=False)
+        handles = access.residual_hooks(store, leaf=False)
         try:
             with torch.no_grad():
                 logits = self.pipeline.model(**inputs, use_cache=False).logits
@@ -106,7 +105,7 @@ class ResidualDAS:
         patch = (prep["r"], torch.arange(len(rows), device=device),
                  torch.tensor([prep["base_cols"][i] for i in rows], device=device), values)
         store: list[torch.Tensor | None] = [None] * (access.n_layers + 1)
-        handles = access._hooks(store, leaf=False, patch=patch)
+        handles = access.residual_hooks(store, leaf=False, patch=patch)
         try:
             logits = self.pipeline.model(**sub, use_cache=False).logits
         finally:
@@ -140,7 +139,7 @@ class ResidualDAS:
             rows = self.train[torch.randint(len(self.train), (min(batch_size, len(self.train)),),
                                             generator=generator).numpy()]
             logits, sub, lengths = self._run(prep, rows, subspace.interchange(base[rows], source[rows]))
-            loss = -prep["access"]._answer_logprob(logits, sub, lengths).mean()
+            loss = -prep["access"].answer_logprob(logits, sub, lengths).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -38,22 +38,20 @@ def test_estimate_is_the_slope_of_the_exact_effect(family, pipelines):
     att = ResidualAttribution(pipeline, chosen)
     result = att.estimate(BASES, SOURCES, BASE_LABELS, CF_LABELS, exact=True)
     assert np.abs(result.exact).max() > 1e-3, "the patches must move the metric"
-    src = att._source_states(SOURCES)
+    src, src_offsets = att.residual_states(SOURCES)
     t = 1e-3
-    answers_cf = [att._answer_ids(x) for x in CF_LABELS]
-    answers_base = [att._answer_ids(x) for x in BASE_LABELS]
-    base_states = att._source_states(BASES)  # the base prompts' own residual states
-    base_offsets = att._source_offsets
-    att._source_states(SOURCES)  # restores the source offsets
+    answers_cf = [att.answer_ids(x) for x in CF_LABELS]
+    answers_base = [att.answer_ids(x) for x in BASE_LABELS]
+    base_states, base_offsets = att.residual_states(BASES)  # the base prompts' own residual states
     # rebuild source states on the base layout: a_base + t (a_src - a_base) at every cell's tokens
     for c, cell in enumerate(chosen):
         r = cell.layer + 1
         nudged = [s.clone() for s in src]
         for i in range(len(BASES)):
             bi = [base_offsets[i] + j for j in cell.position.index(BASES[i])]
-            si = [att._source_offsets[i] + j for j in cell.position.counterfactual_index(SOURCES[i])]
+            si = [src_offsets[i] + j for j in cell.position.counterfactual_index(SOURCES[i])]
             nudged[r][i, si] = base_states[r][i, bi] + t * (src[r][i, si] - base_states[r][i, bi])
         single = ResidualAttribution(pipeline, [cell])
-        slope = single.exact_effects(BASES, SOURCES, answers_base, answers_cf, nudged, att._source_offsets,
+        slope = single.exact_effects(BASES, SOURCES, answers_base, answers_cf, nudged, src_offsets,
                                      result.metric_base, result.informative)[0] / t
         np.testing.assert_allclose(slope, result.estimates[c], rtol=0.05, atol=0.05)
