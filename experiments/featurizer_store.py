@@ -110,3 +110,20 @@ def load_sae(path: str | Path, subtract_decoder_bias: bool = False, id: str | No
                                  tensors.get(names["threshold"]), subtract_decoder_bias, id=id or f"sae:{path.stem}")
     raise ValueError(f"{path}: no known SAE layout (tensors: {sorted(tensors)}); expected the names of one of "
                      f"{ {k: sorted(v.values()) for k, v in SAE_LAYOUTS.items()} }")
+
+
+def load_featurizers(folder: str | Path) -> dict[str, Featurizer]:
+    """Every featurizer saved in the sub-folders of ``folder``, keyed by the cell id in its record's ``unit``
+    (the keys a featurized sweep takes); two featurizers for one cell are refused."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FeaturizerLoadError(f"{folder}: no such folder of saved featurizers")
+    out: dict[str, Featurizer] = {}
+    for sub in sorted(p for p in folder.iterdir() if (p / RECORD_FILE).is_file()):
+        featurizer, record = load_featurizer(sub)
+        if not record.unit:
+            raise FeaturizerLoadError(f"{sub}: its record names no unit, so no cell can take it")
+        if record.unit in out:
+            raise FeaturizerLoadError(f"{folder}: two featurizers for cell {record.unit}")
+        out[record.unit] = featurizer
+    return out

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.backend import DEFAULT_BACKEND
+from experiments.featurizers import Featurizer
 from experiments.fleet import check_shard, shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_identity import weights_identity
@@ -215,8 +216,25 @@ class InterventionExperiment:
             return writer.results()
 
 
+class MissingFeaturizerError(ValueError):
+    """A featurized sweep names a cell without a trained featurizer (never replaced by a full-vector swap)."""
+
+
+def check_featurizers_cover(cell_ids: Sequence[str], featurizers: Mapping[str, Featurizer]) -> None:
+    """Every cell has its featurizer and every featurizer names a cell of the sweep; otherwise one line."""
+    missing = [c for c in cell_ids if featurizers.get(c) is None]
+    unknown = sorted(set(featurizers) - set(cell_ids))
+    if missing:
+        raise MissingFeaturizerError(f"{len(missing)} cell(s) have no trained featurizer ({', '.join(missing[:6])}"
+                                     f"{', …' if len(missing) > 6 else ''}): train them or leave them out of the sweep")
+    if unknown:
+        raise MissingFeaturizerError(f"featurizers for cells not in the sweep: {', '.join(unknown[:6])}")
+
+
 class PatchUnits(InterventionExperiment):
-    """Patch one component at every (layer, position) cell: the usual localisation sweep."""
+    """Patch one component at every (layer, position) cell: the usual localisation sweep. With
+    ``featurizers`` (cell id ``L{layer}@{position}`` → featurizer) every cell interchanges through its own
+    featurizer; a cell without one is refused before any work (`MissingFeaturizerError`)."""
 
     experiment_type = "patch_units"
 
@@ -227,9 +245,15 @@ class PatchUnits(InterventionExperiment):
         token_positions: Sequence[TokenPosition],
         component: str = "block_output",
         config: ExperimentConfig | Mapping[str, Any] | None = None,
+        featurizers: Mapping[str, Featurizer] | None = None,
     ):
+        ids = [f"L{layer}@{pos.id}" for layer in layers for pos in token_positions]
+        if featurizers is not None:
+            check_featurizers_cover(ids, featurizers)
         cells = [
-            Cell(f"L{layer}@{pos.id}", [ModelUnit(layer, component, pos)])
+            Cell(f"L{layer}@{pos.id}",
+                 [ModelUnit(layer, component, pos, featurizer=featurizers[f"L{layer}@{pos.id}"])] if featurizers
+                 else [ModelUnit(layer, component, pos)])
             for layer in layers for pos in token_positions
         ]
         self.layers = list(layers)
@@ -244,8 +268,9 @@ class PatchResidualStream(PatchUnits):
     experiment_type = "patch_residual_stream"
 
     def __init__(self, pipeline: LMPipeline, layers: Sequence[int], token_positions: Sequence[TokenPosition],
-                 config: ExperimentConfig | Mapping[str, Any] | None = None):
-        super().__init__(pipeline, layers, token_positions, "block_output", config)
+                 config: ExperimentConfig | Mapping[str, Any] | None = None,
+                 featurizers: Mapping[str, Featurizer] | None = None):
+        super().__init__(pipeline, layers, token_positions, "block_output", config, featurizers)
 
 
 class PatchAttentionHeads(InterventionExperiment):
