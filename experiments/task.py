@@ -1,6 +1,8 @@
 """The ``Task`` record: everything the generic step runners need to know about one study.
 
-A task package (``tasks/<name>/``) declares one ``Task`` in ``tasks/<name>/task.py`` as ``TASK``; the
+A task folder declares one ``Task`` in its ``task.py`` as ``TASK``; it can live in this repository
+(``tasks/<name>/``, ``--task <name>``) or anywhere (``--task path/to/folder``, ``--task module:ATTR``, or an
+installed entry point of group ``causal_abstraction.tasks``: see `get_task`). The
 generic steps (filter → intervene → score, ``experiments/steps.py``) take ``--task <name>`` and never
 import a particular task. This module imports no torch: step 3 (scoring) runs without it, so
 everything network-side (token positions, sweeps) is a callable that receives a pipeline.
@@ -25,6 +27,9 @@ Fields (``S`` is the task's pydantic settings model, e.g. the number of digits a
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -69,19 +74,61 @@ def register_task(task: Task) -> Task:
     return task
 
 
+ENTRY_POINT_GROUP = "causal_abstraction.tasks"
+
+
 def get_task(name: str) -> Task:
-    """The task called ``name``: registered, or ``TASK`` of the module ``tasks.<name>.task``."""
+    """The task that ``name`` names, looked up in this order:
+
+    - a registered task (`register_task`);
+    - a folder holding ``task.py`` (e.g. ``~/my_study/carry_task``), or that ``task.py`` itself: the folder's
+      parent goes on ``sys.path`` so the folder imports as a package (``carry_task.task``, its siblings
+      ``carry_task.causal_models`` …), and its ``TASK`` is used;
+    - ``module:ATTR`` or a dotted module path (``mypackage.addition_task``, ``TASK`` inside);
+    - an installed entry point of group ``causal_abstraction.tasks`` with that name;
+    - ``tasks.<name>.task`` of this repository."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    path = Path(name).expanduser()
+    if name.endswith(".py") or os.sep in name or path.is_dir():
+        folder = path.parent if path.suffix == ".py" else path
+        if not (folder / "task.py").is_file():
+            raise ValueError(f"task {name!r}: {folder} holds no task.py")
+        if str(folder.resolve().parent) not in sys.path:
+            sys.path.insert(0, str(folder.resolve().parent))
+        return _task_of(f"{folder.resolve().name}.task", "TASK")
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        return _task_of(module, attr)
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            task = entry.load()
+            if not isinstance(task, Task):
+                raise ValueError(f"entry point {name!r} ({entry.value}) is not a Task record")
+            return register_task(task)
+    if "." in name:
+        return _task_of(name, "TASK")
     try:
-        module = importlib.import_module(f"tasks.{name}.task")
+        return _task_of(f"tasks.{name}.task", "TASK")
+    except TaskNotFound as exc:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(known_tasks()) or 'none'} (or pass a folder "
+                         f"holding task.py, a module path, or module:ATTR)") from exc
+
+
+class TaskNotFound(ValueError):
+    """No module of that name (the task's own failing imports are raised as they are)."""
+
+
+def _task_of(module_name: str, attr: str) -> Task:
+    try:
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name not in (f"tasks.{name}", f"tasks.{name}.task", "tasks"):
-            raise
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(known_tasks()) or 'none'}") from exc
-    task = getattr(module, "TASK", None)
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise TaskNotFound(f"no module {module_name!r}") from exc
+        raise
+    task = getattr(module, attr, None)
     if not isinstance(task, Task):
-        raise ValueError(f"tasks.{name}.task defines no TASK record")
+        raise ValueError(f"{module_name} defines no Task record {attr}")
     return register_task(task)
 
 
