@@ -7,18 +7,21 @@ generic steps (filter → intervene → score, ``experiments/steps.py``) take ``
 import a particular task. This module imports no torch: step 3 (scoring) runs without it, so
 everything network-side (token positions, sweeps) is a callable that receives a pipeline.
 
-Fields (``S`` is the task's pydantic settings model, e.g. the number of digits and the prompt format):
+Required fields (``s`` is the task's pydantic settings, e.g. the number of digits and the prompt format):
 - ``causal_models(s) -> {name: CausalModel}``: the main hypothesis first, then its competitors;
-- ``families(s) -> [family]`` and ``make_datasets(s, families, size, seed) -> {id: CounterfactualDataset}``;
-- ``prompt_formats``: format name -> template (data, in one place);
-- ``token_positions(pipeline, s) -> [TokenPosition]``;
-- ``checker(output_text, expected) -> bool``;
-- ``default_targets(s, positions_per) -> [[variable, …], …]`` (``positions_per``: "digit" or "addend" …
-  as the task's token positions report it; tokenizers that chunk several digits get joint targets);
+- ``make_datasets(s, families, size, seed) -> {id: CounterfactualDataset}`` (the sampler);
+- ``token_positions(pipeline, s) -> [TokenPosition]``.
+
+Fields with defaults:
+- ``settings`` (`NoSettings`), ``families(s) -> [family]`` (``["random"]``), ``description``;
+- ``checker(output_text, expected) -> bool`` (`exact_match`);
+- ``default_targets(s, positions_per) -> [[variable, …], …]`` (every non-input variable of the main model on
+  its own; ``positions_per``: "digit" or "addend" … as the task's token positions report it);
 - ``sweeps(pipeline, s, positions, config, layers=None, heads=True) -> [InterventionExperiment]``: what
-  step 2 runs (``layers``: restrict to these layers; ``heads``: include head sweeps);
-- ``max_new_tokens(s)``; ``organism``: the shipped model folder (the default ``--model``);
-- optional: ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
+  step 2 runs (`residual_stream_sweep`);
+- ``max_new_tokens(s)`` (8); ``prompt_formats``: format name -> template; ``organism``: the shipped model
+  folder (the default ``--model``);
+-  ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
   (the settings part of the folder name), ``summary_extras(scores, s, targets) -> [markdown lines]``
   (task-specific tables for the main hypothesis' residual-stream scores), ``variable_descriptions(s) ->
   {variable: what it is for every input}`` (shown beside the names in verdict tables).
@@ -34,28 +37,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+
+class NoSettings(BaseModel):
+    """Settings of a task that has none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def exact_match(output_text: str, expected: Any) -> bool:
+    """The default checker: the output, stripped, equals the label's text, stripped."""
+    return output_text.strip() == str(expected).strip()
+
+
+def residual_stream_sweep(pipeline: Any, s: Any, positions: list[Any], config: dict[str, Any],
+                          layers: list[int] | None = None, heads: bool = True) -> list[Any]:
+    """The default sweep: the residual stream at every layer (-1 = embeddings) × every token position."""
+    from experiments.intervention_experiment import PatchResidualStream
+
+    layers = list(range(-1, pipeline.num_layers)) if layers is None else list(layers)
+    return [PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})]
 
 
 @dataclass(frozen=True)
 class Task:
+    """One study. Required: ``name``, ``causal_models``, ``make_datasets`` (the sampler) and
+    ``token_positions``; everything else has a default (no settings, one family ``"random"``, exact-match
+    checker, every non-input variable of the main hypothesis as its own target, the residual-stream sweep,
+    8 new tokens)."""
+
     name: str
-    description: str
-    settings: type[BaseModel]
     causal_models: Callable[[Any], dict[str, Any]]
-    families: Callable[[Any], list[str]]
     make_datasets: Callable[..., dict[str, Any]]
     token_positions: Callable[[Any, Any], list[Any]]
-    checker: Callable[[str, Any], bool]
-    default_targets: Callable[..., list[list[str]]]
-    sweeps: Callable[..., list[Any]]
-    max_new_tokens: Callable[[Any], int]
+    description: str = ""
+    settings: type[BaseModel] = NoSettings
+    families: Callable[[Any], list[str]] = lambda s: ["random"]
+    checker: Callable[[str, Any], bool] = exact_match
+    default_targets: Callable[..., list[list[str]]] | None = None
+    sweeps: Callable[..., list[Any]] = residual_stream_sweep
+    max_new_tokens: Callable[[Any], int] = lambda s: 8
     prompt_formats: dict[str, str] = field(default_factory=dict)
     organism: Path | None = None
     results_name: str | None = None
     study_slug: Callable[[Any], str] | None = None
     summary_extras: Callable[..., list[str]] | None = None
     variable_descriptions: Callable[[Any], dict[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_targets is None:
+            object.__setattr__(self, "default_targets", self._every_computed_variable)
+
+    def _every_computed_variable(self, s: Any, positions_per: Any = None) -> list[list[str]]:
+        model = self.main_model(s)
+        return [[v] for v in model.variables if v not in model.inputs]
 
     def main_model(self, settings: Any) -> Any:
         """The main hypothesis (the first causal model)."""
