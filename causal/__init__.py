@@ -8,7 +8,7 @@ from causal.causal_model import CausalModel, MechanismError, StructuredValues
 from causal.controls import permuted_labels, shuffled_source_labels, standard_controls
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels, wilson_interval
-from causal.raw_results import (
+from causal.results import (
     CellSpec,
     DatasetRecord,
     RawResults,

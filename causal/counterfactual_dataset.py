@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 from datasets import Dataset, Features
 
-from causal.raw_results import atomic_write_json
+from causal.results import atomic_write_json
 
 INPUT = "input"
 COUNTERFACTUALS = "counterfactual_inputs"

@@ -1,6 +1,6 @@
 """Score raw interchange-intervention results against a causal model. Torch-free.
 
-`compute_interchange_scores` reads a results folder (see `causal.raw_results`), labels each
+`compute_interchange_scores` reads a results folder (see `causal.results`), labels each
 counterfactual example with the causal model's output under an interchange of each group
 of target variables, and applies a checker. Per (target-variable group, dataset, cell) it
 reports three proportions on the same pairs, each with a 95% Wilson score interval:
@@ -42,7 +42,7 @@ from scipy import stats
 
 from causal.causal_model import RAW_OUTPUT, CausalModel, parse_target
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
-from causal.raw_results import RawResults, ResultsError, atomic_write_json, atomic_write_parquet
+from causal.results import RawResults, ResultsError, atomic_write_json, atomic_write_parquet
 from causal.json_records import json_records, json_scalar
 from causal.verdicts import Verdicts, VerdictRule, verdicts_from_per_example
 

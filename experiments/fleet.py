@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from causal.raw_results import (
+from causal.results import (
     BLOCKS_DIR,
     MANIFEST_NAME,
     PARTS_DIR,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from causal.raw_results import CellSpec
+from causal.results import CellSpec
 from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
 from experiments.attention_control import (
     BlockAttention,

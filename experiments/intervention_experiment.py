@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
-from causal.raw_results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
+from causal.results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
 from experiments.backend import DEFAULT_BACKEND
 from experiments.featurizers import Featurizer
 from experiments.fleet import check_shard, shard_items

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
-from causal.raw_results import atomic_write_json
+from causal.results import atomic_write_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CHUNK = 1 << 24

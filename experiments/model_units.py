@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from causal.raw_results import UnitAddress
+from causal.results import UnitAddress
 from experiments.featurizers import Featurizer
 from experiments.pipeline import LMPipeline
 from experiments.sites import COMPONENTS as _COMPONENT_HEADS

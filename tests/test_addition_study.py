@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from causal.raw_results import RawResults
+from causal.results import RawResults
 from experiments.filter_experiment import FilterExperiment
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPositionError
@@ -163,7 +163,7 @@ def test_scoring_step_needs_no_torch(tmp_path):
 import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 
-from causal.raw_results import CellSpec, DatasetRecord, RawResultsWriter, ResultsManifest, UnitAddress  # noqa: E402
+from causal.results import CellSpec, DatasetRecord, RawResultsWriter, ResultsManifest, UnitAddress  # noqa: E402
 
 STEP3 = REPO / "tasks/general_addition/03_compute_scores_and_visualize.py"
 

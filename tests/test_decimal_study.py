@@ -166,7 +166,7 @@ def test_last_position_attention_patch_fixes_the_organism_bug(organism, tmp_path
 def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism, tmp_path):
     """Transplanting a run's own attention with every key aligned changes nothing; transplanting the
     simple format's pattern (keys aligned by role) into the Q&A run changes answers."""
-    from causal.raw_results import RawResults
+    from causal.results import RawResults
     from experiments.intervention_engine import Cell
     from experiments.model_units import AttentionPattern
     from tasks.decimal_comparison.study import StudyConfig, cross_format_dataset, run_cells, transplant_cells

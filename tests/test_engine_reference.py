@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.raw_results import RawResults, ResultsError
+from causal.results import RawResults, ResultsError
 from experiments.backend import BACKENDS
 from experiments.intervention_engine import InterventionEngine
 from experiments.intervention_experiment import PatchResidualStream

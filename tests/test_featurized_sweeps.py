@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causal.raw_results import ResultsError
+from causal.results import ResultsError
 from experiments.featurizer_store import load_featurizers, save_featurizer
 from experiments.featurizers import LinearFeaturizer
 from experiments.intervention_experiment import MissingFeaturizerError, PatchResidualStream

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.raw_results import ResultsError, part_path
+from causal.results import ResultsError, part_path
 from experiments.fleet import merge_shards, parse_shard, shard_dir, shard_items
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from causal.raw_results import ResultsError
+from causal.results import ResultsError
 from conftest import make_model
 from experiments.intervention_experiment import PatchResidualStream, model_fingerprint
 from experiments.model_identity import cache_dir, file_sha256, tensors_sha256, weight_files, weights_probe

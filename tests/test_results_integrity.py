@@ -18,8 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from causal import raw_results as rr
-from causal.raw_results import (
+from causal.results import (
+    PART_RECORD_VERSION,
     CellSpec,
     DatasetRecord,
     FolderLock,
@@ -33,6 +33,7 @@ from causal.raw_results import (
     part_path,
     part_record_path,
 )
+from causal.results import lock as results_lock
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"toy": 5, "other": 5}  # batch 2 -> parts [0, 1], [2, 3], [4]
@@ -92,7 +93,7 @@ def test_intact_folder_verifies_and_records_what_each_part_holds(tmp_path):
     assert results.verify() == [] and results.is_complete()
     assert (root / "parts" / "format.json").exists()
     record = json.loads(part_record_path(root, "toy", 2).read_text())
-    assert record["part_record_version"] == rr.PART_RECORD_VERSION
+    assert record["part_record_version"] == PART_RECORD_VERSION
     assert (record["dataset_id"], record["dataset_fingerprint"], record["part"]) == ("toy", "fp-toy", 2)
     assert record["example_indices"] == [4] and record["cell_ids"] == CELLS
     cells = record["files"]["cells"]
@@ -186,7 +187,7 @@ def test_newer_part_record_version_is_refused_with_an_explanation(tmp_path):
     root = write_folder(tmp_path / "r")
     path = part_record_path(root, "toy", 0)
     record = json.loads(path.read_text())
-    record["part_record_version"] = rr.PART_RECORD_VERSION + 1
+    record["part_record_version"] = PART_RECORD_VERSION + 1
     path.write_text(json.dumps(record))
     with pytest.raises(ResultsError, match="newer than this code reads"):
         RawResults(root).base_outputs("toy")
@@ -296,7 +297,7 @@ def test_waiting_writer_gets_the_folder_when_the_holder_finishes(tmp_path):
 
 HOLD = """
 import sys, time
-from causal.raw_results import FolderLock
+from causal.results import FolderLock
 lock = FolderLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(60)
@@ -321,7 +322,7 @@ def test_lock_of_another_process_refuses_then_is_taken_over_once_it_died(tmp_pat
 
 
 def test_lock_without_flock_takes_over_only_a_dead_processes_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(rr, "fcntl", None)
+    monkeypatch.setattr(results_lock, "fcntl", None)
     root = tmp_path / "r"
     root.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -466,7 +467,7 @@ def test_results_format_versions(tmp_path):
     """Version-1 manifests (no kinds, no featurizers) are read as identity interchanges; newer ones are refused."""
     import json as _json
 
-    from causal.raw_results import FORMAT_VERSION, MANIFEST_NAME, RawResults, ResultsError
+    from causal.results import FORMAT_VERSION, MANIFEST_NAME, RawResults, ResultsError
 
     v1 = {
         "format_version": 1, "experiment_id": "old", "experiment_type": "patch_residual_stream", "model": {},
@@ -484,3 +485,17 @@ def test_results_format_versions(tmp_path):
     (tmp_path / "v9" / MANIFEST_NAME).write_text(_json.dumps(newer))
     with pytest.raises(ResultsError, match="newer than this version reads"):
         RawResults.read_manifest(tmp_path / "v9")
+
+
+def test_old_import_path_still_works_and_warns(monkeypatch):
+    """``causal.raw_results`` re-exports the moved names for one release, with a DeprecationWarning on import."""
+    import importlib
+
+    import causal.results as results
+
+    monkeypatch.delitem(sys.modules, "causal.raw_results", raising=False)
+    with pytest.warns(DeprecationWarning, match="causal.raw_results moved to causal.results"):
+        old = importlib.import_module("causal.raw_results")
+    for name in results.__all__:
+        assert getattr(old, name) is getattr(results, name), name
+    assert old.RawResultsWriter.write_part is RawResultsWriter.write_part

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from causal.raw_results import atomic_write_json
+from causal.results import atomic_write_json
 from experiments.task import Task, get_task, known_tasks
 
 ORGANISM = "organism"
@@ -185,7 +185,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by the arguments or the files they name (printed as one line, no traceback):
     ValueError (incl. ModelLoadError, UnitError, TokenPositionError, PromptError, pydantic validation),
     ResultsError and FileNotFoundError."""
-    from causal.raw_results import ResultsError
+    from causal.results import ResultsError
 
     return (ValueError, ResultsError, FileNotFoundError)
 

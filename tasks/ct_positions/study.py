@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from causal.interchange_scores import compute_interchange_scores, wilson_interval
 from causal.verdicts import POOLED, test_summary
-from causal.raw_results import (
+from causal.results import (
     CellSpec,
     DatasetRecord,
     ResultsManifest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from causal.raw_results import atomic_write_bytes
+from causal.results import atomic_write_bytes
 
 
 def _grade(per_format: dict) -> str:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from causal.interchange_scores import wilson_interval
 from causal.verdicts import test_summary, verdicts_from_per_example
-from causal.raw_results import atomic_write_json
+from causal.results import atomic_write_json
 from tasks.decimal_comparison.answers import OUTCOMES, classify_answer
 from tasks.decimal_comparison.formats import CORRECT_FORMAT, FORMATS, parse_format_option
 from tasks.decimal_comparison.organism import ORGANISM_DIR

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from causal.raw_results import atomic_write_json
+from causal.results import atomic_write_json
 from experiments.organism_training import adamw_with_warmup_cosine, seed_training
 from tasks.decimal_comparison.causal_models import (
     FRAC_PARTS,
