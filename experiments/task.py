@@ -15,8 +15,11 @@ Required fields (``s`` is the task's pydantic settings, e.g. the number of digit
 Fields with defaults:
 - ``settings`` (`NoSettings`), ``families(s) -> [family]`` (``["random"]``), ``description``;
 - ``checker(output_text, expected) -> bool`` (`exact_match`);
-- ``default_targets(s, positions_per) -> [[variable, …], …]`` (every non-input variable of the main model on
-  its own; ``positions_per``: "digit" or "addend" … as the task's token positions report it);
+- ``default_targets(s, position_ids) -> [[variable, …], …]``: what step 3 scores the main hypothesis on (default:
+  every computed variable of the main model on its own, `computed_variables`; ``position_ids``: the token
+  positions of the study's cells, e.g. ``addend_0`` where a tokenizer puts a whole addend in one token). Every
+  other hypothesis is scored on those of them that are its variables, plus its own computed variables that the
+  main hypothesis lacks;
 - ``sweeps(pipeline, s, positions, config, layers=None, heads=True) -> [InterventionExperiment]``: what
   step 2 runs (`residual_stream_sweep`);
 - ``max_new_tokens(s)`` (8); ``prompt_formats``: format name -> template; ``organism``: the shipped model
@@ -90,12 +93,17 @@ class Task:
             object.__setattr__(self, "default_targets", self._every_computed_variable)
 
     def _every_computed_variable(self, s: Any, positions_per: Any = None) -> list[list[str]]:
-        model = self.main_model(s)
-        return [[v] for v in model.variables if v not in model.inputs]
+        return [[v] for v in computed_variables(self.main_model(s))]
 
     def main_model(self, settings: Any) -> Any:
         """The main hypothesis (the first causal model)."""
         return next(iter(self.causal_models(settings).values()))
+
+
+def computed_variables(model: Any) -> list[str]:
+    """A causal model's variables that a network could hold and an interchange can move: every non-input variable
+    except ``raw_input`` (the prompt; no answer depends on it)."""
+    return [v for v in model.variables if v not in model.inputs and v != "raw_input"]
 
 
 _REGISTRY: dict[str, Task] = {}

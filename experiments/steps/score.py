@@ -1,14 +1,19 @@
 """Step 3: score raw results against the task's causal models (no network needed), draw heatmaps, write a summary.
 
-    python -m experiments.steps.score --task general_addition --results results/addition/organism/2d [--target-vars carry_0 raw_output] [--include-pairs]
+    python -m experiments.steps.score --task general_addition --results results/addition/organism/2d [--target-vars carry_0 raw_output] [--hypotheses carry] [--include-pairs]
+    python -m experiments.steps.score --task general_addition [--test] [--digits 3]  # the study steps 1 and 2 wrote
+                                                                                  # with the same options
 
 Scores exactly the experiments step 2 recorded in <study>/metadata.json (``experiments``); a folder
 under raw/ that is not listed (e.g. a backup copy) is ignored with a note, a listed one without a
 manifest is an error, and every manifest must match the study (model, dataset ids, fingerprints).
-Each experiment is scored against every causal model of the task (main hypothesis first): IIA, floor
+Each experiment is scored against every causal model of the task (main hypothesis first; ``--hypotheses``
+picks some, the first named is the main one), each on its own variables: the task's default targets (or
+``--target-vars``) that are its variables, and by default also its computed variables that the main
+hypothesis lacks, so hypotheses with different variables are scored side by side. Scores: IIA, floor
 (unintervened output vs the same labels) and informative IIA (pairs whose label the interchange
 changes), pooled over pairs and per family, with 95% Wilson CIs. Writes <study>/scores/
-(``scores_<vars>/`` with --target-vars or --include-pairs): one JSON of scores per (experiment,
+(``scores_<…>/`` with --target-vars, --hypotheses or --include-pairs): one JSON of scores per (experiment,
 hypothesis), heatmaps of the informative IIA under the main hypothesis (PNG) and summary.md. The
 folder is built aside and replaces the old one only once complete. Imports no torch.
 """
@@ -31,11 +36,12 @@ from causal.causal_model import parse_target
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.controls import pairs_where_control_differs, standard_controls
 from causal.interchange_scores import InterchangeScores, compute_interchange_scores, score_labels
-from causal.raw_results import MANIFEST_NAME, RawResults, atomic_write_bytes, atomic_write_json
+from causal.results import MANIFEST_NAME, RawResults, atomic_write_bytes, atomic_write_json
 from causal.verdicts import (POOLED, VerdictRule, Verdicts, compare_hypotheses, verdict_table_lines,
                              verdicts_from_per_example)
-from experiments.steps.common import add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task
-from experiments.task import Task
+from experiments.steps.common import (add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task,
+                                      study_dir, study_parser)
+from experiments.task import Task, computed_variables
 from experiments.visualizations import save_heatmaps
 
 
@@ -43,11 +49,13 @@ class StudyRecordError(SystemExit):
     """The study's records and its raw results disagree (missing, foreign or unlisted results)."""
 
 
-def scores_folder_name(target_vars: list[str] | None, include_pairs: bool) -> str:
-    """``scores`` for the default run; ``scores_<vars>[_pairs]`` otherwise, so partial runs never replace it."""
-    if not target_vars and not include_pairs:
+def scores_folder_name(target_vars: list[str] | None, include_pairs: bool, hypotheses: list[str] | None = None) -> str:
+    """``scores`` for the default run; ``scores_[<hypotheses>__]<vars>[_pairs]`` otherwise, so partial runs never
+    replace it."""
+    if not target_vars and not include_pairs and not hypotheses:
         return "scores"
-    name = "scores_" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(target_vars or ["all"])) + ("_pairs" if include_pairs else "")
+    chosen = "+".join(hypotheses) + "__" if hypotheses else ""
+    name = "scores_" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", chosen + "_".join(target_vars or ["all"])) + ("_pairs" if include_pairs else "")
     if len(name) > 80:  # keep the folder name short and still unique
         name = name[:60] + "_" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
@@ -209,20 +217,62 @@ def control_lines(verdicts: Verdicts) -> list[str]:
     return lines + verdict_table_lines(verdicts)
 
 
+def _has(model: Any, group: list[str]) -> bool:
+    return all(v in model.parents for key in group for v in parse_target(key))
+
+
+def hypothesis_targets(task: Task, settings: Any, hypotheses: dict[str, Any], chosen: list[list[str]] | None,
+                       position_ids: list[str] | None = None) -> dict[str, list[list[str]]]:
+    """The target groups each hypothesis is scored on, in scoring order.
+
+    ``chosen`` (``--target-vars``) or else the task's default targets (written for its main hypothesis): each
+    hypothesis takes those that are its variables. By default a hypothesis other than the task's main one also
+    takes its own computed variables that the main one lacks, so a competitor with other variables is scored on
+    them. A chosen group that is a variable of none of ``hypotheses`` is refused (a typo)."""
+    models = list(hypotheses.values())
+    if chosen:
+        missing = ["+".join(g) for g in chosen if not any(_has(m, g) for m in models)]
+        if missing:
+            others = ", ".join(repr(m.id) for m in models[1:])
+            raise ValueError(f"target variable(s) {missing} are not variables of the main hypothesis {models[0].id!r}"
+                             + (f" nor of {others}" if others else "") + f" (task {task.name!r})")
+    main_name, main = next(iter(task.causal_models(settings).items()))
+    groups = chosen or task.default_targets(settings, position_ids)
+    out: dict[str, list[list[str]]] = {}
+    for name, model in hypotheses.items():
+        own = [g for g in groups if _has(model, g)]
+        if not chosen and name != main_name:
+            own += [[v] for v in computed_variables(model) if v not in main.parents]
+            own.sort(key=lambda g: model.variables.index(parse_target(g[0])[0]))
+        out[name] = own
+    return out
+
+
 UNIT_NAMES = {"patch_residual_stream": "residual stream", "patch_attention_heads": None}
 
 
-def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any], targets: list[list[str]],
+def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
+                 targets: list[list[str]] | dict[str, list[list[str]]],
                  include_pairs: bool, experiments: list[tuple[dict[str, Any], Path]], notes: list[str],
-                 datasets: dict[str, CounterfactualDataset], rule: VerdictRule | None = None) -> list[str]:
+                 datasets: dict[str, CounterfactualDataset], rule: VerdictRule | None = None,
+                 hypotheses: dict[str, Any] | None = None) -> list[str]:
     """Score every listed experiment into ``out`` (scores and verdict JSON, heatmaps, summary.md); returns the
-    summary lines."""
+    summary lines.
+
+    ``hypotheses``: the causal models to score (default: all of the task's, main first); ``targets``: the groups
+    per hypothesis (`hypothesis_targets`), or one list that each hypothesis takes its own variables from. The
+    first hypothesis with a target is the main one (heatmaps, controls, paired comparisons)."""
     rule = rule or VerdictRule()
     describe = task.variable_descriptions(settings) if task.variable_descriptions is not None else {}
-    hypotheses = task.causal_models(settings)
-    main_name = next(iter(hypotheses))
+    hypotheses = hypotheses or task.causal_models(settings)
+    if not isinstance(targets, dict):
+        targets = hypothesis_targets(task, settings, hypotheses, targets)
+    main_name = next((name for name in hypotheses if targets.get(name)), None)
+    if main_name is None:
+        raise ValueError(f"no hypothesis of task {task.name!r} has a variable to score ({', '.join(hypotheses)})")
     described = ", ".join(f"{k} {v}" for k, v in settings.model_dump().items())
-    lines = [f"# {task.name} study: {metadata['model']} ({described})", "", task.description, ""]
+    lines = [f"# {task.name} study: {metadata['model']}" + (f" ({described})" if described else ""), "",
+             task.description, ""]
     lines += ["## Filtering (step 1)", "", "| dataset | model accuracy on inputs | pairs kept |", "|---|---|---|"]
     lines += [f"| {r['dataset_id']} | {r['input_accuracy']:.1%} | {r['kept_pairs']}/{r['total_pairs']} |"
               for r in metadata["filter"]]
@@ -242,15 +292,12 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
         kind = "heads" if raw.manifest.experiment_type == "patch_attention_heads" else "positions"
         position_order = list(dict.fromkeys(u.position_id for c in raw.manifest.cells for u in c.units))
         model_name = raw.manifest.model.get("name") or str(metadata["model"])
+        every = list(dict.fromkeys("+".join(g) for groups in targets.values() for g in groups))
         for name, causal_model in hypotheses.items():
-            own = [g for g in targets if all(v in causal_model.parents for key in g for v in parse_target(key))]
-            if name == main_name and len(own) < len(targets):  # a typo, not a competitor's other variables
-                missing = ["+".join(g) for g in targets if g not in own]
-                raise ValueError(f"target variable(s) {missing} are not variables of the main hypothesis "
-                                 f"{causal_model.id!r}")
+            own = targets.get(name, [])
             if not own:
                 lines += ["", f"## {experiment}: hypothesis `{causal_model.id}` not scored", "",
-                          f"It has none of the target variables ({', '.join('+'.join(g) for g in targets)})."]
+                          f"It has none of the target variables ({', '.join(every)})."]
                 continue
             scores = compute_interchange_scores(raw, causal_model, datasets, own, task.checker,
                                                 include_pairs=include_pairs)
@@ -268,8 +315,8 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
                               unit=UNIT_NAMES.get(raw.manifest.experiment_type))
             lines += ["", f"## {experiment}: hypothesis `{causal_model.id}`", ""]
             base = scores.base_accuracy
-            if len(own) < len(targets):
-                skipped = [("+".join(g)) for g in targets if g not in own]
+            skipped = [group for group in every if group not in {"+".join(g) for g in own}]
+            if skipped:
                 lines += [f"Not variables of this hypothesis (not scored for it): {', '.join(skipped)}.", ""]
             lines += ["Base accuracy (unpatched output vs this hypothesis' label): " + ", ".join(
                 f"{r.dataset_id} {r.accuracy:.3f} ({r.n_correct}/{r.n})" for r in base.itertuples(index=False)), ""]
@@ -280,7 +327,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
             lines += ["", "Descriptive: highest informative IIA per variable (label-based informative pairs; not a "
                       "verdict):", "", *best_cell_lines(scores)]
             if name == main_name and kind == "positions" and task.summary_extras is not None:
-                lines += task.summary_extras(scores, settings, targets)
+                lines += task.summary_extras(scores, settings, own)
             lines += ["", f"### {experiment}, `{causal_model.id}`: per family"]
             lines += per_family_lines(scores)
         main_model = hypotheses[main_name]
@@ -298,13 +345,23 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
 def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     chosen, rest = split_task(argv, task)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, required=True, help="study folder written by steps 1 and 2")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="study folder written by steps 1 and 2 (default: the one they write when given the "
+                             "same model, test, out and task-setting options as here)")
     parser.add_argument("--target-vars", nargs="*", default=None,
-                        help="variables to score, one group each (default: all; digits per addend for multi-digit tokens)")
+                        help="variables to score, one group each, of any hypothesis (each hypothesis is scored on "
+                             "those that are its own; default: the task's targets and each hypothesis' own variables)")
+    parser.add_argument("--hypotheses", nargs="+", default=None, metavar="NAME",
+                        help="causal models to score, the first as the main one (default: all, the task's order)")
     parser.add_argument("--include-pairs", action="store_true", help="also score every pair of the target variables jointly")
     add_debug_option(parser)
-    args = parser.parse_args(rest)
-    folder = args.results
+    args, others = parser.parse_known_args(rest)
+    if args.results is None:  # the options of steps 1 and 2 name the study folder
+        folder = study_dir(chosen, study_parser(chosen, None, prog=parser.prog).parse_args(others))
+    elif others:
+        parser.error(f"unrecognized arguments: {' '.join(others)}")
+    else:
+        folder = args.results
     metadata = read_metadata(folder)
     if metadata.get("task", chosen.name) != chosen.name:
         raise StudyRecordError(f"{folder} holds a study of task {metadata['task']!r}, not {chosen.name!r}")
@@ -315,17 +372,24 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     for raw in raws:
         check_manifest(chosen, raw, metadata, datasets)
     position_ids = [u.position_id for raw in raws for c in raw.manifest.cells for u in c.units]
-    targets = [[v] for v in args.target_vars] if args.target_vars else chosen.default_targets(settings, position_ids)
+    hypotheses = chosen.causal_models(settings)
+    if args.hypotheses:
+        unknown = [name for name in args.hypotheses if name not in hypotheses]
+        if unknown:
+            raise ValueError(f"unknown hypothesis {unknown} of task {chosen.name!r}; known: {', '.join(hypotheses)}")
+        hypotheses = {name: hypotheses[name] for name in dict.fromkeys(args.hypotheses)}
+    chosen_targets = [[v] for v in args.target_vars] if args.target_vars else None
+    targets = hypothesis_targets(chosen, settings, hypotheses, chosen_targets, position_ids)
     for note in notes:
         print(f"note: {note}")
 
-    out = folder / scores_folder_name(args.target_vars, args.include_pairs)
+    out = folder / scores_folder_name(args.target_vars, args.include_pairs, args.hypotheses)
     for stale in folder.glob(f".{out.name}.tmp-*"):  # left by a killed run of this step
         shutil.rmtree(stale, ignore_errors=True)
     building = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}.tmp-"))
     try:
         lines = write_scores(chosen, settings, building, metadata, targets, args.include_pairs, experiments, notes,
-                             datasets)
+                             datasets, hypotheses=hypotheses)
         retired = folder / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, retired)

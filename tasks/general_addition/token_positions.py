@@ -41,17 +41,26 @@ TOKENIZATION_BY_FAMILY: dict[str, str] = {
 }
 
 
-def addend_spans(setting: dict[str, Any], n_digits: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Character spans of the two zero-padded addends in ``raw_input`` (located via the template)."""
-    template = PROMPT_TEMPLATES[setting["template"]]
-    a_at = template.index("{a}")
-    between = template[a_at + 3 : template.index("{b}")]
-    a_start = a_at
-    b_start = a_start + n_digits + len(between)
+def addend_spans(
+    setting: dict[str, Any], n_digits: int, template: str = DEFAULT_TEMPLATE
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Character spans of the two zero-padded addends in ``raw_input``, located via the prompt template:
+    the setting's own ``template`` variable where it has one, else ``template`` (a key of PROMPT_TEMPLATES).
+
+    Only ``raw_input`` is needed (a task with other input variables can use these positions); where the setting
+    also holds the digit variables, the prompt must spell them."""
+    name = setting.get("template", template)
+    if name not in PROMPT_TEMPLATES:
+        raise TokenPositionError(f"unknown prompt template {name!r}; known: {sorted(PROMPT_TEMPLATES)}")
+    form = PROMPT_TEMPLATES[name]
+    a_start = form.index("{a}")
+    b_start = a_start + n_digits + len(form[a_start + 3 : form.index("{b}")])
     text = setting["raw_input"]
-    a, b = addends_of(setting)
-    if text[a_start : a_start + n_digits] != f"{a:0{n_digits}d}" or text[b_start : b_start + n_digits] != f"{b:0{n_digits}d}":
-        raise TokenPositionError(f"prompt {text!r} does not match its template {setting['template']!r}")
+    a, b = text[a_start : a_start + n_digits], text[b_start : b_start + n_digits]
+    if form.format(a=a, b=b) != text or not (a + b).isdigit():
+        raise TokenPositionError(f"prompt {text!r} is not template {name!r} with two {n_digits}-digit addends")
+    if digit_var(0, 0) in setting and addends_of(setting) != (int(a), int(b)):
+        raise TokenPositionError(f"prompt {text!r} does not spell the setting's digits {addends_of(setting)}")
     return (a_start, a_start + n_digits), (b_start, b_start + n_digits)
 
 
@@ -76,6 +85,9 @@ def addition_token_positions(
 ) -> list[TokenPosition]:
     """Positions in prompt order: digits (or addends), ``op``, ``eq`` and ``last``.
 
+    The indexers read only ``raw_input``: ``template`` (a key of PROMPT_TEMPLATES) is the prompt format of
+    settings that carry no ``template`` variable of their own (e.g. another task's ``{"raw_input": "58+67="}``).
+
     ``eq`` is left out where it is the last token of the tokenised prompt ("58+67=" without a chat
     template): one cell per token is enough.
     """
@@ -87,18 +99,18 @@ def addition_token_positions(
         if per_digit:
             for place in reversed(range(n_digits)):
                 def digit_indexer(s: dict[str, Any], addend: int = addend, place: int = place) -> list[int]:
-                    start = addend_spans(s, n_digits)[addend][0] + (n_digits - 1 - place)
+                    start = addend_spans(s, n_digits, template)[addend][0] + (n_digits - 1 - place)
                     return char_span_token_indices(pipeline, s, start, start + 1)[-1:]
 
                 positions.append(TokenPosition(digit_indexer, pipeline, id=digit_var(addend, place)))
         else:
             def addend_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
-                start, end = addend_spans(s, n_digits)[addend]
+                start, end = addend_spans(s, n_digits, template)[addend]
                 return char_span_token_indices(pipeline, s, start, end)[-1:]
 
             positions.append(TokenPosition(addend_indexer, pipeline, id=f"addend_{addend}"))
         def after_indexer(s: dict[str, Any], addend: int = addend) -> list[int]:
-            end = addend_spans(s, n_digits)[addend][1]
+            end = addend_spans(s, n_digits, template)[addend][1]
             if end >= len(s["raw_input"]):
                 raise TokenPositionError(f"nothing follows addend {addend} in {s['raw_input']!r}")
             covering_end = char_span_token_indices(pipeline, s, end - 1, end)[-1]
