@@ -1,13 +1,21 @@
-"""Attribution patching of residual cells: zero where the source equals the base, the first-order term
-equal to the exact effect's slope for a vanishing patch, and the exact pass equal to the engine's patching."""
+"""Attribution patching: zero where the source equals the base; the first-order term equal to the exact effect's
+slope for a vanishing patch (every activation unit kind); estimate == exact where the metric is linear in the unit
+(AtP* for attention patterns); head estimates summing to the layer's; gradients only where needed; GradDrop; the
+screen's selection and its verification; estimates kept apart from exact results."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from causal.results import RawResults, RawResultsWriter, ResultsError
 from experiments.attribution import ResidualAttribution, ResidualCell
+from experiments.attribution_screen import AttributionEstimates, ScreenConfig, estimate_study, screen_and_verify
+from experiments.attribution_units import AttributionCell, UnitAttribution, sweep_cells
+from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 
 BASES = [{"raw_input": s} for s in ("12+34=", "5+6=", "123+45=")]
@@ -16,10 +24,12 @@ BASE_LABELS = ["46", "11", "168"]
 CF_LABELS = ["174", "8", "399"]
 
 
+def positions(pipeline):
+    return [TokenPosition(lambda s: [-1], pipeline, id="last"), TokenPosition(lambda s: [-3], pipeline, id="m3")]
+
+
 def cells(pipeline):
-    last = TokenPosition(lambda s: [-1], pipeline, id="last")
-    op = TokenPosition(lambda s: [-3], pipeline, id="m3")
-    return [ResidualCell(layer, p) for layer in range(-1, pipeline.num_layers) for p in (last, op)]
+    return [ResidualCell(layer, p) for layer in range(-1, pipeline.num_layers) for p in positions(pipeline)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -55,3 +65,173 @@ def test_estimate_is_the_slope_of_the_exact_effect(family, pipelines):
         slope = single.exact_effects(BASES, SOURCES, answers_base, answers_cf, nudged, src_offsets,
                                      result.metric_base, result.informative)[0] / t
         np.testing.assert_allclose(slope, result.estimates[c], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_activation_kind_estimate_is_the_slope_of_its_exact_effect(family, pipelines):
+    """Attention, MLP and head cells: the exact effect of a patch a_base + t (a_source - a_base), over t."""
+    pipeline = pipelines[family]
+    chosen = [c for c in sweep_cells(pipeline, positions(pipeline), kinds=("attention", "mlp", "head"))
+              if c.kind != "head" or c.head in (0, 3)]
+    att = UnitAttribution(pipeline, chosen)
+    pairs = att.prepare(BASES, SOURCES, BASE_LABELS, CF_LABELS)
+    result = att.estimate_prepared(pairs)
+    assert np.abs(att.exact_prepared(pairs, result.metric_base)).max() > 1e-3, "the patches must move the metric"
+    own = att.prepare(BASES, BASES, BASE_LABELS, CF_LABELS)  # the base prompts' activations, on their own layout
+    t = 1e-3
+    for c, cell in enumerate(chosen):
+        _, src_cols, mask = pairs.columns(cell.position)
+        _, base_cols, _ = own.columns(cell.position)
+        rows = pairs.pair_of_row[:, None].expand_as(src_cols)[mask]
+        s, b = src_cols[mask], base_cols[mask]
+        source, base = pairs.source_acts[cell.site], own.source_acts[cell.site]
+        nudged = source.clone()
+        nudged[rows, s] = base[rows, b] + t * (source[rows, s] - base[rows, b])
+        original = pairs.source_acts[cell.site]
+        pairs.source_acts[cell.site] = nudged
+        slope = att.exact_prepared(pairs, result.metric_base, [cell])[0] / t
+        pairs.source_acts[cell.site] = original
+        np.testing.assert_allclose(slope, result.estimates[c], rtol=0.05, atol=0.05, err_msg=cell.cell_id)
+
+
+@pytest.fixture(scope="module")
+def linear_readout(char_tokenizer) -> LMPipeline:
+    """A 2-layer Llama whose last layer reads out linearly after its attention: no final norm, no norm before
+    the last MLP, the last MLP a linear map. With single-token labels M = logit(cf) - logit(base) is linear in
+    every last-layer unit at the last position (and in the attention probabilities there)."""
+    from conftest import make_model
+
+    model = make_model("llama", len(char_tokenizer))
+    last = model.model.layers[-1]
+    torch.manual_seed(0)
+    model.model.norm = torch.nn.Identity()
+    last.post_attention_layernorm = torch.nn.Identity()
+    last.mlp = torch.nn.Linear(64, 64, bias=False)
+    return LMPipeline(model, tokenizer=char_tokenizer, device="cpu")
+
+
+def test_estimate_equals_exact_where_the_metric_is_linear_in_the_unit(linear_readout):
+    pipeline = linear_readout
+    last = TokenPosition(lambda s: [-1], pipeline, id="last")
+    chosen = sweep_cells(pipeline, [last], kinds=("residual", "attention", "mlp", "head", "pattern"), layers=[1])
+    result = UnitAttribution(pipeline, chosen).estimate(BASES, SOURCES, ["4", "1", "8"], ["7", "8", "9"], exact=True)
+    assert np.abs(result.exact).min() > 1e-3, "every patch must move the metric"
+    np.testing.assert_allclose(result.estimates, result.exact, rtol=1e-4, atol=1e-4)
+    pattern = np.array([c.kind == "pattern" for c in chosen])
+    # the plain estimate, linearised through the softmax, is not exact there: that is what the QK fix fixes
+    assert np.abs(result.linearised[pattern] - result.exact[pattern]).max() > 1e-2
+    np.testing.assert_array_equal(result.linearised[~pattern], result.estimates[~pattern])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_estimates_sum_to_their_layers_attention_estimate(family, pipelines):
+    pipeline = pipelines[family]
+    chosen = sweep_cells(pipeline, positions(pipeline), kinds=("attention", "head"))
+    result = UnitAttribution(pipeline, chosen).estimate(BASES, SOURCES, BASE_LABELS, CF_LABELS)
+    ids = result.cell_ids
+    for layer in range(pipeline.num_layers):
+        for p in positions(pipeline):
+            heads = sum(result.estimates[ids.index(f"L{layer}H{h}@{p.id}")] for h in range(pipeline.num_heads))
+            np.testing.assert_allclose(heads, result.estimates[ids.index(f"L{layer}.attn@{p.id}")], atol=1e-4)
+
+
+def test_gradients_reach_no_parameter_and_nothing_below_the_cells(char_tokenizer):
+    from conftest import make_model
+
+    model = make_model("llama", len(char_tokenizer))
+    pipeline = LMPipeline(model, tokenizer=char_tokenizer, device="cpu")
+    model.requires_grad_(True)  # as a model being trained would be
+    seen: dict[str, list[bool]] = {"embeddings": [], "layer1": [], "params": []}
+
+    def at_layer1(module, args, output) -> None:
+        seen["layer1"].append(output.requires_grad)
+        seen["params"].append(any(p.requires_grad for p in model.parameters()))
+
+    hooks = [model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen["embeddings"].append(o.requires_grad)),
+             model.model.layers[1].mlp.register_forward_hook(at_layer1)]
+    try:
+        chosen = sweep_cells(pipeline, positions(pipeline), kinds=("attention", "head", "pattern"), layers=[1])
+        UnitAttribution(pipeline, chosen).estimate(BASES, SOURCES, BASE_LABELS, CF_LABELS, graddrop=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    # forwards: the sources (no grad), the estimate, GradDrop of layer 1 (layer 0 lies below the cells: skipped)
+    assert seen == {"embeddings": [False] * 3, "layer1": [False, True, False], "params": [False] * 3}
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_graddrop_drops_one_layer_at_a_time(pipelines):
+    pipeline = pipelines["llama"]
+    last = TokenPosition(lambda s: [-1], pipeline, id="last")
+    m3 = TokenPosition(lambda s: [-3], pipeline, id="m3")
+    chosen = [AttributionCell("residual", -1, m3), AttributionCell("mlp", 1, last), AttributionCell("head", 0, last, 2)]
+    result = UnitAttribution(pipeline, chosen).estimate(BASES, SOURCES, BASE_LABELS, CF_LABELS, graddrop=True)
+    assert result.graddrop.shape == (2, 3, 3)
+    np.testing.assert_allclose(result.graddrop[0, 1], result.estimates[1], atol=1e-5)  # layer 0 lies upstream of L1.mlp
+    assert np.abs(result.graddrop[1, 1]).max() == 0 and np.abs(result.graddrop[0, 2]).max() == 0  # their own layer
+    assert np.abs(result.graddrop[:, 0] - result.estimates[0]).max() > 1e-4  # the embeddings' paths do change
+    np.testing.assert_allclose(result.graddrop_score, np.abs(result.graddrop).sum(0) / 1)
+    np.testing.assert_allclose(result.cancellation, np.abs(result.graddrop - result.estimates).max(0))
+
+
+def test_screen_selection_counts_and_seeded_sample():
+    scores = np.arange(100.0)[::-1]  # cell k has the (k+1)-th largest score
+    top, sample = ScreenConfig(top_fraction=0.1, random_fraction=0.2, seed=3).select(scores)
+    assert top.tolist() == list(range(10)) and len(sample) == 18 and not set(sample) & set(top)
+    again = ScreenConfig(top_fraction=0.1, random_fraction=0.2, seed=3).select(scores)[1]
+    other = ScreenConfig(top_fraction=0.1, random_fraction=0.2, seed=4).select(scores)[1]
+    assert again.tolist() == sample.tolist() and other.tolist() != sample.tolist()
+    assert len(ScreenConfig(top_fraction=0.01, random_fraction=0.0).select(scores)[1]) == 0
+
+
+@pytest.fixture(scope="module")
+def addition():
+    from tasks.general_addition.task import TASK, AdditionSettings
+
+    settings = AdditionSettings()
+    pipeline = LMPipeline(str(TASK.organism), device="cpu")
+    chosen = sweep_cells(pipeline, TASK.token_positions(pipeline, settings), kinds=("residual", "attention"))
+    datasets = TASK.make_datasets(settings, ["random", "flip_carry_0"], 8, 0)
+    return TASK, UnitAttribution(pipeline, chosen), TASK.main_model(settings), datasets
+
+
+def test_screen_verifies_the_top_and_a_random_sample(addition, tmp_path):
+    task, att, model, datasets = addition
+    config = ScreenConfig(top_fraction=0.1, random_fraction=0.1, seed=1)
+    result = screen_and_verify(att, model, datasets, ["carry_0"], task.checker, config, results_dir=tmp_path / "exact")
+    n = len(att.cells)
+    verified = result.table[result.table["chosen"] != ""]
+    assert result.n_top == int(np.ceil(0.1 * n)) and result.n_random == int(np.ceil(0.1 * (n - result.n_top)))
+    assert (result.table["chosen"].iloc[: result.n_top] == "top").all()
+    assert verified["exact_mean"].notna().all() and verified["grade"].notna().all()
+    assert result.table[result.table["chosen"] == ""]["exact_mean"].isna().all()
+    assert (tmp_path / "exact" / "manifest.json").exists()
+    json.dumps(result.to_json())
+    again = screen_and_verify(att, model, datasets, ["carry_0"], task.checker, config, results_dir=tmp_path / "again")
+    assert again.table["chosen"].tolist() == result.table["chosen"].tolist()
+
+
+def test_estimates_never_mix_with_exact_results(addition, tmp_path):
+    task, att, model, datasets = addition
+    estimates = estimate_study(att, model, datasets, ["carry_1"])
+    identity = estimates.identity
+    assert identity.estimate is True and identity.causal_model_id == model.id
+    assert identity.target_variables == ["carry_1"] and identity.kind == "attribution_estimates"
+    path = estimates.save(tmp_path / "estimates" / "carry_1.json")
+    loaded = AttributionEstimates.load(path)
+    assert loaded.identity == identity
+    np.testing.assert_allclose(loaded.results["random"].estimates, estimates.results["random"].estimates)
+
+    results = tmp_path / "exact"
+    screen_and_verify(att, model, datasets, ["carry_1"], task.checker, ScreenConfig(random_fraction=0.0),
+                      results_dir=results, estimates=estimates)
+    with pytest.raises(ValueError, match="results folder"):
+        estimates.save(results / "carry_1.json")
+    with pytest.raises(ResultsError, match="unknown origin"):  # a results folder is never created beside estimates
+        RawResultsWriter(path.parent, RawResults(results).manifest)
+    (tmp_path / "exact.json").write_text(json.dumps({"kind": "attribution_screen", "estimate": False}))
+    with pytest.raises(ValueError, match="no attribution estimates"):
+        AttributionEstimates.load(tmp_path / "exact.json")
+    with pytest.raises(ValueError, match="other cells or another variable"):
+        screen_and_verify(att, model, datasets, ["carry_0"], task.checker, estimates=estimates)
+

@@ -1,0 +1,350 @@
+"""Screen, then verify: estimate every cell's interchange effect at once (`experiments.attribution_units`), run
+exact interchange on the top of the ranking plus a seeded random sample of the rest, and judge the verified cells
+with the project's verdict rule.
+
+Estimates are kept apart from exact results. `AttributionEstimates` is its own typed record, written as one JSON
+file whose identity says ``"estimate": true`` and names the causal model and target variables that defined the
+metric, the network (`model_fingerprint`) and the datasets (fingerprints); it refuses to be written inside a
+results folder, and a results folder refuses to be created where such a file lies (`RawResultsWriter` refuses
+files of unknown origin). Exact interchange runs through the ordinary engine into an ordinary results folder.
+
+Ranking. By default cells are ranked by the mean over pairs of ``|estimate|`` (``score="abs"``): where the answer
+flips, the first-order term is often far too small and sometimes of the wrong sign (see the README's validation
+table), so a cell with a large estimate of either sign deserves an exact look; the verdict's one-sided test
+decides the sign. ``score="signed"`` ranks by the mean estimate (towards the label), ``score="graddrop"`` by the
+mean AtP* GradDrop score (exposes cells whose paths cancel).
+
+What the verdicts control. The correction (Holm by default) runs over the verified cells only; cells never
+verified are not tested. Screening with the same pairs that the exact test then uses makes the selection depend
+on the data; pass ``verify_datasets`` (fresh pairs, e.g. another seed) to keep the tests independent of it.
+The random sample estimates what the screen misses: located cells in it are cells the screen ranked low.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
+from tqdm.auto import tqdm
+
+from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
+from causal.interchange_scores import compute_interchange_scores
+from causal.json_records import json_records
+from causal.results import MANIFEST_NAME, CellSpec, DatasetRecord, atomic_write_json
+from causal.verdicts import POOLED, VerdictRule, clopper_pearson
+from experiments.attribution_units import AttributionCell, AttributionResult, UnitAttribution
+from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment, model_fingerprint
+
+ESTIMATES_KIND = "attribution_estimates"
+METHOD = ("AtP: (a_source - a_base) . dM/da at the base run; attention-pattern cells: AtP* QK fix (exact softmax "
+          "change times dM/dA)")
+METRIC = "log p(cf label) - log p(base label), teacher-forced, every answer token scored"
+Score = Literal["abs", "signed", "graddrop"]
+Datasets = CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset]
+
+
+class EstimatesIdentity(BaseModel):
+    """What a set of estimates is: marked ``estimate: true``; the causal model and variables that defined the
+    metric; the network, datasets and cells."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    estimate: Literal[True] = True
+    kind: Literal["attribution_estimates"] = ESTIMATES_KIND
+    method: str = METHOD
+    metric: str = METRIC
+    causal_model_id: str
+    target_variables: list[str]
+    counterfactual_index: int = 0
+    model: dict[str, Any]
+    datasets: list[DatasetRecord]
+    cells: list[CellSpec]
+
+
+@dataclass
+class AttributionEstimates:
+    """Estimates of every cell on every dataset: ``results[dataset_id]`` (C, N) arrays, one `AttributionResult`
+    each (``exact`` never set here)."""
+
+    identity: EstimatesIdentity
+    results: dict[str, AttributionResult]
+
+    @property
+    def cell_ids(self) -> list[str]:
+        return [c.cell_id for c in self.identity.cells]
+
+    def pooled(self, what: str = "estimates") -> np.ndarray:
+        """(C, N_total) ``what`` ("estimates", "linearised", "graddrop_score") of the informative pairs of every
+        dataset, side by side."""
+        return np.concatenate([np.asarray(getattr(r, what))[:, r.informative] for r in self.results.values()], 1)
+
+    def scores(self, score: Score = "abs") -> np.ndarray:
+        """(C,) the ranking score of every cell over the informative pairs (see the module docstring)."""
+        if score == "abs":
+            values = np.abs(self.pooled())
+        elif score == "signed":
+            values = self.pooled()
+        elif score == "graddrop":
+            values = self.pooled("graddrop_score")
+        else:
+            raise ValueError(f"score must be 'abs', 'signed' or 'graddrop', got {score!r}")
+        return values.mean(1) if values.shape[1] else np.zeros(values.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        def arrays(r: AttributionResult) -> dict[str, Any]:
+            out: dict[str, Any] = {"estimates": r.estimates.tolist(), "metric_base": r.metric_base.tolist(),
+                                   "informative": r.informative.astype(bool).tolist()}
+            if r.linearised is not None:
+                out["linearised"] = r.linearised.tolist()
+            if r.graddrop is not None:
+                out["graddrop"] = r.graddrop.tolist()
+            return out
+
+        return {**self.identity.model_dump(mode="json"), "results": {k: arrays(r) for k, r in self.results.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON file ``path``; refused inside a results folder (one holding a results manifest)."""
+        path = Path(path)
+        if path.is_dir() or path.suffix != ".json":
+            raise ValueError(f"estimates are written to a .json file, not {path}")
+        if (path.parent / MANIFEST_NAME).exists():
+            raise ValueError(f"{path.parent} is a results folder (it holds {MANIFEST_NAME}): estimates are never "
+                             "written beside exact interchange results; choose another folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionEstimates":
+        """Read a file written by `save`; anything not marked ``estimate: true`` is refused."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("estimate") is not True or data.get("kind") != ESTIMATES_KIND:
+            raise ValueError(f"{path} holds no attribution estimates (no 'estimate': true / kind {ESTIMATES_KIND!r})")
+        results_data = data.pop("results")
+        identity = EstimatesIdentity.model_validate(data)
+        ids = [c.cell_id for c in identity.cells]
+        results = {}
+        for dataset_id, r in results_data.items():
+            optional = {k: np.asarray(r[k]) for k in ("linearised", "graddrop") if k in r}
+            results[dataset_id] = AttributionResult(ids, np.asarray(r["estimates"]), np.asarray(r["metric_base"]),
+                                                    np.asarray(r["informative"], dtype=bool), **optional)
+        return cls(identity, results)
+
+
+def _pairs_and_labels(dataset: CounterfactualDataset, causal_model: Any, target_variables: list[str],
+                      counterfactual_index: int) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    examples = dataset.to_list()
+    bases = [e["input"] for e in examples]
+    sources = [e["counterfactual_inputs"][counterfactual_index] for e in examples]
+    return (bases, sources, causal_model.label_data(dataset),
+            causal_model.label_counterfactual_data(dataset, target_variables, counterfactual_index))
+
+
+
+def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Datasets, target_variables: list[str],
+                   counterfactual_index: int = 0, graddrop: bool = False, progress: bool = False
+                   ) -> AttributionEstimates:
+    """Estimates of every cell of ``attribution`` on every dataset, the metric defined by ``causal_model``'s labels
+    with ``target_variables`` interchanged."""
+    given = as_dataset_dict(datasets)
+    results = {}
+    for dataset_id, dataset in tqdm(given.items(), desc="estimates", disable=not progress, leave=False):
+        bases, sources, base_labels, cf_labels = _pairs_and_labels(dataset, causal_model, target_variables,
+                                                                   counterfactual_index)
+        results[dataset_id] = attribution.estimate(bases, sources, base_labels, cf_labels, graddrop=graddrop)
+    identity = EstimatesIdentity(
+        causal_model_id=str(causal_model.id), target_variables=list(target_variables),
+        counterfactual_index=counterfactual_index, model=model_fingerprint(attribution.pipeline),
+        datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in given.values()],
+        cells=[c.engine_cell().spec for c in attribution.cells])
+    return AttributionEstimates(identity, results)
+
+
+class ScreenConfig(BaseModel):
+    """How many cells to verify: the top ``top_fraction`` of the ranking (at least one) plus a seeded random
+    sample of ``random_fraction`` of the rest (rounded up; 0 for none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_fraction: float = Field(0.1, gt=0, le=1)
+    random_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+    score: Score = "abs"
+
+    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(top, sample): indices of the top cells (best first) and of the random sample of the rest (sorted)."""
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        n_top = max(1, math.ceil(self.top_fraction * len(order)))
+        top, rest = order[:n_top], order[n_top:]
+        k = min(len(rest), math.ceil(self.random_fraction * len(rest)))
+        sample = np.sort(np.random.default_rng(self.seed).choice(rest, size=k, replace=False)) if k else rest[:0]
+        return top, sample
+
+
+@dataclass
+class ScreenResult:
+    """A screened and verified study.
+
+    ``table``: one row per cell (ranking order): ``cell_id``, ``kind``, ``rank``, ``score``, ``chosen`` ("top",
+    "random" or "" for unverified), ``estimate_mean`` (mean estimate over informative pairs), ``exact_mean`` (the
+    exact effect on the same metric; NaN unless verified) and, for verified cells, the verdict columns of
+    `causal.verdicts` (pooled over the families): ``grade``, ``effect`` (IIA - floor), ``iia``, ``floor``,
+    ``gained``, ``lost``, ``p_adjusted``. ``located_top`` / ``located_random``: located (full or partial) cells
+    in the top and in the random sample; the latter are cells the screen missed. ``seconds``: wall time of each
+    stage (``estimate``, ``exact_metric``, ``interchange``, ``verdicts``)."""
+
+    identity: EstimatesIdentity
+    config: ScreenConfig
+    rule: VerdictRule
+    table: pd.DataFrame
+    results_dir: str
+    located_top: list[str] = field(default_factory=list)
+    located_random: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_top(self) -> int:
+        return int((self.table["chosen"] == "top").sum())
+
+    @property
+    def n_random(self) -> int:
+        return int((self.table["chosen"] == "random").sum())
+
+    @property
+    def missed_rate(self) -> tuple[float, float]:
+        """Share of the random sample located, and its exact (Clopper-Pearson) upper bound at the rule's
+        confidence: how often a cell below the top carries the variable."""
+        k, n = len(self.located_random), self.n_random
+        if n == 0:
+            return math.nan, math.nan
+        _, high = clopper_pearson(np.array([k]), np.array([n]), self.rule.confidence)
+        return k / n, float(high[0])
+
+    @property
+    def spearman(self) -> float:
+        """Spearman correlation of the mean estimate and the mean exact effect over the verified cells."""
+        verified = self.table[self.table["chosen"] != ""]
+        if len(verified) < 3:
+            return math.nan
+        return float(stats.spearmanr(verified["estimate_mean"], verified["exact_mean"]).statistic)
+
+    def summary(self) -> str:
+        rate, high = self.missed_rate
+        unverified = int((self.table["chosen"] == "").sum())
+        lines = [f"screen of {len(self.table)} cells for {'+'.join(self.identity.target_variables)} "
+                 f"({self.identity.causal_model_id}) by {self.config.score} estimate: verified the top {self.n_top} "
+                 f"and {self.n_random} random others (seed {self.config.seed})",
+                 f"located in the top: {', '.join(self.located_top) or 'none'}",
+                 f"located in the random sample (missed by the screen): {', '.join(self.located_random) or 'none'}"]
+        if self.n_random:
+            lines.append(f"missed share {rate:.2f} (upper {self.rule.confidence:.0%} bound {high:.2f}) of "
+                         f"{unverified} unverified cells")
+        lines.append(f"Spearman(estimate, exact) over verified cells: {self.spearman:.2f}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe record: the estimates' identity (``estimate: true`` there), the screen, the rule, the table
+        (exact columns from exact runs, estimate columns from the estimates), the exact results folder."""
+        return {"kind": "attribution_screen", "estimates_identity": self.identity.model_dump(mode="json"),
+                "config": self.config.model_dump(), "rule": self.rule.model_dump(), "rule_text": self.rule.describe(),
+                "results_dir": self.results_dir, "located_top": self.located_top,
+                "located_random": self.located_random, "seconds": self.seconds, "table": json_records(self.table)}
+
+
+def screen_and_verify(
+    attribution: UnitAttribution,
+    causal_model: Any,
+    datasets: Datasets,
+    target_variables: list[str],
+    checker: Callable[[str, Any], bool],
+    config: ScreenConfig | None = None,
+    results_dir: str | Path | None = None,
+    rule: VerdictRule | None = None,
+    estimates: AttributionEstimates | None = None,
+    verify_datasets: Datasets | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> ScreenResult:
+    """Rank every cell of ``attribution`` by its estimate on ``datasets`` (or take ``estimates``), then run exact
+    interchange on the top fraction plus a random sample (``config``) over ``verify_datasets`` (default: the same
+    datasets): the exact effect on the metric and the engine's interchange (greedy answers, written to
+    ``results_dir``; a temporary folder when None) scored by ``checker`` and judged by ``rule`` (Holm over the
+    verified cells by default)."""
+    config = config or ScreenConfig()
+    rule = rule or VerdictRule()
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    if estimates is None:
+        estimates = estimate_study(attribution, causal_model, datasets, target_variables,
+                                   graddrop=config.score == "graddrop", progress=progress)
+    else:
+        fingerprints = {d.id: d.fingerprint() for d in as_dataset_dict(datasets).values()}
+        if estimates.identity.model != model_fingerprint(attribution.pipeline) or \
+                {d.dataset_id: d.fingerprint for d in estimates.identity.datasets} != fingerprints:
+            raise ValueError("the estimates were computed on another network or other datasets than this screen's")
+    seconds["estimate"] = time.perf_counter() - clock
+    if estimates.cell_ids != [c.cell_id for c in attribution.cells] or \
+            estimates.identity.target_variables != list(target_variables):
+        raise ValueError("the estimates are of other cells or another variable than this screen")
+    scores = estimates.scores(config.score)
+    top, sample = config.select(scores)
+    chosen = {int(k): "top" for k in top} | {int(k): "random" for k in sample}
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(len(order))
+    verified = sorted(chosen, key=lambda k: rank[k])
+    cells = [attribution.cells[k] for k in verified]
+
+    clock = time.perf_counter()
+    index = estimates.identity.counterfactual_index
+    check = as_dataset_dict(verify_datasets if verify_datasets is not None else datasets)
+    exact_sum, exact_n = np.zeros(len(cells)), 0
+    for dataset in tqdm(check.values(), desc="exact effects", disable=not progress, leave=False):
+        pairs = attribution.prepare(*_pairs_and_labels(dataset, causal_model, target_variables, index))
+        effects = attribution.exact_prepared(pairs, attribution.base_metric(pairs), cells)
+        exact_sum += effects[:, pairs.informative].sum(1)
+        exact_n += int(pairs.informative.sum())
+    exact_of = dict(zip(verified, exact_sum / max(1, exact_n)))
+    seconds["exact_metric"] = time.perf_counter() - clock
+
+    folder = Path(results_dir) if results_dir is not None else Path(tempfile.mkdtemp(prefix="attribution-screen-"))
+    name = "+".join(target_variables)
+    experiment = InterventionExperiment(attribution.pipeline, [c.engine_cell() for c in cells],
+                                        ExperimentConfig(id=f"screen-{name}", batch_size=batch_size,
+                                                         max_rows_per_forward=attribution.max_rows_per_forward,
+                                                         counterfactual_index=index))
+    clock = time.perf_counter()
+    raw = experiment.perform_interventions(check, results_dir=folder, verbose=progress)
+    seconds["interchange"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    scored = compute_interchange_scores(raw, causal_model, check, [list(target_variables)], checker)
+    tests = scored.verdicts(rule).tests
+    tests = tests[tests["scope"] == POOLED].set_index("cell_id")
+    seconds["verdicts"] = time.perf_counter() - clock
+
+    pooled = estimates.pooled()
+    estimate_mean = pooled.mean(1) if pooled.shape[1] else np.zeros(len(scores))
+    rows = []
+    for position, k in enumerate(order):
+        cell = attribution.cells[k]
+        row: dict[str, Any] = {"cell_id": cell.cell_id, "kind": cell.kind, "rank": position, "score": float(scores[k]),
+                               "chosen": chosen.get(int(k), ""), "estimate_mean": float(estimate_mean[k]),
+                               "exact_mean": float(exact_of.get(int(k), math.nan))}
+        if cell.cell_id in tests.index:
+            t = tests.loc[cell.cell_id]
+            row.update({c: t[c] for c in ("grade", "effect", "iia", "floor", "gained", "lost", "p_adjusted")})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    located = table[table["grade"].isin(["full", "partial"])] if "grade" in table else table[:0]
+    return ScreenResult(estimates.identity, config, rule, table, str(folder),
+                        located[located["chosen"] == "top"]["cell_id"].tolist(),
+                        located[located["chosen"] == "random"]["cell_id"].tolist(), seconds)
