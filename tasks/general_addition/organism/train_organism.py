@@ -109,6 +109,10 @@ class AdditionData:
             pairs[bad] = self._pair_indices(width, int(bad.sum()))
         return pairs
 
+    def sample_width(self, width: int, n: int) -> list[Problem]:
+        """Sample ``n`` training problems of one width (same distribution as :meth:`sample`'s problems of that width)."""
+        return [to_problem(int(i), width) for i in self._pair_indices(width, n)]
+
     def sample(self, n: int) -> list[Problem]:
         """Sample ``n`` training problems, a ``frac_two_digit`` share of them 2-digit."""
         n_two = int(self.rng.binomial(n, self.frac_two_digit))
@@ -127,13 +131,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def encode_training_batch(
-    problems: list[Problem], vocab: dict[str, int], bos: int, eos: int, pad: int
+    problems: list[Problem], vocab: dict[str, int], bos: int, eos: int, pad: int, answers: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Left-padded ``<s> prompt answer </s>`` sequences; loss only on answer tokens and EOS."""
+    """Left-padded ``<s> prompt answer </s>`` sequences; loss only on answer tokens and EOS.
+
+    ``answers`` replaces the true sums as targets (e.g. counterfactual labels); default ``answer_of`` each problem.
+    """
+    if answers is not None and len(answers) != len(problems):
+        raise ValueError(f"{len(answers)} answers for {len(problems)} problems")
     rows: list[tuple[list[int], int]] = []
-    for p in problems:
+    for i, p in enumerate(problems):
         prompt = [bos] + [vocab[c] for c in prompt_of(p)]
-        target = [vocab[c] for c in answer_of(p)] + [eos]
+        target = [vocab[c] for c in (answer_of(p) if answers is None else answers[i])] + [eos]
         rows.append((prompt + target, len(target)))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
