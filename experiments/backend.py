@@ -27,8 +27,15 @@ BACKENDS: tuple[str, ...] = ("hooks", "pyvene")
 DEFAULT_BACKEND: BackendName = "hooks"
 
 
+#: Operations a backend may declare beyond ``collect`` and ``prompt_pass``: ``"suffix_reuse"`` — residual-stream
+#: patches may be run by recomputing only what they can change (`experiments.suffix_reuse`), because the
+#: backend's prompt pass is the model's own forward with plain patches (no wrapper that the fast path would skip).
+OPTIONAL_OPERATIONS = ("suffix_reuse",)
+
+
 class Backend(Protocol):
     name: str
+    operations: frozenset[str]  # which of OPTIONAL_OPERATIONS it supports; the engine asks this, never the name
 
     def collect(self, sites: list[Site], inputs: dict[str, Any]) -> dict[Site, torch.Tensor]: ...
 

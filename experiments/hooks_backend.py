@@ -46,6 +46,7 @@ class HooksBackend:
     """``collect`` and ``prompt_pass`` with plain forward hooks on the modules of the component map."""
 
     name = "hooks"
+    operations = frozenset({"suffix_reuse"})
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -171,7 +171,7 @@ class InterventionEngine:
         self.backend: Backend = make_backend(backend, pipeline.model) if isinstance(backend, str) else backend
         self.suffix_reuse = suffix_reuse
         self.max_rows_per_forward = max_rows_per_forward
-        self.suffix = SuffixReuse(pipeline) if suffix_reuse and self.backend.name == "hooks" else None
+        self.suffix = SuffixReuse(pipeline) if suffix_reuse and "suffix_reuse" in self.backend.operations else None
 
     @torch.no_grad()
     def run_part(
@@ -374,8 +374,8 @@ class InterventionEngine:
         return self._rows(generation, group, example_indices)
 
     def _suffix_eligible(self, group: list[Cell]) -> bool:
-        """Residual-stream site cells (one unit each) on the hooks backend: the suffix-reuse fast path applies."""
-        return (self.suffix_reuse and self.backend.name == "hooks" and group[0].kind in SITE_KINDS
+        """Residual-stream site cells (one unit each) on a backend declaring suffix reuse: the fast path applies."""
+        return (self.suffix is not None and group[0].kind in SITE_KINDS
                 and all(len(cell.units) == 1 and cell.units[0].site.component in RESIDUAL_COMPONENTS
                         for cell in group))
 

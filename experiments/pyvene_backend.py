@@ -168,6 +168,7 @@ class PyveneBackend:
     (R, 1, n, d) for head sites, and returns the new values)."""
 
     name = "pyvene"
+    operations: frozenset[str] = frozenset()  # pyvene wraps the forward: the suffix fast path would bypass it
 
     def __init__(self, model: PreTrainedModel, intervention_type: type | None = None):
         self.model = model

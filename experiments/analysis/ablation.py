@@ -26,7 +26,7 @@ from experiments.analysis.model_access import (
     teacher_forced,
 )
 from experiments.architectures import family_of, get_module, head_width
-from experiments.hooks_backend import HooksBackend
+from experiments.backend import DEFAULT_BACKEND, make_backend
 from experiments.pipeline import LMPipeline
 from experiments.sites import Site
 
@@ -55,7 +55,7 @@ def _check_target(pipeline: LMPipeline, target: Target) -> Site:
 def component_means(pipeline: LMPipeline, prompts: Sequence[Any], targets: Sequence[Target],
                     batch_size: int = 64) -> dict[Target, torch.Tensor]:
     """Mean activation of each target's component over every real token of ``prompts``: (d,) or (d_head,)."""
-    backend = HooksBackend(pipeline.model)
+    backend = make_backend(DEFAULT_BACKEND, pipeline.model)
     sites = sorted({_check_target(pipeline, t) for t in targets}, key=lambda s: (s.layer, s.component))
     sums: dict[Site, torch.Tensor] = {}
     count = 0

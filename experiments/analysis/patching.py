@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import residual_stream
-from experiments.hooks_backend import HooksBackend
+from experiments.backend import DEFAULT_BACKEND, make_backend
 from experiments.pipeline import LMPipeline
 from experiments.sites import Site, SitePatch
 
@@ -44,7 +44,7 @@ def activation_patching(pipeline: LMPipeline, clean: Sequence[Any], corrupted: S
     if len(clean) != len(corrupted):
         raise ValueError(f"{len(clean)} clean prompts but {len(corrupted)} corrupted ones")
     layers = list(range(-1, pipeline.num_layers)) if layers is None else list(layers)
-    backend = HooksBackend(pipeline.model)
+    backend = make_backend(DEFAULT_BACKEND, pipeline.model)
     rows = []
     for i in tqdm(range(len(clean)), desc="activation patching", disable=not progress):
         cb, xb = pipeline.load([clean[i]]), pipeline.load([corrupted[i]])
