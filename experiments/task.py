@@ -3,8 +3,8 @@
 A task folder declares one ``Task`` in its ``task.py`` as ``TASK``; it can live in this repository
 (``tasks/<name>/``, ``--task <name>``) or anywhere (``--task path/to/folder``, ``--task module:ATTR``, or an
 installed entry point of group ``causal_abstraction.tasks``: see `get_task`). The
-generic steps (filter → intervene → score, ``experiments/steps.py``) take ``--task <name>`` and never
-import a particular task. This module imports no torch: step 3 (scoring) runs without it, so
+generic steps (filter → intervene → score → report, ``experiments/steps/``) and the study runner that runs them
+(``python -m experiments.study``) take ``--task <name>`` and never import a particular task. This module imports no torch: step 3 (scoring) runs without it, so
 everything network-side (token positions, sweeps) is a callable that receives a pipeline.
 
 Required fields (``s`` is the task's pydantic settings, e.g. the number of digits and the prompt format):
@@ -27,7 +27,14 @@ Fields with defaults:
 -  ``results_name`` (study folders live under ``results/<results_name>``), ``study_slug(s)``
   (the settings part of the folder name), ``summary_extras(scores, s, targets) -> [markdown lines]``
   (task-specific tables for the main hypothesis' residual-stream scores), ``variable_descriptions(s) ->
-  {variable: what it is for every input}`` (shown beside the names in verdict tables).
+  {variable: what it is for every input}`` (shown beside the names in verdict tables);
+- ``filter_pairs`` (True): step 1 keeps only the pairs the model gets right on every input; False keeps every
+  pair and runs no model in step 1 (for studies of inputs the model gets wrong, e.g. a buggy prompt format);
+  ``sweeps=None``: the task has no engine sweeps (its interventions run in extra steps);
+- ``extra_steps``: `ExtraStep` s (a name, a callable of a `StudyContext`, the standard step it runs after,
+  its own options) that the study runner (``python -m experiments.study``) runs beside filter → intervene →
+  score → report; ``report_sections``: callables of a `StudyContext` returning markdown lines that the
+  report step appends to ``<study>/report.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
+
+STANDARD_STEPS: tuple[str, ...] = ("filter", "intervene", "score", "report")
+"""The study runner's steps, in order; a task's extra steps run after one of them."""
 
 
 class NoSettings(BaseModel):
@@ -64,6 +74,89 @@ def residual_stream_sweep(pipeline: Any, s: Any, positions: list[Any], config: d
 
 
 @dataclass(frozen=True)
+class StudyContext:
+    """What an extra step or a report section receives: the task, the study folder, its settings and the run's
+    options (an ``argparse.Namespace`` holding the options of steps 1 and 2 and of the task's extra steps).
+
+    Everything is read from disk on demand: a report section can run long after the steps that wrote its data."""
+
+    task: "Task"
+    folder: Path
+    settings: Any
+    options: Any
+
+    @property
+    def test(self) -> bool:
+        """A ``--test`` run (extra steps use their smallest sizes)."""
+        return bool(getattr(self.options, "test", False))
+
+    @property
+    def model(self) -> str:
+        """``--model`` (``organism``: the task's shipped model)."""
+        return str(getattr(self.options, "model", None) or self.metadata().get("model", "organism"))
+
+    def model_path(self) -> str:
+        """The local folder or hub name of the model (the task's organism for ``organism``)."""
+        if self.model == "organism":
+            if self.task.organism is None:
+                raise ValueError(f"task {self.task.name!r} ships no model organism: pass --model")
+            return str(self.task.organism)
+        return self.model
+
+    def metadata(self) -> dict[str, Any]:
+        """The study's metadata.json (``{}`` before step 1)."""
+        import json
+
+        path = self.folder / "metadata.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def analysis_dir(self, name: str) -> Path:
+        """``<study>/analyses/<name>/``: where the extra step ``name`` writes (created on demand)."""
+        folder = self.folder / "analyses" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def datasets(self) -> dict[str, Any]:
+        """The datasets step 1 saved, in its order."""
+        from experiments.steps.common import load_datasets
+
+        return load_datasets(self.folder)
+
+    def load_pipeline(self) -> Any:
+        """An ``LMPipeline`` of the study's model (imports torch)."""
+        from experiments.pipeline import LMPipeline
+
+        return LMPipeline(self.model_path(), max_new_tokens=self.task.max_new_tokens(self.settings),
+                          device=getattr(self.options, "device", None), dtype=getattr(self.options, "dtype", None),
+                          use_chat_template=bool(getattr(self.options, "chat", False)))
+
+
+@dataclass(frozen=True)
+class ExtraStep:
+    """A task-specific step the study runner runs after the standard step ``after`` (``filter``, ``intervene``,
+    ``score`` or ``report``). ``run(context)`` writes under ``context.analysis_dir(name)`` (or records raw
+    results in the study's metadata for step 3 to score); ``options(parser)`` adds its ``--options`` to the
+    runner. A finished run is recorded, and a rerun with the same options and datasets skips it (``--redo``)."""
+
+    name: str
+    run: Callable[[StudyContext], Any]
+    after: str = "intervene"
+    description: str = ""
+    options: Callable[[Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.after not in STANDARD_STEPS:
+            raise ValueError(f"extra step {self.name!r}: after must be one of {', '.join(STANDARD_STEPS)}, "
+                             f"got {self.after!r}")
+        if self.name in STANDARD_STEPS:
+            raise ValueError(f"extra step {self.name!r} has the name of a standard step")
+
+
+ReportSection = Callable[[StudyContext], list[str]]
+"""A report section: markdown lines for ``report.md``, computed from the study folder (no model)."""
+
+
+@dataclass(frozen=True)
 class Task:
     """One study. Required: ``name``, ``causal_models``, ``make_datasets`` (the sampler) and
     ``token_positions``; everything else has a default (no settings, one family ``"random"``, exact-match
@@ -79,7 +172,7 @@ class Task:
     families: Callable[[Any], list[str]] = lambda s: ["random"]
     checker: Callable[[str, Any], bool] = exact_match
     default_targets: Callable[..., list[list[str]]] | None = None
-    sweeps: Callable[..., list[Any]] = residual_stream_sweep
+    sweeps: Callable[..., list[Any]] | None = residual_stream_sweep
     max_new_tokens: Callable[[Any], int] = lambda s: 8
     prompt_formats: dict[str, str] = field(default_factory=dict)
     organism: Path | None = None
@@ -87,10 +180,16 @@ class Task:
     study_slug: Callable[[Any], str] | None = None
     summary_extras: Callable[..., list[str]] | None = None
     variable_descriptions: Callable[[Any], dict[str, str]] | None = None
+    filter_pairs: bool = True
+    extra_steps: tuple[ExtraStep, ...] = ()
+    report_sections: tuple[ReportSection, ...] = ()
 
     def __post_init__(self) -> None:
         if self.default_targets is None:
             object.__setattr__(self, "default_targets", self._every_computed_variable)
+        names = [step.name for step in self.extra_steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task {self.name!r}: two extra steps share a name ({', '.join(names)})")
 
     def _every_computed_variable(self, s: Any, positions_per: Any = None) -> list[list[str]]:
         return [[v] for v in computed_variables(self.main_model(s))]

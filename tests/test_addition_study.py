@@ -125,6 +125,7 @@ def test_run_all_test_mode_end_to_end(tmp_path):
     rows = [r for r in scores["pooled"] if r["target_variables"] == "digit_0_0" and r["cell_id"] == "L-1@digit_0_0"]
     assert rows and rows[0]["accuracy"] >= 0.9 and rows[0]["informative_accuracy"] >= 0.9
     assert [e["id"] for e in metadata["experiments"]] == ["residual_stream", "attention_heads"]
+    assert "## Scores (step 3)" in (study / "report.md").read_text()  # run_all.sh is the study runner
 
 
 def test_chat_template_keeps_eq_and_shifts_positions():

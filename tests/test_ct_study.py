@@ -387,17 +387,37 @@ def test_sensitivity_report():
 # ---------------------------------------------------------------------------- one-command run
 @pytest.mark.slow
 def test_study_smoke_run(tmp_path):
+    """The old one-command study (deprecated) runs through the study runner: one study folder per number of
+    operations, the blocking study in the first."""
     from tasks.ct_positions.organism import ORGANISM_DIR
     from tasks.ct_positions.study import main
 
     if not (ORGANISM_DIR / "latent_config.json").exists():
         pytest.skip("organism not trained")
-    main(["--out", str(tmp_path), "--n-problems", "60", "--patching-size", "8"])
-    frame = pd.read_parquet(tmp_path / "predictions.parquet")
+    with pytest.warns(DeprecationWarning, match="python -m experiments.study --task ct_positions"):
+        folders = main(["--out", str(tmp_path), "--n-problems", "60", "--patching-size", "8"])
+    assert folders == [tmp_path / f"{n}ops" for n in (2, 3, 4)]
+    blocking = tmp_path / "2ops" / "analyses" / "blocking"
+    frame = pd.read_parquet(blocking / "predictions.parquet")
     assert len(frame) == 60 * 7 and set(frame["condition"]) == {"baseline", *[f"block_ct{j}" for j in range(6)]}
     assert {"problem_id", "question", "gold", "generated_text", "parsed_answer", "correct", "category"} <= set(frame)
     for name in ("taxonomy.json", "taxonomy_summary.json", "sensitivity.json", "taxonomy.png",
-                 "sensitivity_scatter.png", "summary.md", "ct_patching/ct_scores.json"):
-        assert (tmp_path / name).exists(), name
-    scores = json.loads((tmp_path / "ct_patching" / "ct_scores.json").read_text())
-    assert set(scores["n_ops"]) == {"2", "3", "4"}
+                 "sensitivity_scatter.png"):
+        assert (blocking / name).exists(), name
+    n_ops = set()
+    for folder in folders:
+        assert (folder / "report.md").exists() and (folder / "scores" / "summary.md").exists()
+        n_ops |= set(json.loads((folder / "analyses" / "ct_patching" / "ct_scores.json").read_text())["n_ops"])
+    assert n_ops == {"2", "3", "4"}
+
+
+def test_old_entry_point_translates_its_options():
+    from tasks.ct_positions import study
+
+    runs = study.runner_arguments(["--out", "o", "--n-problems", "60", "--patching-size", "8"])
+    assert [r[r.index("--n-ops") + 1] for r in runs] == ["2", "3", "4"]
+    assert "--steps" not in runs[0] and runs[1][-5:] == ["--steps", "filter", "ct_patching", "score", "report"]
+    assert runs[0][:2] == ["--out", "o/2ops"] and runs[0][runs[0].index("--size") + 1] == "8"
+    (only,) = study.runner_arguments(["--codi-checkpoint", "ck", "--codi-base", "gpt2", "--gsm8k", "g.jsonl"])
+    assert only[-4:] == ["--steps", "filter", "blocking", "report"] and only[only.index("--model") + 1] == "ck"
+    assert only[only.index("--style") + 1] == "words" and only[1] == "results/ct_positions/ck"

@@ -4,7 +4,6 @@ transplantation and ablations on this task, and the end-to-end run on the shippe
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -134,7 +133,7 @@ def test_role_matched_positions_across_formats(organism):
 
 @needs_organism
 def test_organism_has_the_format_dependent_bug(organism):
-    from tasks.decimal_comparison.study import bug_rates
+    from tasks.decimal_comparison.analyses import bug_rates
 
     out = bug_rates(organism, ["simple", "qa"], n=40, seed=5, split="heldout", batch_size=40)
     simple, qa = out["formats"]["simple"], out["formats"]["qa"]
@@ -149,13 +148,13 @@ def test_last_position_attention_patch_fixes_the_organism_bug(organism, tmp_path
     """The shipped organism decides at the last prompt position: patching layer 1's attention output
     there, from the simple run into the Q&A run, fixes the bug far above its floor; the MLP output of
     the same layer and position does not."""
-    from tasks.decimal_comparison.study import StudyConfig, cross_format_dataset, patching_cells, run_cells
+    from tasks.decimal_comparison.analyses import cross_format_dataset, patching_cells, run_cells
 
     pairs = sample_pairs(24, seed=13, split="heldout")
     cells = [c for c in patching_cells(organism, [1], ["last"]) if c.cell_id in ("attention_output.L1@last", "mlp_output.L1@last")]
     assert len(cells) == 2
     datasets = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "simple", "fix.qa")}
-    rows = {r["cell_id"]: r for r in run_cells(organism, cells, datasets, tmp_path / "p", "p", StudyConfig(batch_size=24))}
+    rows = {r["cell_id"]: r for r in run_cells(organism, cells, datasets, tmp_path / "p", "p", batch_size=24)}
     attn, mlp = rows["attention_output.L1@last"], rows["mlp_output.L1@last"]
     assert attn["floor"]["rate"] <= 0.1
     assert attn["success"]["ci_low"] > attn["floor"]["ci_high"] and attn["success"]["rate"] >= 0.8
@@ -169,23 +168,23 @@ def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism
     from causal.results import RawResults
     from experiments.intervention_engine import Cell
     from experiments.model_units import AttentionPattern
-    from tasks.decimal_comparison.study import StudyConfig, cross_format_dataset, run_cells, transplant_cells
+    from tasks.decimal_comparison.analyses import cross_format_dataset, run_cells, transplant_cells
     from tasks.decimal_comparison.token_positions import role_position
 
     pairs = sample_pairs(8, seed=11, split="heldout")
-    cfg = StudyConfig(batch_size=8)
+    cfg = {"batch_size": 8}
     every = role_position(organism, "all")
     identity = [Cell(f"self.L{l}", [AttentionPattern(l, every)], kind="attention_transplant", key_roles=[every])
                 for l in range(organism.num_layers)]
     same = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "qa", "fix.qa")}
-    run_cells(organism, identity, same, tmp_path / "same", "same", cfg)
+    run_cells(organism, identity, same, tmp_path / "same", "same", **cfg)
     raw = RawResults(tmp_path / "same")
     base = raw.base_outputs("fix.qa").set_index("example_index")["output_text"]
     for _, row in raw.intervened_outputs("fix.qa").iterrows():
         assert row["output_text"] == base[row["example_index"]]
     cells = transplant_cells(organism, range(organism.num_layers), per_head=False)
     cross = {"fix.qa": cross_format_dataset(organism, pairs, "qa", "simple", "fix.qa")}
-    rows = run_cells(organism, cells, cross, tmp_path / "cross", "cross", cfg)
+    rows = run_cells(organism, cells, cross, tmp_path / "cross", "cross", **cfg)
     assert any(r["success"]["k"] != r["floor"]["k"] for r in rows)
 
 
@@ -194,14 +193,7 @@ def test_head_and_neuron_ablation(organism, tmp_path):
     import torch
 
     from tasks.decimal_comparison.neurons import ablate_neurons, down_projection, neuron_activations, parse_neurons
-    from tasks.decimal_comparison.study import (
-        StudyConfig,
-        ablation_cells,
-        head_means,
-        run_cells,
-        same_format_dataset,
-        setting,
-    )
+    from tasks.decimal_comparison.analyses import ablation_cells, head_means, run_cells, same_format_dataset, setting
 
     pairs = sample_pairs(6, seed=2, split="heldout")
     prompts = [setting(organism, p, "qa") for p in pairs]
@@ -210,7 +202,7 @@ def test_head_and_neuron_ablation(organism, tmp_path):
     cells = ablation_cells(organism, [1], means)
     assert {c.kind for c in cells} == {"zero_ablation", "mean_ablation"}
     rows = run_cells(organism, cells[:4], {"fix.qa": same_format_dataset(organism, pairs, "qa", "fix.qa")},
-                     tmp_path / "ab", "ab", StudyConfig(batch_size=6))
+                     tmp_path / "ab", "ab", batch_size=6)
     assert len(rows) == 4 and all(r["success"]["n"] == 6 for r in rows)
 
     assert parse_neurons("1:3,4;2:0") == {1: [3, 4], 2: [0]}
@@ -231,24 +223,43 @@ def test_head_and_neuron_ablation(organism, tmp_path):
             pass
 
 
+def test_success_rows_name_cells_per_sweep_and_read_the_study_format(organism, tmp_path):
+    """The metric of the runner's ``patching`` step: one sweep per component, cells named ``<component>.<cell>`` (the
+    old study's ids), Holm across every cell of a dataset; datasets named ``fix`` / ``break`` take the study's format."""
+    from experiments.intervention_experiment import PatchUnits
+    from tasks.decimal_comparison.analyses import cross_format_dataset, success_rows
+    from tasks.decimal_comparison.token_positions import role_positions
+
+    pairs = sample_pairs(6, seed=4, split="heldout")
+    datasets = {"fix": cross_format_dataset(organism, pairs, "qa", "simple", "fix"),
+                "break": cross_format_dataset(organism, pairs, "simple", "qa", "break")}
+    raws = {c: PatchUnits(organism, [1], role_positions(organism, ["last"]), c, config={"id": c, "batch_size": 6}
+                          ).perform_interventions(datasets, results_dir=tmp_path / c) for c in ("attention_output", "mlp_output")}
+    rows = success_rows(raws, datasets, "patching", format="qa")
+    assert sorted({r["cell_id"] for r in rows}) == ["attention_output.L1@last", "mlp_output.L1@last"]
+    assert {(r["direction"], r["format"]) for r in rows} == {("fix", "qa"), ("break", "qa")}
+    assert all(r["success"]["n"] == 6 and r["verdict"]["cell_id"] == r["cell_id"] for r in rows)
+
+
+def test_old_entry_point_translates_its_options_and_warns():
+    from tasks.decimal_comparison import study
+
+    assert study.runner_arguments(["--steps", "patching", "figures", "--buggy-formats", "qa", "chat", "--out", "o",
+                                   "--roles", "matched", "last", "--n-patch", "8"]) == [
+        ["--format", fmt, "--out", f"o/{fmt}", "--roles", "matched last", "--size", "8", "--bug-formats", "simple",
+         "qa", "chat", "--steps", "filter", "intervene", "patching", "report"] for fmt in ("qa", "chat")]
+    assert study.runner_arguments(["--quick"]) == [["--format", "qa", "--bug-formats", "simple", "qa", "chat",
+                                                    "--n-bug", "1", "--steps", "filter", "bug_rate"]]
+    with pytest.warns(DeprecationWarning, match="moved to tasks.decimal_comparison.analyses.bug_rates"):
+        from tasks.decimal_comparison.study import bug_rates  # noqa: F401
+
+
 @needs_organism
-@pytest.mark.slow
-def test_study_end_to_end_on_the_organism(tmp_path):
+def test_old_entry_point_runs_the_study_through_the_runner(tmp_path):
     from tasks.decimal_comparison.study import main
 
-    out = tmp_path / "study"
-    summary = main(["--out", str(out), "--device", "cpu", "--n-bug", "16", "--n-patch", "8", "--n-general", "8",
-                    "--n-attention", "4", "--subset-draws", "1", "--layers", "1", "2", "--transplant-layers", "1",
-                    "--roles", "matched", "last"])
-    assert summary["buggy_formats"] and "qa" in summary["buggy_formats"]
-    saved = json.loads((out / "summary.json").read_text())
-    for key in ("bug_rate", "patching_best_fix", "generalisation", "causal_models", "transplant_layers", "subsets",
-                "head_ablation_best_fix", "neurons"):
-        assert key in saved, key
-    for name in ("bug_rate_by_format", "fix_rate_layer_component", "transplant_bidirectional", "head_subsets",
-                 "surgical_precision", "token_attention_two_formats"):
-        assert (out / "figures" / f"{name}.png").exists() and (out / "figures" / f"{name}.pdf").exists()
-    assert "Bug rate per format" in (out / "summary.md").read_text()
-    assert Path(out / "data" / "patching.json").exists()
-    verdicts = [v["verdict"] for b in saved["patching_best_fix"] for v in b["per_format"].values()]
-    assert verdicts and all(v["grade"] in ("full", "partial", "none") for v in verdicts)
+    with pytest.warns(DeprecationWarning, match="python -m experiments.study --task decimal_comparison"):
+        (out,) = main(["--quick", "--out", str(tmp_path / "study"), "--device", "cpu", "--formats", "simple", "qa"])
+    bug = json.loads((out / "analyses" / "bug_rate" / "bug_rate.json").read_text())
+    assert set(bug["quick_check"]) == {"simple", "qa"} and bug["quick_check"]["qa"]["outcome"] == "buggy"
+    assert (out / "metadata.json").exists() and (out / "datasets" / "fix").exists()

@@ -6,6 +6,8 @@ A study folder (default ``results/<task>/<model>/<settings>``, ``…_test`` for 
     datasets/<family>/       # step 1: filtered counterfactual datasets (HF save_to_disk)
     raw/<experiment>/        # step 2: raw intervention results (manifest + parquet)
     scores/                  # step 3: scores, heatmaps, summary.md
+    analyses/<extra step>/   # the task's extra steps (run by the study runner, experiments.study)
+    report.md                # step 4: the task's report sections, then the scores summary
 
 Imports no torch (``--help`` and step 3 stay instant); the pipeline is loaded by the steps that need it.
 """

@@ -3,12 +3,16 @@
     python -m experiments.steps.filter --task general_addition [--model organism] [--size 128] [--test] [task settings]
 
 Writes <study>/datasets/<family>/ and <study>/metadata.json (task, settings, filter accuracy per dataset).
+A task with ``filter_pairs=False`` keeps every pair and loads no model here.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from experiments.steps.common import (
     check_same_study,
@@ -31,7 +35,8 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     chosen, rest = split_task(argv, task)
     args = study_parser(chosen, __doc__, step=1).parse_args(rest)
     settings = task_settings(chosen, args)
-    from experiments.filter_experiment import FilterExperiment  # torch: after parsing, so --help is instant
+    if chosen.filter_pairs:
+        from experiments.filter_experiment import FilterExperiment  # torch: after parsing, so --help is instant
 
     size = min(args.size, TEST_PAIRS) if args.test else args.size
     out = study_dir(chosen, args)
@@ -41,14 +46,17 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
         previous = read_metadata(out)
         check_same_study(args, previous, (*step1_settings(chosen), "seed", "size", "families", "test"))
         experiments = previous.get("experiments", [])  # same datasets: step 2's records stay valid
-    pipeline = load_pipeline(chosen, args)
-    causal_model = chosen.main_model(settings)
     families = args.families or chosen.families(settings)
     datasets = chosen.make_datasets(settings, families, size, args.seed)
-    kept, reports = FilterExperiment(pipeline, causal_model, chosen.checker).filter(datasets)
+    if chosen.filter_pairs:
+        causal_model = chosen.main_model(settings)
+        kept, reports = FilterExperiment(load_pipeline(chosen, args), causal_model, chosen.checker).filter(datasets)
+    else:  # the task studies inputs the model gets wrong: every pair is kept, no model is run
+        kept, reports = unfiltered(datasets)
     saved = []
     for report in reports:
-        print(f"{report.dataset_id:18s} model accuracy on inputs {report.input_accuracy:6.1%}   "
+        accuracy = "  (not filtered)" if report.input_accuracy is None else f"{report.input_accuracy:6.1%}"
+        print(f"{report.dataset_id:18s} model accuracy on inputs {accuracy}   "
               f"kept {report.kept_pairs}/{report.total_pairs} pairs")
         if report.kept_pairs == 0:
             print(f"  dropping {report.dataset_id}: no pair survives filtering")
@@ -66,6 +74,22 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     })
     print(f"datasets and metadata written to {out}")
     return out
+
+
+class UnfilteredReport(BaseModel):
+    """Step 1's record of a dataset of a task that keeps every pair (``Task.filter_pairs=False``)."""
+
+    dataset_id: str
+    total_pairs: int
+    kept_pairs: int
+    input_accuracy: float | None = None
+    inputs_checked: int = 0
+
+
+def unfiltered(datasets: dict[str, Any]) -> tuple[dict[str, Any], list[UnfilteredReport]]:
+    """Every dataset as it is, with a report that says so."""
+    return dict(datasets), [UnfilteredReport(dataset_id=name, total_pairs=len(d), kept_pairs=len(d))
+                            for name, d in datasets.items()]
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     check_same_study(args, metadata, step1_settings(chosen))
     if args.merge_shards is not None:
         return merge(out, args.merge_shards)
+    if chosen.sweeps is None:
+        print(f"task {chosen.name!r} declares no sweeps: nothing to run here (its interventions are extra steps of "
+              f"the study runner, python -m experiments.study)")
+        return out
     datasets = load_datasets(out)
     pipeline = load_pipeline(chosen, args)  # torch from here on
     positions = chosen.token_positions(pipeline, settings)

@@ -115,6 +115,10 @@ def _ci(row: Any, prefix: str) -> str:
     return "n/a" if pd.isna(low) else f"[{low:.3f}, {high:.3f}]"
 
 
+def _accuracy(value: float | None) -> str:
+    return "not filtered (every pair kept)" if value is None else f"{value:.1%}"
+
+
 def _num(value: Any) -> str:
     return "n/a" if pd.isna(value) else f"{value:.3f}"
 
@@ -274,7 +278,7 @@ def write_scores(task: Task, settings: Any, out: Path, metadata: dict[str, Any],
     lines = [f"# {task.name} study: {metadata['model']}" + (f" ({described})" if described else ""), "",
              task.description, ""]
     lines += ["## Filtering (step 1)", "", "| dataset | model accuracy on inputs | pairs kept |", "|---|---|---|"]
-    lines += [f"| {r['dataset_id']} | {r['input_accuracy']:.1%} | {r['kept_pairs']}/{r['total_pairs']} |"
+    lines += [f"| {r['dataset_id']} | {_accuracy(r.get('input_accuracy'))} | {r['kept_pairs']}/{r['total_pairs']} |"
               for r in metadata["filter"]]
     lines += ["", "## Experiments scored", ""]
     lines += [f"- `{entry['id']}` ({entry.get('type', '?')}, `{entry['folder']}`)" for entry, _ in experiments]

@@ -1,6 +1,7 @@
-"""Figures of the decimal comparison study, drawn only from the extracted data in ``<out>/data/``.
+"""Figures of the decimal comparison study, drawn only from the extracted data of its extra steps
+(``<study>/analyses/<step>/<name>.json``, `tasks.decimal_comparison.steps`).
 
-``make_figures(out)`` writes PNG and PDF under ``<out>/figures/`` for whatever data exists:
+``make_figures(data, folder)`` writes PNG and PDF under ``folder`` for whatever data exists:
 bug rate by format; fix (and break) rate by layer × component with floors; generalisation;
 attention differences (mass on decimals vs format tokens, entropy, differing heads); bidirectional
 transplantation; head-subset success vs k; head contributions (ablation); a surgical-precision
@@ -9,7 +10,6 @@ heatmap (fix rate by layer × position per component); token-level attention map
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COMPONENT_LABELS = {"attention_output": "attention out", "mlp_output": "MLP out", "block_output": "block out"}
-
-
-def _load(out: Path, name: str) -> Any | None:
-    path = out / "data" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _save(fig, folder: Path, name: str, written: list[str]) -> None:
@@ -82,7 +77,8 @@ def patching_figures(patch: dict, folder: Path, written: list[str]) -> None:
             ax.set_xticks(range(len(layers)), layers)
             ax.set_yticks(range(len(comps)), [COMPONENT_LABELS[c] for c in comps] if col == 0 else [])
             ax.set_xlabel("layer")
-            src, dst = ("simple", fmt) if direction == "fix" else (fmt, "simple")
+            source = patch.get("source_format", "simple")
+            src, dst = (source, fmt) if direction == "fix" else (fmt, source)
             ax.set_title(f"{src} → {dst} (floor {floor:.2f})", fontsize=9)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=label)
         fig.suptitle(f"{label}, patch at role-matched positions, n={patch['n_pairs']}", fontsize=9)
@@ -262,29 +258,28 @@ def ablation_figure(ab: dict, folder: Path, written: list[str]) -> None:
         _save(fig, folder, "neuron_ablation", written)
 
 
-def make_figures(out: str | Path) -> list[str]:
-    """Draw every figure whose data exists under ``<out>/data``; returns the PNG names written."""
-    out = Path(out)
-    folder = out / "figures"
+def make_figures(data: dict[str, Any], folder: str | Path, critical_layer: int | None = None) -> list[str]:
+    """Draw every figure whose data is in ``data`` (name -> the JSON an extra step wrote: ``bug_rate``, ``patching``,
+    ``generalisation``, ``attention``, ``transplant``, ``blocking``, ``ablation``) into ``folder``; returns the PNG
+    names written. ``critical_layer``: the layer whose token-level attention map is drawn."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    if (bug := _load(out, "bug_rate")) is not None:
+    if (bug := data.get("bug_rate")) is not None:
         bug_rate_figure(bug, folder, written)
-    if (patch := _load(out, "patching")) is not None:
+    if (patch := data.get("patching")) is not None:
         patching_figures(patch, folder, written)
-    if (gen := _load(out, "generalisation")) is not None:
+    if (gen := data.get("generalisation")) is not None:
         generalisation_figure(gen, folder, written)
-    if (att := _load(out, "attention")) is not None:
-        crit = summary.get("critical_attention_layers")
-        if crit:
-            att["critical_layer"] = att["layers"].index(crit[0])
+    if (att := data.get("attention")) is not None:
+        if critical_layer is not None and critical_layer in att["layers"]:
+            att = {**att, "critical_layer": att["layers"].index(critical_layer)}
         attention_figures(att, folder, written)
-    if (tr := _load(out, "transplant")) is not None:
+    if (tr := data.get("transplant")) is not None:
         transplant_figures(tr, folder, written)
-    if (bl := _load(out, "blocking")) is not None:
+    if (bl := data.get("blocking")) is not None:
         transplant_figures(bl, folder, written, "format_blocking",
                            "blocking attention to the format's own tokens (prompt and decoding)")
-    if (ab := _load(out, "ablation")) is not None:
+    if (ab := data.get("ablation")) is not None:
         ablation_figure(ab, folder, written)
     return written

@@ -6,6 +6,7 @@ A study folder (default ``results/addition/<model>/<D>d``) holds::
     datasets/<family>/       # step 1: filtered counterfactual datasets (HF save_to_disk)
     raw/<experiment>/        # step 2: raw intervention results (manifest + parquet)
     scores/                  # step 3: scores, heatmaps, summary.md
+    report.md                # step 4 (the study runner, python -m experiments.study --task general_addition)
 """
 
 from __future__ import annotations
@@ -65,5 +66,5 @@ RUN_ALL_DESCRIPTION = """All three steps of the addition study: datasets + filte
 
 Steps 1 and 2 get every argument; step 3 scores the study folder they write (printed by this script)."""
 
-if __name__ == "__main__":  # print the study folder for a set of step arguments (used by run_all.sh)
+if __name__ == "__main__":  # print the study folder for a set of step arguments (for scripts)
     print(study_dir(study_parser(RUN_ALL_DESCRIPTION, prog="run_study.sh").parse_args(sys.argv[1:])))
