@@ -8,11 +8,24 @@ metric, the network (`model_fingerprint`) and the datasets (fingerprints); it re
 results folder, and a results folder refuses to be created where such a file lies (`RawResultsWriter` refuses
 files of unknown origin). Exact interchange runs through the ordinary engine into an ordinary results folder.
 
-Ranking. By default cells are ranked by the mean over pairs of ``|estimate|`` (``score="abs"``): where the answer
-flips, the first-order term is often far too small and sometimes of the wrong sign (see the README's validation
-table), so a cell with a large estimate of either sign deserves an exact look; the verdict's one-sided test
-decides the sign. ``score="signed"`` ranks by the mean estimate (towards the label), ``score="graddrop"`` by the
-mean AtP* GradDrop score (exposes cells whose paths cancel).
+Ranking (``ScreenConfig.score``), each a mean over the pairs whose labels differ. The verdict asks whether a patch
+makes the output *become* the counterfactual label; the metric's largest moves come from patches that destroy the
+base answer, and where the answer flips the first-order term is far too small (the log-probability saturates), so
+the scores differ in what they reward:
+
+- ``prob`` (default): the first-order change of p(cf label), ``p(cf) * d log p(cf)``. It weights each pair by how
+  close the cf label already is, so pairs near their decision count and pairs far from it do not;
+- ``toward``: the first-order change of log p(cf label) alone (the cf rows' term). With a confident base answer
+  the gradient of log p(base label) vanishes, so this is nearly ``signed``;
+- ``signed``: the mean estimate of the metric; ``abs``: the mean ``|estimate|`` (a large move either way);
+- ``flip``: the first-order "would flip" count, the share of pairs where ``metric_base + estimate`` crosses 0
+  (cf label over base label) minus those where it crosses back; ties are broken by ``soft_flip``, the mean change
+  of ``sigmoid(metric)`` (the cf label's probability between the two labels) at the first-order metric;
+- ``informative``: ``signed`` on the pairs whose unpatched greedy answer (teacher-forced argmax) is not the cf
+  label. This restriction is for ranking only; the verdicts keep every pair;
+- ``graddrop``: the mean AtP* GradDrop score (exposes cells whose paths cancel; one more pass per layer).
+
+The README compares them against the verdicts of full exact sweeps (``scripts/validate_attribution.py --screen``).
 
 What the verdicts control. The correction (Holm by default) runs over the verified cells only; cells never
 verified are not tested. Screening with the same pairs that the exact test then uses makes the selection depend
@@ -48,7 +61,10 @@ ESTIMATES_KIND = "attribution_estimates"
 METHOD = ("AtP: (a_source - a_base) . dM/da at the base run; attention-pattern cells: AtP* QK fix (exact softmax "
           "change times dM/dA)")
 METRIC = "log p(cf label) - log p(base label), teacher-forced, every answer token scored"
-Score = Literal["abs", "signed", "graddrop"]
+Score = Literal["abs", "signed", "toward", "prob", "flip", "soft_flip", "informative", "graddrop"]
+SCORES: tuple[str, ...] = ("abs", "signed", "toward", "prob", "flip", "soft_flip", "informative", "graddrop")
+#: per-result arrays written beside the estimates when present
+OPTIONAL_ARRAYS = ("linearised", "graddrop", "toward", "logp_cf", "logp_base", "greedy_cf", "greedy_base")
 Datasets = CounterfactualDataset | Sequence[CounterfactualDataset] | Mapping[str, CounterfactualDataset]
 
 
@@ -87,26 +103,30 @@ class AttributionEstimates:
         dataset, side by side."""
         return np.concatenate([np.asarray(getattr(r, what))[:, r.informative] for r in self.results.values()], 1)
 
-    def scores(self, score: Score = "abs") -> np.ndarray:
-        """(C,) the ranking score of every cell over the informative pairs (see the module docstring)."""
-        if score == "abs":
-            values = np.abs(self.pooled())
-        elif score == "signed":
-            values = self.pooled()
-        elif score == "graddrop":
-            values = self.pooled("graddrop_score")
-        else:
-            raise ValueError(f"score must be 'abs', 'signed' or 'graddrop', got {score!r}")
+    def scores(self, score: Score = "prob") -> np.ndarray:
+        """(C,) the ranking score of every cell, a mean over the pairs whose labels differ (see the module
+        docstring for what each score asks)."""
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        if score == "flip":  # ties (equal counts) broken by the soft count, never reordering the counts
+            counts, soft = self._mean("flip_count"), self._mean("soft_flip")
+            n = max(1, sum(int(r.informative.sum()) for r in self.results.values()))
+            order = stats.rankdata(soft) / (len(soft) + 1)  # in (0, 1)
+            return counts + order / (2 * n)
+        return self._mean(score)
+
+    def _mean(self, score: str) -> np.ndarray:
+        parts = [pair_scores(r, score) for r in self.results.values()]
+        values = np.concatenate([v[:, keep] for v, keep in parts], 1)
         return values.mean(1) if values.shape[1] else np.zeros(values.shape[0])
 
     def to_json(self) -> dict[str, Any]:
         def arrays(r: AttributionResult) -> dict[str, Any]:
             out: dict[str, Any] = {"estimates": r.estimates.tolist(), "metric_base": r.metric_base.tolist(),
                                    "informative": r.informative.astype(bool).tolist()}
-            if r.linearised is not None:
-                out["linearised"] = r.linearised.tolist()
-            if r.graddrop is not None:
-                out["graddrop"] = r.graddrop.tolist()
+            for name in OPTIONAL_ARRAYS:
+                if getattr(r, name) is not None:
+                    out[name] = np.asarray(getattr(r, name)).tolist()
             return out
 
         return {**self.identity.model_dump(mode="json"), "results": {k: arrays(r) for k, r in self.results.items()}}
@@ -134,10 +154,50 @@ class AttributionEstimates:
         ids = [c.cell_id for c in identity.cells]
         results = {}
         for dataset_id, r in results_data.items():
-            optional = {k: np.asarray(r[k]) for k in ("linearised", "graddrop") if k in r}
+            optional = {k: np.asarray(r[k], dtype=bool if k.startswith("greedy") else float)
+                        for k in OPTIONAL_ARRAYS if k in r}
             results[dataset_id] = AttributionResult(ids, np.asarray(r["estimates"]), np.asarray(r["metric_base"]),
                                                     np.asarray(r["informative"], dtype=bool), **optional)
         return cls(identity, results)
+
+
+def pair_scores(result: AttributionResult, score: str) -> tuple[np.ndarray, np.ndarray]:
+    """(C, N) per-pair values of a ranking ``score`` and (N,) the pairs it is averaged over (labels differ; for
+    ``informative`` also: the unpatched greedy answer is not the cf label). ``flip`` ranks by ``flip_count``
+    (the first-order count) with ties broken by ``soft_flip``; see `AttributionEstimates.scores`."""
+    keep = np.asarray(result.informative, dtype=bool)
+
+    def need(name: str) -> np.ndarray:
+        value = getattr(result, name)
+        if value is None:
+            raise ValueError(f"score {score!r} needs {name!r}, which these estimates do not hold (estimated before "
+                             "it was recorded): estimate again")
+        return np.asarray(value)
+
+    est = np.asarray(result.estimates)
+    if score == "abs":
+        return np.abs(est), keep
+    if score == "signed":
+        return est, keep
+    if score == "graddrop":
+        return result.graddrop_score, keep
+    if score == "toward":
+        return need("toward"), keep
+    if score == "prob":  # first-order change of p(cf label): p * d log p
+        return np.exp(need("logp_cf"))[None] * need("toward"), keep
+    if score == "informative":
+        return est, keep & ~need("greedy_cf").astype(bool)
+    base = np.asarray(result.metric_base)[None]
+    after = base + est  # first-order metric after the patch: > 0 where the cf label would beat the base label
+    if score == "flip_count":
+        return (after > 0).astype(float) - (base > 0).astype(float), keep
+    if score == "soft_flip":
+        return _sigmoid(after) - _sigmoid(base), keep
+    raise ValueError(f"unknown score {score!r}")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=float)))
 
 
 def _pairs_and_labels(dataset: CounterfactualDataset, causal_model: Any, target_variables: list[str],
@@ -151,16 +211,27 @@ def _pairs_and_labels(dataset: CounterfactualDataset, causal_model: Any, target_
 
 
 def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Datasets, target_variables: list[str],
-                   counterfactual_index: int = 0, graddrop: bool = False, progress: bool = False
-                   ) -> AttributionEstimates:
+                   counterfactual_index: int = 0, graddrop: bool = False, progress: bool = False,
+                   pairs_per_pass: int = 256) -> AttributionEstimates:
     """Estimates of every cell of ``attribution`` on every dataset, the metric defined by ``causal_model``'s labels
-    with ``target_variables`` interchanged."""
+    with ``target_variables`` interchanged. The pairs of all datasets are pooled and estimated ``pairs_per_pass``
+    at a time (one source pass and one forward/backward each), then split by dataset again."""
     given = as_dataset_dict(datasets)
-    results = {}
-    for dataset_id, dataset in tqdm(given.items(), desc="estimates", disable=not progress, leave=False):
-        bases, sources, base_labels, cf_labels = _pairs_and_labels(dataset, causal_model, target_variables,
-                                                                   counterfactual_index)
-        results[dataset_id] = attribution.estimate(bases, sources, base_labels, cf_labels, graddrop=graddrop)
+    pooled: list[list[Any]] = [[], [], [], []]
+    sizes = []
+    for dataset in given.values():
+        for column, values in zip(pooled, _pairs_and_labels(dataset, causal_model, target_variables,
+                                                            counterfactual_index)):
+            column.extend(values)
+        sizes.append(len(dataset))
+    step = max(1, pairs_per_pass)
+    chunks = range(0, len(pooled[0]), step)
+    parts = [attribution.estimate(*(column[i : i + step] for column in pooled), graddrop=graddrop)
+             for i in tqdm(chunks, desc="estimates", disable=not progress, leave=False)]
+    joined = AttributionResult.concat(parts)
+    bounds = np.cumsum([0, *sizes])
+    results = {dataset_id: joined.take(slice(int(a), int(b)))
+               for dataset_id, a, b in zip(given, bounds[:-1], bounds[1:])}
     identity = EstimatesIdentity(
         causal_model_id=str(causal_model.id), target_variables=list(target_variables),
         counterfactual_index=counterfactual_index, model=model_fingerprint(attribution.pipeline),
@@ -170,15 +241,18 @@ def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Da
 
 
 class ScreenConfig(BaseModel):
-    """How many cells to verify: the top ``top_fraction`` of the ranking (at least one) plus a seeded random
-    sample of ``random_fraction`` of the rest (rounded up; 0 for none)."""
+    """How many cells to verify: the top ``top_fraction`` of the ranking by ``score`` (at least one) plus a seeded
+    random sample of ``random_fraction`` of the rest (rounded up; 0 for none). ``exact_metric``: also compute the
+    verified cells' exact effect on the metric (teacher-forced; one more patched pass of every verified cell,
+    for the estimate-vs-exact comparison); the verdicts never need it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     top_fraction: float = Field(0.1, gt=0, le=1)
     random_fraction: float = Field(0.05, ge=0, le=1)
     seed: int = 0
-    score: Score = "abs"
+    score: Score = "prob"
+    exact_metric: bool = False
 
     def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top, sample): indices of the top cells (best first) and of the random sample of the rest (sorted)."""
@@ -196,11 +270,13 @@ class ScreenResult:
 
     ``table``: one row per cell (ranking order): ``cell_id``, ``kind``, ``rank``, ``score``, ``chosen`` ("top",
     "random" or "" for unverified), ``estimate_mean`` (mean estimate over informative pairs), ``exact_mean`` (the
-    exact effect on the same metric; NaN unless verified) and, for verified cells, the verdict columns of
-    `causal.verdicts` (pooled over the families): ``grade``, ``effect`` (IIA - floor), ``iia``, ``floor``,
-    ``gained``, ``lost``, ``p_adjusted``. ``located_top`` / ``located_random``: located (full or partial) cells
-    in the top and in the random sample; the latter are cells the screen missed. ``seconds``: wall time of each
-    stage (``estimate``, ``exact_metric``, ``interchange``, ``verdicts``)."""
+    exact effect on the same metric; NaN unless verified with ``exact_metric``) and, for verified cells, the
+    verdict columns of `causal.verdicts` (pooled over the families): ``grade``, ``effect`` (IIA - floor), ``iia``,
+    ``floor``, ``gained``, ``lost``, ``p_adjusted``. ``located_top`` / ``located_random``: located (full or
+    partial) cells in the top and in the random sample; the latter are cells the screen missed. ``seconds``: wall
+    time of each stage (``estimate``, ``exact_metric`` when computed, ``interchange``, ``verdicts``). ``location``: the
+    verified cell the verdicts locate the variable at (best grade, then largest effect), None when none is
+    located."""
 
     identity: EstimatesIdentity
     config: ScreenConfig
@@ -230,10 +306,19 @@ class ScreenResult:
         return k / n, float(high[0])
 
     @property
+    def location(self) -> str | None:
+        located = self.table[self.table["grade"].isin(["full", "partial"])] if "grade" in self.table else []
+        if len(located) == 0:
+            return None
+        order = located.assign(_g=located["grade"].map({"full": 0, "partial": 1}), _e=-located["effect"])
+        return str(order.sort_values(["_g", "_e"], kind="stable")["cell_id"].iloc[0])
+
+    @property
     def spearman(self) -> float:
-        """Spearman correlation of the mean estimate and the mean exact effect over the verified cells."""
+        """Spearman correlation of the mean estimate and the mean exact effect over the verified cells (NaN
+        without ``exact_metric``)."""
         verified = self.table[self.table["chosen"] != ""]
-        if len(verified) < 3:
+        if len(verified) < 3 or verified["exact_mean"].isna().any():
             return math.nan
         return float(stats.spearmanr(verified["estimate_mean"], verified["exact_mean"]).statistic)
 
@@ -248,7 +333,8 @@ class ScreenResult:
         if self.n_random:
             lines.append(f"missed share {rate:.2f} (upper {self.rule.confidence:.0%} bound {high:.2f}) of "
                          f"{unverified} unverified cells")
-        lines.append(f"Spearman(estimate, exact) over verified cells: {self.spearman:.2f}")
+        if not math.isnan(self.spearman):
+            lines.append(f"Spearman(estimate, exact) over verified cells: {self.spearman:.2f}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -304,17 +390,19 @@ def screen_and_verify(
     verified = sorted(chosen, key=lambda k: rank[k])
     cells = [attribution.cells[k] for k in verified]
 
-    clock = time.perf_counter()
     index = estimates.identity.counterfactual_index
     check = as_dataset_dict(verify_datasets if verify_datasets is not None else datasets)
-    exact_sum, exact_n = np.zeros(len(cells)), 0
-    for dataset in tqdm(check.values(), desc="exact effects", disable=not progress, leave=False):
-        pairs = attribution.prepare(*_pairs_and_labels(dataset, causal_model, target_variables, index))
-        effects = attribution.exact_prepared(pairs, attribution.base_metric(pairs), cells)
-        exact_sum += effects[:, pairs.informative].sum(1)
-        exact_n += int(pairs.informative.sum())
-    exact_of = dict(zip(verified, exact_sum / max(1, exact_n)))
-    seconds["exact_metric"] = time.perf_counter() - clock
+    exact_of: dict[int, float] = {}
+    if config.exact_metric:
+        clock = time.perf_counter()
+        exact_sum, exact_n = np.zeros(len(cells)), 0
+        for dataset in tqdm(check.values(), desc="exact effects", disable=not progress, leave=False):
+            pairs = attribution.prepare(*_pairs_and_labels(dataset, causal_model, target_variables, index))
+            effects = attribution.exact_prepared(pairs, attribution.base_metric(pairs), cells)
+            exact_sum += effects[:, pairs.informative].sum(1)
+            exact_n += int(pairs.informative.sum())
+        exact_of = dict(zip(verified, exact_sum / max(1, exact_n)))
+        seconds["exact_metric"] = time.perf_counter() - clock
 
     folder = Path(results_dir) if results_dir is not None else Path(tempfile.mkdtemp(prefix="attribution-screen-"))
     name = "+".join(target_variables)

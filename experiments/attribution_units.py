@@ -37,6 +37,11 @@ Estimates (all from one source pass and one base forward/backward):
   `AttributionResult.cancellation` is ``max_l |AtP_-l - AtP|``: large where paths through some layer cancel in
   the plain estimate.
 
+The metric's parts: the cf rows' term alone is the estimated change of log p(cf label) (``toward``); the result
+also keeps the unpatched log-probabilities of both labels and whether the unpatched teacher-forced argmax spells
+each label, for rankings that target the verdict (`experiments.attribution_screen`). `exact_rows` gives the exact
+patched log-probabilities of both labels, `effects` turns them into exact effects on the metric or its cf part.
+
 Gradients flow only where needed: the parameters never require grad during the pass, and the gradient starts
 at the earliest activation any cell reads (a leaf there), so nothing below it is differentiated.
 
@@ -154,7 +159,14 @@ class AttributionResult:
     pattern cells); ``exact`` when computed. ``metric_base`` (N,) the unpatched metric; ``informative`` (N,) pairs
     whose two labels differ (the others have M = 0 and every effect 0). ``linearised`` (C, N): the estimate
     linearised through the softmax (differs from ``estimates`` for pattern cells only). ``graddrop`` (L, C, N):
-    the estimates with layer l's gradient dropped."""
+    the estimates with layer l's gradient dropped.
+
+    The metric's two parts, for rankings that target the verdict (`experiments.attribution_screen`): ``toward``
+    (C, N) the estimated change of log p(cf label) alone (the cf rows' term; ``estimates - toward`` is the
+    estimated change of -log p(base label)); ``logp_cf`` / ``logp_base`` (N,) the unpatched log-probabilities of
+    the two labels (``metric_base = logp_cf - logp_base``); ``greedy_cf`` / ``greedy_base`` (N,) whether the
+    unpatched network's teacher-forced argmax spells the cf / the base label (its own greedy answer, up to what
+    follows the label). ``exact_toward`` (C, N): the exact change of log p(cf label), when computed."""
 
     cell_ids: list[str]
     estimates: np.ndarray
@@ -163,6 +175,30 @@ class AttributionResult:
     exact: np.ndarray | None = None
     linearised: np.ndarray | None = None
     graddrop: np.ndarray | None = None
+    toward: np.ndarray | None = None
+    logp_cf: np.ndarray | None = None
+    logp_base: np.ndarray | None = None
+    greedy_cf: np.ndarray | None = None
+    greedy_base: np.ndarray | None = None
+    exact_toward: np.ndarray | None = None
+
+    #: the per-pair arrays (pairs on the last axis)
+    PAIR_ARRAYS = ("estimates", "metric_base", "informative", "exact", "linearised", "graddrop", "toward", "logp_cf",
+                   "logp_base", "greedy_cf", "greedy_base", "exact_toward")
+
+    def take(self, pairs: np.ndarray | slice) -> "AttributionResult":
+        """The result restricted to ``pairs`` (indices or a slice of the pairs)."""
+        arrays = {k: (None if getattr(self, k) is None else np.asarray(getattr(self, k))[..., pairs])
+                  for k in self.PAIR_ARRAYS}
+        return AttributionResult(list(self.cell_ids), **arrays)
+
+    @staticmethod
+    def concat(parts: Sequence["AttributionResult"]) -> "AttributionResult":
+        """The results of consecutive chunks of pairs (same cells) as one."""
+        arrays = {k: (None if getattr(parts[0], k) is None
+                      else np.concatenate([np.asarray(getattr(r, k)) for r in parts], -1))
+                  for k in AttributionResult.PAIR_ARRAYS}
+        return AttributionResult(list(parts[0].cell_ids), **arrays)
 
     @property
     def graddrop_score(self) -> np.ndarray:
@@ -229,21 +265,35 @@ class TeacherForcedMetric:
     @staticmethod
     def scored(window: torch.Tensor, inputs: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
         """(B,) as `answer_logprob`, from ``window`` (B, k, V): the logits predicting the rows' last k tokens."""
+        return TeacherForcedMetric.scored_greedy(window, inputs, lengths)[0]
+
+    @staticmethod
+    def scored_greedy(window: torch.Tensor, inputs: dict[str, torch.Tensor], lengths: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) `scored`, and (B,) whether every answer token is the argmax of its logits (the row's answer is
+        what greedy decoding writes first)."""
         k = window.shape[1]
         logp = torch.log_softmax(window.float(), dim=-1)
-        token = logp.gather(-1, inputs["input_ids"][:, -k:, None])[..., 0]  # (B, k)
+        answer = inputs["input_ids"][:, -k:]
+        token = logp.gather(-1, answer[..., None])[..., 0]  # (B, k)
         n = torch.tensor(lengths, device=window.device)[:, None]
         keep = torch.arange(k, device=window.device)[None, :] >= k - n
-        return torch.where(keep, token, torch.zeros_like(token)).sum(-1)
+        greedy = ((window.argmax(-1) == answer) | ~keep).all(-1)
+        return torch.where(keep, token, torch.zeros_like(token)).sum(-1), greedy
 
-    def row_logprobs(self, inputs: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
-        """(B,) `answer_logprob` of one forward that projects only the answer-predicting columns."""
+    def row_scores(self, inputs: dict[str, torch.Tensor], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) `answer_logprob` and (B,) greedy flags (`scored_greedy`) of one forward that projects only the
+        answer-predicting columns."""
         k = max(lengths)
         pipeline = self.pipeline
         if pipeline.projects_last_only:
             hidden = pipeline.model.base_model(**inputs, use_cache=False).last_hidden_state
-            return self.scored(pipeline.project(hidden[:, -k - 1 : -1]), inputs, lengths)
-        return self.answer_logprob(pipeline.model(**inputs, use_cache=False).logits, inputs, lengths)
+            return self.scored_greedy(pipeline.project(hidden[:, -k - 1 : -1]), inputs, lengths)
+        return self.scored_greedy(pipeline.model(**inputs, use_cache=False).logits[:, -k - 1 : -1], inputs, lengths)
+
+    def row_logprobs(self, inputs: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+        """(B,) `answer_logprob` of one forward that projects only the answer-predicting columns."""
+        return self.row_scores(inputs, lengths)[0]
 
 
 @dataclass
@@ -267,6 +317,7 @@ class _Pass:
     probs: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     logprobs: torch.Tensor
+    greedy: torch.Tensor
 
 
 @dataclass
@@ -469,13 +520,13 @@ class UnitAttribution(TeacherForcedMetric):
         ops = [RecordAttention(pattern_layers, what=("probs", "value"))] if pattern_layers else []
         store: dict[Site, torch.Tensor] = {}
         with frozen_parameters(self.pipeline.model), torch.enable_grad(), self._hooked(actions, store, ops) as control:
-            logprobs = self.row_logprobs(pairs.inputs, pairs.lengths)
+            logprobs, greedy = self.row_scores(pairs.inputs, pairs.lengths)
             if logprobs.requires_grad:  # (not when every path from the leaf is dropped)
                 (logprobs * pairs.signs).sum().backward()
         grads = {s: (store[s].grad if store[s].grad is not None else torch.zeros_like(store[s])) for s in sites}
         records = {layer: control.get(layer) for layer in pattern_layers} if ops else {}
         return _Pass({s: store[s].detach() for s in sites}, grads, {k: r.probs for k, r in records.items()},
-                     {k: r.value for k, r in records.items()}, logprobs.detach())
+                     {k: r.value for k, r in records.items()}, logprobs.detach(), greedy)
 
     def _gather(self, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, head: int | None) -> torch.Tensor:
         """(R, n, d) values of ``t`` (B, T, d) at rows × cols; head sites: one head's (R, n, d_head) slice."""
@@ -484,8 +535,9 @@ class UnitAttribution(TeacherForcedMetric):
         return t.reshape(*t.shape[:2], self.n_heads, self.d_head)[rows[:, None], cols, head]
 
     def _cell_estimates(self, pairs: PreparedPairs, run: _Pass, cell: AttributionCell
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) AtP* and (N,) linearised estimates of one cell, both rows of every pair summed."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N,) AtP* and (N,) linearised estimates of one cell, both rows of every pair summed, and (N,) the AtP*
+        term of the cf rows alone (the estimated change of log p(cf label))."""
         base_cols, src_cols, mask = pairs.columns(cell.position)
         rows = torch.arange(2 * pairs.n_pairs, device=base_cols.device)
         n = pairs.n_pairs
@@ -494,7 +546,7 @@ class UnitAttribution(TeacherForcedMetric):
             base = self._gather(run.acts[cell.site], rows, base_cols, cell.head).float()
             source = self._gather(pairs.source_acts[cell.site], pairs.pair_of_row, src_cols, cell.head).float()
             per_row = (((source - base) * grad).sum(-1) * mask).sum(-1)
-            return per_row[:n] + per_row[n:], per_row[:n] + per_row[n:]
+            return per_row[:n] + per_row[n:], per_row[:n] + per_row[n:], per_row[:n]
         values = run.values[cell.layer][:, int(cell.head) // self.groups].float()  # (2N, T, d_head)
         d_probs = grad @ values.transpose(1, 2)  # (2N, n, T): dM/dA at the query columns
         probs = run.probs[cell.layer][:, int(cell.head)].float()[rows[:, None], base_cols]  # (2N, n, T)
@@ -505,7 +557,7 @@ class UnitAttribution(TeacherForcedMetric):
         moved = torch.where(both, torch.log(new.clamp(min=1e-30)) - torch.log(probs.clamp(min=1e-30)),
                             torch.zeros_like(new))
         linear = ((d_logits * moved).sum(-1) * mask).sum(-1)
-        return star[:n] + star[n:], linear[:n] + linear[n:]
+        return star[:n] + star[n:], linear[:n] + linear[n:], star[:n]
 
     def estimate_prepared(self, pairs: PreparedPairs, graddrop: bool = False, progress: bool = False
                           ) -> AttributionResult:
@@ -513,13 +565,16 @@ class UnitAttribution(TeacherForcedMetric):
         if not self.cells:
             raise ValueError("no cells to estimate")
         run = self._gradient_pass(pairs)
-        metric = (run.logprobs[: pairs.n_pairs] - run.logprobs[pairs.n_pairs :]).cpu().numpy()
+        n = pairs.n_pairs
+        logp = run.logprobs.cpu().numpy().astype(float)
+        greedy = run.greedy.cpu().numpy().astype(bool)
+        metric = logp[:n] - logp[n:]
 
-        def all_cells(r: _Pass) -> tuple[np.ndarray, np.ndarray]:
+        def all_cells(r: _Pass) -> tuple[np.ndarray, ...]:
             parts = [self._cell_estimates(pairs, r, cell) for cell in self.cells]
-            return (torch.stack([p[0] for p in parts]).cpu().numpy(), torch.stack([p[1] for p in parts]).cpu().numpy())
+            return tuple(torch.stack([p[j] for p in parts]).cpu().numpy() for j in range(3))
 
-        estimates, linearised = all_cells(run)
+        estimates, linearised, toward = all_cells(run)
         dropped = None
         if graddrop:
             first = self._sites(self.cells)[0]
@@ -532,10 +587,11 @@ class UnitAttribution(TeacherForcedMetric):
                     per_layer.append(all_cells(self._gradient_pass(pairs, drop_layer=layer))[0])
             dropped = np.stack(per_layer)
             dropped[:, :, ~pairs.informative] = 0.0
-        for array in (estimates, linearised):
+        for array in (estimates, linearised, toward):
             array[:, ~pairs.informative] = 0.0
         return AttributionResult([c.cell_id for c in self.cells], estimates, metric, pairs.informative,
-                                 linearised=linearised, graddrop=dropped)
+                                 linearised=linearised, graddrop=dropped, toward=toward, logp_cf=logp[:n],
+                                 logp_base=logp[n:], greedy_cf=greedy[:n], greedy_base=greedy[n:])
 
     def estimate(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
                  base_labels: Sequence[Any], cf_labels: Sequence[Any], exact: bool = False, graddrop: bool = False,
@@ -544,7 +600,9 @@ class UnitAttribution(TeacherForcedMetric):
         pairs = self.prepare(bases, sources, base_labels, cf_labels)
         result = self.estimate_prepared(pairs, graddrop=graddrop, progress=progress)
         if exact:
-            result.exact = self.exact_prepared(pairs, result.metric_base, progress=progress)
+            rows = self.exact_rows(pairs, progress=progress)
+            result.exact = self.effects(pairs, rows, result.metric_base)
+            result.exact_toward = self.effects(pairs, rows, result.logp_cf, toward=True)
         return result
 
     # ------------------------------------------------------------------ exact effects
@@ -567,6 +625,22 @@ class UnitAttribution(TeacherForcedMetric):
                        cells: Sequence[AttributionCell] | None = None, progress: bool = False) -> np.ndarray:
         """(C, N) ``M(patched) - metric_base`` per cell and pair: cells × 2N rows per forward, activation cells and
         pattern cells in separate forwards."""
+        return self.effects(pairs, self.exact_rows(pairs, cells, progress), metric_base)
+
+    @staticmethod
+    def effects(pairs: PreparedPairs, rows: np.ndarray, unpatched: np.ndarray, toward: bool = False) -> np.ndarray:
+        """(C, N) exact effects from `exact_rows`' log-probabilities: ``M(patched) - unpatched`` (the metric), or
+        with ``toward`` ``log p(cf label | patched) - unpatched`` (its cf part); 0 on pairs whose labels agree."""
+        patched = rows[:, 0] if toward else rows[:, 0] - rows[:, 1]
+        out = patched - np.asarray(unpatched)[None]
+        out[:, ~pairs.informative] = 0.0
+        return out
+
+    @torch.no_grad()
+    def exact_rows(self, pairs: PreparedPairs, cells: Sequence[AttributionCell] | None = None,
+                   progress: bool = False) -> np.ndarray:
+        """(C, 2, N) log p(cf label) (``[:, 0]``) and log p(base label) (``[:, 1]``) of the base prompts with each
+        cell patched: cells × 2N rows per forward, activation cells and pattern cells in separate forwards."""
         cells = list(self.cells if cells is None else cells)
         n = pairs.n_pairs
         per_forward = max(1, self.max_rows_per_forward // (2 * n))
@@ -574,15 +648,14 @@ class UnitAttribution(TeacherForcedMetric):
         for pattern in (False, True):
             group = [k for k, c in enumerate(cells) if (c.kind == "pattern") == pattern]
             chunks += [group[i : i + per_forward] for i in range(0, len(group), per_forward)]
-        out = np.zeros((len(cells), n))
+        out = np.zeros((len(cells), 2, n))
         for chunk in tqdm(chunks, desc="exact patching", disable=not progress, leave=False):
-            metric = self._patched_metric(pairs, [cells[k] for k in chunk])
-            out[chunk] = metric - metric_base[None]
-        out[:, ~pairs.informative] = 0.0
+            out[chunk] = self._patched_rows(pairs, [cells[k] for k in chunk])
         return out
 
-    def _patched_metric(self, pairs: PreparedPairs, cells: list[AttributionCell]) -> np.ndarray:
-        """(len(cells), N) metric of the rows with each cell patched (rows cell-major, 2N per cell)."""
+    def _patched_rows(self, pairs: PreparedPairs, cells: list[AttributionCell]) -> np.ndarray:
+        """(len(cells), 2, N) log-probabilities of the rows with each cell patched (rows cell-major, 2N per
+        cell)."""
         n2 = 2 * pairs.n_pairs
         inputs = {k: v.repeat(len(cells), 1) for k, v in pairs.inputs.items()}
         actions: dict[Site, _SiteAction] = {}
@@ -601,4 +674,4 @@ class UnitAttribution(TeacherForcedMetric):
             actions.setdefault(cell.site, _SiteAction()).patches.append((r, base_cols[mask], heads, values[mask]))
         with self._hooked(actions, {}, ops):
             logprobs = self.row_logprobs(inputs, pairs.lengths * len(cells)).view(len(cells), 2, pairs.n_pairs)
-        return (logprobs[:, 0] - logprobs[:, 1]).cpu().numpy()
+        return logprobs.cpu().numpy().astype(float)

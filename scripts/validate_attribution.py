@@ -3,6 +3,7 @@ task's shipped organism.
 
     .venv/bin/python scripts/validate_attribution.py [--task general_addition] [--pairs 24] [--families ...]
         [--kinds residual attention mlp head pattern] [--threads 1] [--json out.json]
+        [--screen [--fractions 0.05 0.1 0.2]]
 
 For every variable of the task's default targets (main hypothesis) and every cell (every layer × position; heads ×
 every head): the mean estimated and the mean exact effect on the metric log p(cf label) - log p(base label)
@@ -16,6 +17,13 @@ every head): the mean estimated and the mean exact effect on the metric log p(cf
    (sign of M before vs after): a large share means the log-probability metric saturates;
 and the time of estimates (with GradDrop) vs exact patching. ``pattern`` cells (attention transplant, keys aligned
 by unpadded index) need base and source prompts of the same layout.
+
+``--screen``: how well each screening score (`experiments.attribution_screen.SCORES`) predicts the verdicts. The
+ground truth is one full exact sweep through the engine (every cell, greedy answers), judged per variable by the
+verdict rule (Holm over all cells of that variable). Per variable and score: how many of the located cells the
+top ``--fractions`` of the ranking hold (recall), the rank of the verdict's best cell, the smallest top fraction
+holding every located cell, and the Spearman correlation over cells of the score with the exact counterpart of
+what it estimates (teacher-forced; all cells and residual cells) and with the verdict's effect (IIA - floor).
 """
 
 from __future__ import annotations
@@ -64,8 +72,13 @@ def main() -> dict[str, Any]:
     parser.add_argument("--worst", type=int, default=2, help="most wrong cells listed per unit type")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--screen", action="store_true", help="compare the screening scores against the verdicts "
+                        "of a full exact sweep (see above)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1], help="--screen: top fractions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.screen:
+        return screen_comparison(args)
     task = get_task(args.task)
     settings = task.settings()
     pipeline = LMPipeline(str(task.organism), device="cpu", max_new_tokens=task.max_new_tokens(settings))
@@ -165,6 +178,146 @@ def main() -> dict[str, Any]:
     report = {"task": args.task, "cells": ids, "kinds": kinds.tolist(), "families": families, "pairs": n_pairs,
               "timing": timing, "per_variable": {k: {kk: vv.tolist() for kk, vv in v.items()}
                                                  for k, v in per_variable.items()}}
+    if args.json:
+        args.json.write_text(json.dumps(report))
+    return report
+
+
+def exact_counterparts(rows: np.ndarray, result: Any, informative: np.ndarray) -> dict[str, np.ndarray]:
+    """(C, N) per pair the exact counterpart of every score, from the patched log-probabilities ``rows``
+    (C, 2, N) and the unpatched ones in ``result``."""
+    cf, base = result.logp_cf[None], result.logp_base[None]
+    m_base, m_patched = cf - base, rows[:, 0] - rows[:, 1]
+    sig = lambda x: 0.5 * (1 + np.tanh(0.5 * x))  # noqa: E731
+    effect = m_patched - m_base
+    out = {"abs": np.abs(effect), "signed": effect, "toward": rows[:, 0] - cf,
+           "prob": np.exp(rows[:, 0]) - np.exp(cf), "flip": (m_patched > 0).astype(float) - (m_base > 0),
+           "soft_flip": sig(m_patched) - sig(m_base), "informative": effect, "graddrop": np.abs(effect)}
+    return {k: v[:, informative] if k != "informative" else v[:, informative & ~result.greedy_cf]
+            for k, v in out.items()}
+
+
+def best_location(verdicts: Any) -> str | None:
+    """The pooled best cell of the one variable of ``verdicts`` when located (full or partial), else None."""
+    from causal.verdicts import POOLED
+
+    row = verdicts.best[verdicts.best["scope"] == POOLED].iloc[0]
+    return str(row["cell_id"]) if row["grade"] in ("full", "partial") else None
+
+
+def screen_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """``--screen`` (see the module docstring)."""
+    import tempfile
+
+    from causal.interchange_scores import compute_interchange_scores
+    from causal.verdicts import POOLED
+    from experiments.attribution_screen import SCORES, estimate_study
+    from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment
+
+    task = get_task(args.task)
+    settings = task.settings()
+    pipeline = LMPipeline(str(task.organism), device="cpu", max_new_tokens=task.max_new_tokens(settings))
+    positions = task.token_positions(pipeline, settings)
+    cells = sweep_cells(pipeline, positions, kinds=args.kinds)
+    kinds = np.array([c.kind for c in cells])
+    ids = [c.cell_id for c in cells]
+    families = args.families or DEFAULT_FAMILIES.get(args.task) or task.families(settings)
+    datasets = task.make_datasets(settings, families, args.pairs, args.seed)
+    model = task.main_model(settings)
+    variables = ["+".join(g) for g in task.default_targets(settings, [p.id for p in positions])]
+    attribution = UnitAttribution(pipeline, cells)
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        experiment = InterventionExperiment(pipeline, [c.engine_cell() for c in cells],
+                                            ExperimentConfig(id="full-sweep", batch_size=args.pairs))
+        raw = experiment.perform_interventions(datasets, results_dir=Path(tmp) / "full", verbose=False)
+        timing["full exact sweep (engine)"] = time.perf_counter() - start
+        truth: dict[str, Any] = {}
+        for variable in variables:
+            scores = compute_interchange_scores(raw, model, datasets, [variable.split("+")], task.checker)
+            verdicts = scores.verdicts()
+            tests = verdicts.tests[verdicts.tests["scope"] == POOLED].set_index("cell_id").loc[ids]
+            truth[variable] = {"located": [c for c in ids if tests.loc[c, "grade"] in ("full", "partial")],
+                               "best": best_location(verdicts),
+                               "effect": tests["effect"].to_numpy(float), "fits": verdicts.fits}
+    timing["verdicts"] = time.perf_counter() - start - timing["full exact sweep (engine)"]
+
+    per: dict[str, dict[str, Any]] = {}
+    timing["estimates"] = timing["exact"] = 0.0
+    for variable in tqdm(variables, desc="variables"):
+        start = time.perf_counter()
+        estimates = estimate_study(attribution, model, datasets, variable.split("+"), graddrop=True)
+        timing["estimates"] += time.perf_counter() - start
+        start = time.perf_counter()
+        exact_parts: dict[str, list[np.ndarray]] = {k: [] for k in SCORES}
+        for dataset_id, dataset in datasets.items():
+            examples = dataset.to_list()
+            pairs = attribution.prepare([e["input"] for e in examples],
+                                        [e["counterfactual_inputs"][0] for e in examples], model.label_data(dataset),
+                                        model.label_counterfactual_data(dataset, variable.split("+")))
+            result = estimates.results[dataset_id]
+            for k, v in exact_counterparts(attribution.exact_rows(pairs), result, pairs.informative).items():
+                exact_parts[k].append(v)
+        timing["exact"] += time.perf_counter() - start
+        exact = {k: np.concatenate(v, 1) for k, v in exact_parts.items()}
+        if exact["signed"].shape[1] == 0:
+            print(f"{variable}: no pair's labels differ: skipped")
+            continue
+        per[variable] = {"scores": {k: estimates.scores(k) for k in SCORES},
+                         "exact": {k: v.mean(1) for k, v in exact.items()}}
+
+    n_cells = len(cells)
+    located_vars = [v for v in per if truth[v]["best"] is not None]
+    print(f"{args.task}: {n_cells} cells ({', '.join(f'{(kinds == k).sum()} {k}' for k in args.kinds)}), "
+          f"{len(variables)} variables x {sum(len(d) for d in datasets.values())} pairs ({', '.join(families)}); "
+          f"ground truth: the full exact sweep's verdicts per variable (Holm over the {n_cells} cells); located: "
+          + ", ".join(f"{v} {len(truth[v]['located'])} (best `{truth[v]['best']}`)" for v in located_vars) + "\n")
+    summary = {}
+    for score in SCORES:
+        caught = {f: 0 for f in args.fractions}
+        ranks, needed, rho_own, rho_res, rho_effect = [], [], [], [], []
+        for variable in per:
+            values = per[variable]["scores"][score]
+            order = np.argsort(-values, kind="stable")
+            rank = np.empty(n_cells, int)
+            rank[order] = np.arange(n_cells)
+            located = [ids.index(c) for c in truth[variable]["located"]]
+            for f in args.fractions:
+                caught[f] += sum(rank[k] < max(1, int(np.ceil(f * n_cells))) for k in located)
+            if located:
+                needed.append((rank[located].max() + 1) / n_cells)
+                ranks.append(int(rank[ids.index(truth[variable]["best"])]) + 1)
+            own = per[variable]["exact"][score]
+            rho_own.append(rho(values, own))
+            res = kinds == "residual"
+            rho_res.append(rho(values[res], own[res]))
+            rho_effect.append(rho(values, truth[variable]["effect"]))
+        total = sum(len(truth[v]["located"]) for v in per)
+        summary[score] = {"recall": {f: caught[f] / max(1, total) for f in args.fractions}, "best_ranks": ranks,
+                          "needed": needed, "rho_own": rho_own, "rho_residual": rho_res, "rho_effect": rho_effect}
+    fr = " | ".join(f"located cells in the top {f:.0%}" for f in args.fractions)
+    print(f"| score | {fr} | rank of the best cell (per located variable) | best in top 5 | top fraction "
+          "holding every located cell, median [max] | Spearman vs exact (own quantity), all cells / residual, "
+          "median | Spearman vs verdict effect, median |")
+    print("|---" * (6 + len(args.fractions)) + "|")
+    total = sum(len(truth[v]["located"]) for v in per)
+    for score, s in summary.items():
+        rec = " | ".join(f"{round(s['recall'][f] * total)}/{total}" for f in args.fractions)
+        need = np.array(s["needed"]) if s["needed"] else np.array([np.nan])
+        print(f"| `{score}` | {rec} | {', '.join(map(str, s['best_ranks']))} | "
+              f"{sum(r <= 5 for r in s['best_ranks'])}/{len(s['best_ranks'])} | {np.median(need):.0%} "
+              f"[{np.max(need):.0%}] | {np.nanmedian(s['rho_own']):.2f} / {np.nanmedian(s['rho_residual']):.2f} | "
+              f"{np.nanmedian(s['rho_effect']):.2f} |")
+    print("\nlocated variables in the rank column's order: " + ", ".join(located_vars))
+    print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
+    report = {"task": args.task, "cells": ids, "variables": list(per), "timing": timing,
+              "truth": {v: {"located": t["located"], "best": t["best"], "effect": t["effect"].tolist()}
+                        for v, t in truth.items()},
+              "scores": {v: {k: x.tolist() for k, x in p["scores"].items()} for v, p in per.items()},
+              "exact": {v: {k: x.tolist() for k, x in p["exact"].items()} for v, p in per.items()},
+              "summary": {k: {kk: ({str(f): x for f, x in vv.items()} if isinstance(vv, dict) else vv)
+                              for kk, vv in v.items()} for k, v in summary.items()}}
     if args.json:
         args.json.write_text(json.dumps(report))
     return report

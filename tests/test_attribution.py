@@ -13,8 +13,15 @@ import torch
 
 from causal.results import RawResults, RawResultsWriter, ResultsError
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.attribution_screen import AttributionEstimates, ScreenConfig, estimate_study, screen_and_verify
-from experiments.attribution_units import AttributionCell, UnitAttribution, sweep_cells
+from experiments.attribution_screen import (
+    SCORES,
+    AttributionEstimates,
+    ScreenConfig,
+    estimate_study,
+    pair_scores,
+    screen_and_verify,
+)
+from experiments.attribution_units import AttributionCell, AttributionResult, UnitAttribution, sweep_cells
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 
@@ -90,8 +97,11 @@ def test_every_activation_kind_estimate_is_the_slope_of_its_exact_effect(family,
         original = pairs.source_acts[cell.site]
         pairs.source_acts[cell.site] = nudged
         slope = att.exact_prepared(pairs, result.metric_base, [cell])[0] / t
+        rows = att.exact_rows(pairs, [cell])
+        toward = att.effects(pairs, rows, result.logp_cf, toward=True)[0] / t  # log p(cf label) alone
         pairs.source_acts[cell.site] = original
         np.testing.assert_allclose(slope, result.estimates[c], rtol=0.05, atol=0.05, err_msg=cell.cell_id)
+        np.testing.assert_allclose(toward, result.toward[c], rtol=0.05, atol=0.05, err_msg=cell.cell_id)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +184,57 @@ def test_graddrop_drops_one_layer_at_a_time(pipelines):
     np.testing.assert_allclose(result.cancellation, np.abs(result.graddrop - result.estimates).max(0))
 
 
+def synthetic_result(**arrays) -> AttributionResult:
+    """Three cells, four pairs: the unpatched network prefers the base label on the first two, the cf label on
+    the third; the last one's labels agree."""
+    base = {"estimates": np.array([[1.0, 1.0, 1.0, 9.0], [-3.0, 0.5, -1.0, 0.0], [2.5, 0.2, 4.0, 0.0]]),
+            "metric_base": np.log([0.1 / 0.8, 0.001 / 0.99, 0.5 / 0.3, 1.0]),
+            "informative": np.array([True, True, True, False])}
+    base["toward"] = base["estimates"] * 0.9
+    base |= {"logp_cf": np.log([0.1, 0.001, 0.5, 0.5]), "logp_base": np.log([0.8, 0.99, 0.3, 0.5]),
+             "greedy_cf": np.array([False, False, True, True]), "greedy_base": np.array([True, True, False, True])}
+    return AttributionResult(["a", "b", "c"], **(base | arrays))
+
+
+def test_ranking_scores_follow_their_definitions():
+    r = synthetic_result()
+    keep = r.informative
+    est, toward, p = r.estimates[:, keep], r.toward[:, keep], np.exp(r.logp_cf[keep])
+    means = {"abs": np.abs(est).mean(1), "signed": est.mean(1), "toward": toward.mean(1),
+             "prob": (p * toward).mean(1), "informative": est[:, :2].mean(1)}  # pair 3's greedy answer is the label
+    for score, expected in means.items():
+        np.testing.assert_allclose(pair_scores(r, score)[0][:, pair_scores(r, score)[1]].mean(1), expected,
+                                   err_msg=score)
+    # first-order "would flip" per pair: metric_base + estimate crosses 0 upwards (+1) or downwards (-1)
+    counts = pair_scores(r, "flip_count")[0][:, keep]
+    np.testing.assert_array_equal(counts, [[0, 0, 0], [0, 0, -1], [1, 0, 0]])
+    assert np.array_equal(pair_scores(r, "soft_flip")[0][:, keep] > 0, est > 0)
+    # the split of pairs across datasets does not change any score
+    whole = AttributionEstimates(None, {"d": r})  # type: ignore[arg-type]
+    split = AttributionEstimates(None, {"d": r.take(slice(0, 2)), "e": r.take(slice(2, 4))})  # type: ignore[arg-type]
+    for score in SCORES[:-1]:
+        np.testing.assert_allclose(split.scores(score), whole.scores(score), err_msg=score)
+    # prob ranks the pair near its decision (p(cf) = 0.1) above the far one (0.001); abs does the opposite
+    assert whole.scores("prob")[0] > whole.scores("prob")[1] and whole.scores("abs")[1] > whole.scores("abs")[0]
+    with pytest.raises(ValueError, match="one of"):
+        whole.scores("nonsense")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs 'toward'"):
+        AttributionEstimates(None, {"d": synthetic_result(toward=None)}).scores("toward")  # type: ignore[arg-type]
+
+
+def test_flip_ranks_by_count_and_breaks_ties_softly():
+    r = synthetic_result(estimates=np.array([[3.0, 7.0, 0.0, 0.0], [2.5, 0.0, 0.0, 0.0], [1.9, 0.0, 0.0, 0.0]]),
+                         metric_base=np.array([-2.0, -6.0, 0.5, 0.0]))
+    estimates = AttributionEstimates(None, {"d": r})  # type: ignore[arg-type]
+    counts = pair_scores(r, "flip_count")[0][:, r.informative].mean(1)
+    np.testing.assert_allclose(counts, [2 / 3, 1 / 3, 0.0])
+    flip = estimates.scores("flip")
+    assert list(np.argsort(-flip)) == [0, 1, 2] and np.all(np.abs(flip - counts) < 1 / 6)
+    tied = synthetic_result(estimates=np.array([[2.1, 0.0, 0.0, 0.0], [2.9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+                            metric_base=np.array([-2.0, -6.0, 0.5, 0.0]))
+    assert list(np.argsort(-AttributionEstimates(None, {"d": tied}).scores("flip"))) == [1, 0, 2]  # type: ignore
+
+
 def test_screen_selection_counts_and_seeded_sample():
     scores = np.arange(100.0)[::-1]  # cell k has the (k+1)-th largest score
     top, sample = ScreenConfig(top_fraction=0.1, random_fraction=0.2, seed=3).select(scores)
@@ -197,7 +258,7 @@ def addition():
 
 def test_screen_verifies_the_top_and_a_random_sample(addition, tmp_path):
     task, att, model, datasets = addition
-    config = ScreenConfig(top_fraction=0.1, random_fraction=0.1, seed=1)
+    config = ScreenConfig(top_fraction=0.1, random_fraction=0.1, seed=1, exact_metric=True)
     result = screen_and_verify(att, model, datasets, ["carry_0"], task.checker, config, results_dir=tmp_path / "exact")
     n = len(att.cells)
     verified = result.table[result.table["chosen"] != ""]
@@ -209,6 +270,13 @@ def test_screen_verifies_the_top_and_a_random_sample(addition, tmp_path):
     json.dumps(result.to_json())
     again = screen_and_verify(att, model, datasets, ["carry_0"], task.checker, config, results_dir=tmp_path / "again")
     assert again.table["chosen"].tolist() == result.table["chosen"].tolist()
+    # verdicts only (the default): no exact-metric pass, the same verdicts
+    quick = screen_and_verify(att, model, datasets, ["carry_0"], task.checker, config.model_copy(
+        update={"exact_metric": False}), results_dir=tmp_path / "quick")
+    assert "exact_metric" not in quick.seconds and quick.table["exact_mean"].isna().all()
+    columns = ["cell_id", "chosen", "grade", "gained", "lost"]
+    assert quick.table[columns].astype(str).equals(result.table[columns].astype(str))
+    assert quick.location == result.location
 
 
 def test_estimates_never_mix_with_exact_results(addition, tmp_path):
@@ -221,6 +289,17 @@ def test_estimates_never_mix_with_exact_results(addition, tmp_path):
     loaded = AttributionEstimates.load(path)
     assert loaded.identity == identity
     np.testing.assert_allclose(loaded.results["random"].estimates, estimates.results["random"].estimates)
+    for score in SCORES[:-1]:  # every ranking but GradDrop's (not estimated here) survives the JSON record
+        np.testing.assert_allclose(loaded.scores(score), estimates.scores(score), rtol=1e-5, err_msg=score)
+    # pooling the datasets into one pass changes nothing but float noise
+    examples = datasets["flip_carry_0"].to_list()
+    alone = att.estimate([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples],
+                         model.label_data(datasets["flip_carry_0"]),
+                         model.label_counterfactual_data(datasets["flip_carry_0"], ["carry_1"], 0))
+    pooled = estimates.results["flip_carry_0"]
+    for name in ("estimates", "toward", "metric_base", "logp_cf"):
+        np.testing.assert_allclose(getattr(pooled, name), getattr(alone, name), atol=1e-4, err_msg=name)
+    assert np.array_equal(pooled.greedy_cf, alone.greedy_cf) and np.array_equal(pooled.greedy_base, alone.greedy_base)
 
     results = tmp_path / "exact"
     screen_and_verify(att, model, datasets, ["carry_1"], task.checker, ScreenConfig(random_fraction=0.0),
