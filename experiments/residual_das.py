@@ -3,23 +3,111 @@ makes the network produce the counterfactual label, scored whole and teacher-for
 pairs with the paired verdict test, next to full-vector patching and an untrained subspace of the same size.
 
 Training sees only the pairs of the train split (split by pair, seeded); every answer token of the label is in
-the loss. The network is frozen; gradients reach the subspace only. The teacher-forced runs reuse the residual
-access of `experiments.attribution.ResidualAttribution` (the same hooks, sequences and log-probabilities).
+the loss. The network is frozen; gradients reach the trainable interchange only.
+
+What does not change during training is computed once per dataset: the source residuals (one forward of the
+sources), the teacher-forced base pass (every layer's residual and keys/values); per cell, the residual entering
+the intervened layer. Each training step then runs only the layers above the cell on the columns from the first
+intervened one, and the output head on the answer columns (`experiments.suffix_training.SuffixForward`; where
+that path is not exact for a model it runs the full hooked forward instead and says so in ``forward_mode``).
+
+A cell is a `ResidualCell` (one layer, one token position; a position yielding several tokens makes a joint
+unit) or a `JointResidualCell` (one layer, several positions). A unit of m tokens is learned in the concatenated
+space of its m residual vectors (m·d): the interchange sees (n, m·d).
+
+The trainable interchange is any module following `TrainableInterchange` (`OrthogonalSubspace` by default;
+`LowRankSubspace`, pyvene's low-rank parametrisation; Boundless DAS and DBM masks of
+`experiments.learned_featurizers`); the held-out judgement uses its hard featurizer (``to_featurizer()``), the map
+a sweep would use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 
 from causal.verdicts import paired_test
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.featurizers import LinearFeaturizer
+from experiments.featurizers import Featurizer, LinearFeaturizer
 from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace
 from experiments.pipeline import LMPipeline
+from experiments.sites import featurized_swap
+from experiments.suffix_training import SuffixForward, TeacherForcedBase
+from experiments.token_positions import TokenPosition
+
+
+class TrainableInterchange(Protocol):
+    """What `ResidualDAS.fit` trains (a ``torch.nn.Module``): ``interchange(base, source)`` on (n, D) -> (n, D)
+    and ``to_featurizer()`` (the hard map). Optional, found by name: ``penalty()`` (a scalar added to the loss)
+    and ``set_progress(fraction)`` (called before each step with step / (steps - 1), for temperature schedules)."""
+
+    def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor: ...
+
+    def to_featurizer(self) -> Featurizer: ...
+
+
+class LowRankSubspace(torch.nn.Module):
+    """A (D, k) basis with orthonormal columns parametrised as pyvene's low-rank DAS is: ``torch``'s orthogonal
+    parametrisation of a (D, k) weight (its default map for a non-square weight, Householder), the weight held
+    by ``rotate_layer`` as in pyvene's ``LowRankRotateLayer`` (state dicts load across); interchange
+    x_b + (x_s - x_b) W Wᵀ. Cheaper per step than a (D, D) matrix exponential, and without the directions
+    of a full rotation that leave the subspace unchanged (their gradient is rounding noise, which Adam's
+    normalised first steps turn into updates of size lr)."""
+
+    def __init__(self, d: int, k: int, seed: int = 0):
+        super().__init__()
+        if not 1 <= k <= d:
+            raise ValueError(f"k must be in 1..{d}, got {k}")
+        generator = torch.Generator().manual_seed(seed)
+        self.rotate_layer = torch.nn.Module()
+        q, _ = torch.linalg.qr(torch.randn(d, k, generator=generator))
+        self.rotate_layer.weight = torch.nn.Parameter(q)
+        with torch.random.fork_rng(devices=[]):  # the parametrisation completes q to a (D, D) basis at random
+            torch.manual_seed(seed)
+            torch.nn.utils.parametrizations.orthogonal(self.rotate_layer)
+        self.k = k
+
+    @property
+    def basis(self) -> torch.Tensor:
+        return self.rotate_layer.weight
+
+    def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        basis = self.basis
+        return base + ((source - base) @ basis) @ basis.T
+
+    def to_featurizer(self, id: str | None = None) -> LinearFeaturizer:
+        return LinearFeaturizer(self.basis.detach().clone(), id=id or f"das-{self.k}")
+
+
+@dataclass(frozen=True)
+class JointResidualCell:
+    """One joint unit of the residual stream: the output of ``layer`` (-1: embeddings) at the tokens of all
+    ``positions`` together (their residual vectors concatenated, in this order)."""
+
+    layer: int
+    positions: tuple[TokenPosition, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.positions) < 1:
+            raise ValueError("a joint cell needs at least one position")
+
+    @property
+    def cell_id(self) -> str:
+        return f"L{self.layer}@{'+'.join(p.id for p in self.positions)}"
+
+
+Cell = Union[ResidualCell, JointResidualCell]
+
+
+def _indices(cell: Cell, base: dict[str, Any], source: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """Unpadded token indices of the cell in a base prompt and in its source prompt."""
+    positions = cell.positions if isinstance(cell, JointResidualCell) else (cell.position,)
+    base_idx = [i for p in positions for i in p.index(base)]
+    source_idx = [i for p in positions for i in p.counterfactual_index(source)]
+    return base_idx, source_idx
 
 
 @dataclass
@@ -39,18 +127,34 @@ class HeldOut:
 class ResidualDASResult:
     cell_id: str
     k: int
-    featurizer: LinearFeaturizer
+    featurizer: Featurizer
     das: HeldOut
     full_vector: HeldOut
     untrained: HeldOut
     losses: list[float] = field(default_factory=list)
+    forward_mode: str = "suffix"  # "suffix", or "full" where the suffix path does not apply (see SuffixForward)
+
+
+@dataclass
+class PreparedCell:
+    """What training at one cell needs: the suffix forward, and (N, m·d) base and source vectors of the unit."""
+
+    cell: Cell
+    forward: SuffixForward
+    base: torch.Tensor
+    source: torch.Tensor
+    unpatched: np.ndarray  # (N,) the unpatched network writes the counterfactual label
 
 
 class ResidualDAS:
-    """DAS at residual cells of ``pipeline`` on a set of counterfactual pairs with their labels."""
+    """DAS at residual cells of ``pipeline`` on a set of counterfactual pairs with their labels.
+
+    ``force_full_forward``: train through the full hooked forward even where the suffix path applies (a
+    reference for the suffix path; same results)."""
 
     def __init__(self, pipeline: LMPipeline, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
-                 cf_labels: Sequence[Any], test_fraction: float = 0.25, seed: int = 0):
+                 cf_labels: Sequence[Any], test_fraction: float = 0.25, seed: int = 0,
+                 force_full_forward: bool = False):
         if not (len(bases) == len(sources) == len(cf_labels)) or len(bases) < 4:
             raise ValueError("bases, sources and labels need the same length (at least 4 pairs)")
         self.pipeline, self.bases, self.sources, self.labels = pipeline, list(bases), list(sources), list(cf_labels)
@@ -59,95 +163,100 @@ class ResidualDAS:
         n_test = max(1, int(round(n * test_fraction)))
         self.test, self.train = order[:n_test], order[n_test:]
         self.seed = seed
+        self.force_full_forward = force_full_forward
+        self._shared: dict[str, Any] | None = None
 
-    def _prepare(self, cell: ResidualCell) -> dict[str, Any]:
-        access = ResidualAttribution(self.pipeline, [cell])
+    def _dataset(self) -> dict[str, Any]:
+        """Once per dataset: the source residuals and the teacher-forced base pass."""
+        if self._shared is None:
+            access = ResidualAttribution(self.pipeline, [])
+            src, src_offsets = access.residual_states(self.sources)
+            answers = [access.answer_ids(label) for label in self.labels]
+            inputs, starts, lengths = access.teacher_forced_inputs(self.bases, answers)
+            base = TeacherForcedBase.run(self.pipeline, inputs, lengths, force_full=self.force_full_forward)
+            self._shared = {"access": access, "src": src, "src_offsets": src_offsets, "starts": starts, "base": base}
+        return self._shared
+
+    def prepare(self, cell: Cell) -> PreparedCell:
+        """The suffix forward of ``cell`` and its (N, m·d) base and source vectors."""
+        shared = self._dataset()
+        n_layers = shared["access"].n_layers
+        if not -1 <= cell.layer < n_layers:
+            raise ValueError(f"cell {cell.cell_id}: layer {cell.layer} out of range -1..{n_layers - 1}")
         r = cell.layer + 1
-        src, src_offsets = access.residual_states(self.sources)
-        answers = [access.answer_ids(label) for label in self.labels]
-        inputs, starts, lengths = access.teacher_forced_inputs(self.bases, answers)
-        store: list[torch.Tensor | None] = [None] * (access.n_layers + 1)
-        handles = access.residual_hooks(store, leaf=False)
-        try:
-            with torch.no_grad():
-                logits = self.pipeline.model(**inputs, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
-        n = len(self.bases)
         base_cols, src_cols = [], []
-        for i in range(n):
-            base_idx = cell.position.index(self.bases[i])
-            src_idx = cell.position.counterfactual_index(self.sources[i])
-            if len(base_idx) != 1 or len(src_idx) != 1:
-                raise ValueError(f"cell {cell.cell_id}: DAS here takes single-token positions")
-            base_cols.append(starts[i] + base_idx[0])
-            src_cols.append(src_offsets[i] + src_idx[0])
-        rows = torch.arange(n)
-        return {"access": access, "r": r, "inputs": inputs, "lengths": lengths, "base_cols": base_cols,
-                "base": store[r][rows, base_cols].detach(), "source": src[r][rows, src_cols].detach(),
-                "unpatched": self._correct(logits, inputs, lengths)}
+        for i in range(len(self.bases)):
+            base_idx, src_idx = _indices(cell, self.bases[i], self.sources[i])
+            if len(base_idx) != len(src_idx):
+                raise ValueError(f"cell {cell.cell_id}: {len(base_idx)} base tokens but {len(src_idx)} source tokens")
+            if base_cols and len(base_idx) != len(base_cols[0]):
+                raise ValueError(f"cell {cell.cell_id}: the unit must have the same number of tokens in every pair")
+            base_cols.append([shared["starts"][i] + j for j in base_idx])
+            src_cols.append([shared["src_offsets"][i] + j for j in src_idx])
+        forward = SuffixForward(shared["base"], r, base_cols)
+        rows = torch.arange(len(self.bases))[:, None]
+        source = shared["src"][r][rows, torch.tensor(src_cols)].flatten(1).detach()
+        base = forward.base_values().flatten(1).detach()
+        unpatched = forward.correct_of(rows[:, 0], forward.unpatched_logits()).cpu().numpy()
+        return PreparedCell(cell, forward, base, source, unpatched)
 
-    @staticmethod
-    def _correct(logits: torch.Tensor, inputs: dict[str, torch.Tensor], lengths: list[int]) -> np.ndarray:
-        """Per row: the argmax at every answer step equals the teacher-forced label token (greedy would write it)."""
-        width = logits.shape[1]
-        out = []
-        for b, m in enumerate(lengths):
-            cols = torch.arange(width - m, width, device=logits.device)
-            out.append(bool((logits[b, cols - 1].argmax(-1) == inputs["input_ids"][b, cols]).all()))
-        return np.array(out)
-
-    def _run(self, prep: dict[str, Any], rows: np.ndarray, values: torch.Tensor) -> tuple[torch.Tensor, dict, list]:
-        access = prep["access"]
-        sub = {k: v[torch.as_tensor(rows)] for k, v in prep["inputs"].items()}
-        device = sub["input_ids"].device
-        patch = (prep["r"], torch.arange(len(rows), device=device),
-                 torch.tensor([prep["base_cols"][i] for i in rows], device=device), values)
-        store: list[torch.Tensor | None] = [None] * (access.n_layers + 1)
-        handles = access.residual_hooks(store, leaf=False, patch=patch)
-        try:
-            logits = self.pipeline.model(**sub, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, sub, [prep["lengths"][i] for i in rows]
-
-    def _held_out(self, prep: dict[str, Any], values: torch.Tensor) -> HeldOut:
-        with torch.no_grad():
-            logits, sub, lengths = self._run(prep, self.test, values)
-        patched = self._correct(logits, sub, lengths)
-        unpatched = prep["unpatched"][self.test]
+    def _held_out(self, prep: PreparedCell, values: torch.Tensor) -> HeldOut:
+        patched = prep.forward.correct(self.test, values).cpu().numpy()
+        unpatched = prep.unpatched[self.test]
         informative = ~unpatched
         gained, lost = int((patched & ~unpatched).sum()), int((~patched & unpatched).sum())
         effect, low, high, p = paired_test(gained, lost, len(patched))
         return HeldOut(float(patched.mean()), float(patched[informative].mean()) if informative.any() else float("nan"),
                        int(informative.sum()), effect, (low, high), p)
 
-    def fit(self, cell: ResidualCell, k: int = 2, steps: int = 300, batch_size: int = 32, lr: float = 1e-2,
-            orthogonal_map: OrthogonalMap = "matrix_exp") -> ResidualDASResult:
-        """Train a k-dimensional DAS subspace at ``cell``; judge it, full-vector patching and an untrained
-        subspace of the same size on the held-out pairs."""
-        prep = self._prepare(cell)
-        base, source = prep["base"], prep["source"]
-        subspace = OrthogonalSubspace(base.shape[-1], k, orthogonal_map, self.seed).to(base.dtype)
-        untrained = OrthogonalSubspace(base.shape[-1], k, orthogonal_map, self.seed + 1).to(base.dtype)
-        optimiser = torch.optim.Adam(subspace.parameters(), lr=lr)
+    def optimise(self, prep: PreparedCell, module: Any, steps: int = 300, batch_size: int = 32, lr: float = 1e-2,
+                 on_step: Callable[[int], bool] | None = None, every: int = 1) -> list[float]:
+        """Adam on ``module``'s parameters: per step a batch of train pairs (seeded, with replacement), loss =
+        minus the mean summed answer log-probability under the interchange (plus ``module.penalty()``).
+        ``on_step(n)`` is called after every ``every``-th step with the number of steps done; training stops
+        early when it returns True. Returns the loss of each step run."""
+        base, source, forward = prep.base, prep.source, prep.forward
+        optimiser = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+        penalty = getattr(module, "penalty", None)
+        progress = getattr(module, "set_progress", None)
         generator = torch.Generator().manual_seed(self.seed)
         losses = []
-        for _ in range(steps):
+        module.train()
+        for step in range(steps):
+            if progress is not None:
+                progress(step / max(1, steps - 1))
             rows = self.train[torch.randint(len(self.train), (min(batch_size, len(self.train)),),
                                             generator=generator).numpy()]
-            logits, sub, lengths = self._run(prep, rows, subspace.interchange(base[rows], source[rows]))
-            loss = -prep["access"].answer_logprob(logits, sub, lengths).mean()
+            index = torch.as_tensor(rows, device=base.device)
+            loss = -forward.answer_logprob(index, module.interchange(base[index], source[index])).mean()
+            if penalty is not None:
+                loss = loss + penalty()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        test = self.test
+            if on_step is not None and (step + 1) % every == 0 and on_step(step + 1):
+                break
+        module.eval()
+        return losses
+
+    def fit(self, cell: Cell, k: int = 2, steps: int = 300, batch_size: int = 32, lr: float = 1e-2,
+            orthogonal_map: OrthogonalMap = "matrix_exp", module: Any = None) -> ResidualDASResult:
+        """Train a k-dimensional DAS subspace (or ``module``, a `TrainableInterchange` on the unit's m·d space) at
+        ``cell``; judge its hard featurizer, full-vector patching and an untrained subspace of the featurizer's
+        size on the held-out pairs."""
+        prep = self.prepare(cell)
+        base, source = prep.base, prep.source
+        default = module is None
+        if default:
+            module = OrthogonalSubspace(base.shape[-1], k, orthogonal_map, self.seed).to(base.dtype)
+        losses = self.optimise(prep, module, steps, batch_size, lr)
+        featurizer = module.to_featurizer(f"das-{k}@{cell.cell_id}") if default else module.to_featurizer()
+        size = int(featurizer.basis.shape[1]) if hasattr(featurizer, "basis") else k
+        untrained = OrthogonalSubspace(base.shape[-1], size, orthogonal_map, self.seed + 1).to(base.dtype)
+        test = torch.as_tensor(self.test, device=base.device)
         with torch.no_grad():
-            das = self._held_out(prep, subspace.interchange(base[test], source[test]))
+            das = self._held_out(prep, featurized_swap(featurizer, None, base[test], source[test]))
             full = self._held_out(prep, source[test])
             random = self._held_out(prep, untrained.interchange(base[test], source[test]))
-        return ResidualDASResult(cell.cell_id, k, subspace.to_featurizer(f"das-{k}@{cell.cell_id}"), das, full, random,
-                                 losses)
+        return ResidualDASResult(cell.cell_id, size, featurizer, das, full, random, losses, prep.forward.mode)
