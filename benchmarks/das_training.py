@@ -61,7 +61,8 @@ from experiments.attribution import ResidualAttribution, ResidualCell  # noqa: E
 from experiments.learned_featurizers import OrthogonalSubspace  # noqa: E402
 from experiments.pipeline import LMPipeline  # noqa: E402
 from experiments.pyvene_backend import pyvene_config_fixes, register_model_class  # noqa: E402
-from experiments.residual_das import LowRankSubspace, ResidualDAS  # noqa: E402
+from experiments.learned_featurizers import LowRankSubspace  # noqa: E402
+from experiments.residual_das import ResidualDAS  # noqa: E402
 from tasks.general_addition.task import TASK, AdditionSettings  # noqa: E402
 
 

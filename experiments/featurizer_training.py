@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from causal.verdicts import paired_test
 from experiments.featurizer_store import FeaturizerRecord, save_featurizer
 from experiments.featurizers import Featurizer, LinearFeaturizer
-from experiments.learned_featurizers import (BoundlessSubspace, DimensionMask, OrthogonalMap, OrthogonalSubspace,
-                                             fit_pca)
+from experiments.learned_featurizers import (BoundlessSubspace, DimensionMask, LowRankSubspace, OrthogonalMap,
+                                             OrthogonalSubspace, fit_pca)
 from experiments.pipeline import LMPipeline
 from experiments.residual_das import Cell, HeldOut, PreparedCell, ResidualDAS
 from experiments.sites import featurized_swap
@@ -60,7 +60,9 @@ class TrainingSettings(BaseModel):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float | None = Field(None, gt=0, description="default per method (DEFAULT_LR)")
-    orthogonal_map: OrthogonalMap = "matrix_exp"
+    orthogonal_map: OrthogonalMap | Literal["low_rank"] = Field(
+        "low_rank", description="DAS parametrisation: low_rank (a (D, k) orthonormal basis, pyvene's low-rank DAS) or "
+                                "the orthogonal map of a full (D, D) rotation (matrix_exp, cayley, householder)")
     seed: int = 0
     validation_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.25, gt=0, lt=0.6)
@@ -161,9 +163,12 @@ class TrainedFeaturizer:
 def _module(settings: TrainingSettings, width: int, dtype: torch.dtype) -> torch.nn.Module:
     s = settings
     if s.method == "das":
+        if s.orthogonal_map == "low_rank":
+            return LowRankSubspace(width, s.k, s.seed).to(dtype)
         return OrthogonalSubspace(width, s.k, s.orthogonal_map, s.seed).to(dtype)
     if s.method == "boundless_das":
-        return BoundlessSubspace(width, s.orthogonal_map, s.seed, size_penalty=s.size_penalty).to(dtype)
+        rotation = "matrix_exp" if s.orthogonal_map == "low_rank" else s.orthogonal_map  # a full rotation
+        return BoundlessSubspace(width, rotation, s.seed, size_penalty=s.size_penalty).to(dtype)
     relaxation = "hard_concrete" if s.method == "dbm_hard_concrete" else "sigmoid"
     return DimensionMask(width, s.groups, relaxation, s.sparsity, seed=s.seed).to(dtype)
 
@@ -254,8 +259,7 @@ def train_featurizer(pipeline: LMPipeline, pairs: LabelledPairs, cell: Cell,
     for name in settings.controls:
         if name == "untrained":
             other_run, other_prep = run, prep
-            other = OrthogonalSubspace(prep.base.shape[-1], size, settings.orthogonal_map, settings.seed + 1
-                                       ).to(prep.base.dtype).to_featurizer()
+            other = LowRankSubspace(prep.base.shape[-1], size, settings.seed + 1).to(prep.base.dtype).to_featurizer()
         elif name == "permuted_labels":
             labels = list(pairs.labels)
             order = np.random.default_rng(settings.seed + 1).permutation(run.train)

@@ -204,6 +204,39 @@ class DimensionMask(nn.Module):
         return LinearFeaturizer(basis, id=id or f"dbm-{len(groups)}of{self.groups}")
 
 
+class LowRankSubspace(nn.Module):
+    """A (D, k) basis with orthonormal columns parametrised as pyvene's low-rank DAS is: ``torch``'s orthogonal
+    parametrisation of a (D, k) weight (its default map for a non-square weight, Householder), the weight held
+    by ``rotate_layer`` as in pyvene's ``LowRankRotateLayer`` (state dicts load across); interchange
+    x_b + (x_s - x_b) W Wᵀ. Cheaper per step than a (D, D) matrix exponential, and without the directions
+    of a full rotation that leave the subspace unchanged (their gradient is rounding noise, which Adam's
+    normalised first steps turn into updates of size lr)."""
+
+    def __init__(self, d: int, k: int, seed: int = 0):
+        super().__init__()
+        if not 1 <= k <= d:
+            raise ValueError(f"k must be in 1..{d}, got {k}")
+        generator = torch.Generator().manual_seed(seed)
+        self.rotate_layer = nn.Module()
+        q, _ = torch.linalg.qr(torch.randn(d, k, generator=generator))
+        self.rotate_layer.weight = nn.Parameter(q)
+        with torch.random.fork_rng(devices=[]):  # the parametrisation completes q to a (D, D) basis at random
+            torch.manual_seed(seed)
+            nn.utils.parametrizations.orthogonal(self.rotate_layer)
+        self.k = k
+
+    @property
+    def basis(self) -> torch.Tensor:
+        return self.rotate_layer.weight
+
+    def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        basis = self.basis
+        return base + ((source - base) @ basis) @ basis.T
+
+    def to_featurizer(self, id: str | None = None) -> LinearFeaturizer:
+        return LinearFeaturizer(self.basis.detach().clone(), id=id or f"das-{self.k}")
+
+
 @dataclass
 class DASResult:
     """The trained module, its hard featurizer, the loss per step and the interchange accuracy on held-out pairs."""

@@ -31,7 +31,7 @@ import torch
 
 from causal.verdicts import paired_test
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.featurizers import Featurizer, LinearFeaturizer
+from experiments.featurizers import Featurizer
 from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace
 from experiments.pipeline import LMPipeline
 from experiments.sites import featurized_swap
@@ -47,39 +47,6 @@ class TrainableInterchange(Protocol):
     def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor: ...
 
     def to_featurizer(self) -> Featurizer: ...
-
-
-class LowRankSubspace(torch.nn.Module):
-    """A (D, k) basis with orthonormal columns parametrised as pyvene's low-rank DAS is: ``torch``'s orthogonal
-    parametrisation of a (D, k) weight (its default map for a non-square weight, Householder), the weight held
-    by ``rotate_layer`` as in pyvene's ``LowRankRotateLayer`` (state dicts load across); interchange
-    x_b + (x_s - x_b) W Wᵀ. Cheaper per step than a (D, D) matrix exponential, and without the directions
-    of a full rotation that leave the subspace unchanged (their gradient is rounding noise, which Adam's
-    normalised first steps turn into updates of size lr)."""
-
-    def __init__(self, d: int, k: int, seed: int = 0):
-        super().__init__()
-        if not 1 <= k <= d:
-            raise ValueError(f"k must be in 1..{d}, got {k}")
-        generator = torch.Generator().manual_seed(seed)
-        self.rotate_layer = torch.nn.Module()
-        q, _ = torch.linalg.qr(torch.randn(d, k, generator=generator))
-        self.rotate_layer.weight = torch.nn.Parameter(q)
-        with torch.random.fork_rng(devices=[]):  # the parametrisation completes q to a (D, D) basis at random
-            torch.manual_seed(seed)
-            torch.nn.utils.parametrizations.orthogonal(self.rotate_layer)
-        self.k = k
-
-    @property
-    def basis(self) -> torch.Tensor:
-        return self.rotate_layer.weight
-
-    def interchange(self, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        basis = self.basis
-        return base + ((source - base) @ basis) @ basis.T
-
-    def to_featurizer(self, id: str | None = None) -> LinearFeaturizer:
-        return LinearFeaturizer(self.basis.detach().clone(), id=id or f"das-{self.k}")
 
 
 @dataclass(frozen=True)

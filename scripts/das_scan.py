@@ -1,47 +1,73 @@
-"""DAS over the residual-stream cells of the addition organism, next to full-vector patching and an untrained
-subspace of the same size, judged on held-out pairs.
+"""A learned-featurizer scan over the residual-stream cells of an addition organism: at each cell, train a
+featurizer for one variable (`experiments.featurizer_training.train_featurizer`), judge it on held-out pairs
+next to full-vector patching and the controls, and correct across cells.
 
-    .venv/bin/python scripts/das_scan.py [--variable carry_0] [--k 2] [--pairs 256] [--steps 300]
-        [--families random flip_carry_0] [--layers 0 1 2] [--positions digit_1_0 last]
-        [--joint 1:digit_0_0+digit_1_0 ...] [--parametrisation low_rank] [--threads 2]
+    .venv/bin/python scripts/das_scan.py [--model organism|planted-aligned|planted-rotated|PATH]
+        [--variable carry_0] [--method das|boundless_das|dbm|dbm_hard_concrete|pca] [--k 2] [--pairs 256]
+        [--steps 300] [--families random flip_carry_0] [--layers 0 1 2] [--positions digit_1_0 last]
+        [--joint 1:digit_0_0+digit_1_0 ...] [--controls untrained permuted_labels random_weights]
+        [--parametrisation low_rank] [--save DIR] [--threads 2]
 
 Cells: every layer × position (``--layers``/``--positions`` narrow them), then the joint units of ``--joint``
 (``LAYER:POS+POS…``: the positions' residual vectors at that layer learned together, in their concatenated
 space; default: the two ones digits at layers 0 and 1; ``--joint`` with nothing after it: none). Training runs
-through the layers above each cell only (`experiments.suffix_training`); the sources and the base pass are
-computed once for the whole scan.
+through the layers above each cell only (`experiments.suffix_training`).
 
-Per cell: the held-out informative IIA (pairs whose label differs from the unpatched output) of DAS, of
-full-vector patching and of the untrained subspace, and DAS's paired effect over the unpatched run with its CI
-and one-sided exact p (uncorrected: a scan over many cells needs the Holm correction of causal.verdicts).
+Per cell: held-out test IIA and informative IIA (pairs whose label differs from the unpatched output), the
+full-vector IIA of the same cell on the same pairs, each control's IIA, the method's paired effect over the
+unpatched run with its CI, and the cell's p-value: the largest of the one-sided exact p-values against the
+unpatched run and against each control (intersection-union: the cell counts only if it beats all of them),
+Holm-adjusted over every cell of the scan. **found** = adjusted p < 0.05.
 
-``--parametrisation``: ``low_rank`` (the default): a (m·d, k) basis under torch's orthogonal parametrisation
-(Householder; pyvene's low-rank DAS, `residual_das.LowRankSubspace`); or the orthogonal map of a full
-(m·d, m·d) rotation whose first k columns are the subspace (``matrix_exp``, `ResidualDAS.fit`'s default and the
-parametrisation of the scan reported in the README; ``cayley``; ``householder``). A full rotation's matrix
-exponential costs more per step than the rest of a step at most cells of the organism (the whole scan takes
-about twice as long with it).
+``--save DIR`` writes each single-position cell's featurizer to ``DIR/<cell id>/`` (the folder
+`experiments.featurizer_store.load_featurizers` reads for a featurized sweep) and joint units to
+``DIR/joint/<cell id>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from causal.verdicts import adjust_p_values
 from experiments.attribution import ResidualCell
+from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
+                                             random_weight_pipeline, train_featurizer)
+from experiments.model_identity import weights_identity
 from experiments.pipeline import LMPipeline
-from experiments.residual_das import JointResidualCell, LowRankSubspace, ResidualDAS
+from experiments.residual_das import JointResidualCell
+from tasks.general_addition.organism import PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR
 from tasks.general_addition.task import TASK, AdditionSettings
 
 DEFAULT_JOINT = ["0:digit_0_0+digit_1_0", "1:digit_0_0+digit_1_0"]
+MODELS = {"organism": TASK.organism, "planted-aligned": PLANTED_ALIGNED_DIR, "planted-rotated": PLANTED_ROTATED_DIR}
+
+
+def labelled_pairs(families: list[str], pairs: int, seed: int, variable: str) -> LabelledPairs:
+    """Pairs of the 2-digit addition task with the main hypothesis' labels for ``variable``."""
+    settings = AdditionSettings()
+    datasets = TASK.make_datasets(settings, families, pairs, seed)
+    model = TASK.main_model(settings)
+    examples = [e for d in datasets.values() for e in d.to_list()]
+    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, [variable])]
+    return LabelledPairs([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels,
+                         variable)
+
+
+def cell_p_value(result: TrainedFeaturizer) -> float:
+    """Intersection-union p: the largest of the p against the unpatched run and against each control."""
+    return max([result.test.p_value, *(c.p_value for c in result.controls.values())])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="organism", help=f"{', '.join(MODELS)} or a model folder")
     parser.add_argument("--variable", default="carry_0")
+    parser.add_argument("--method", default="das", choices=["das", "boundless_das", "dbm", "dbm_hard_concrete", "pca"])
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=256, help="pairs per family")
     parser.add_argument("--steps", type=int, default=300)
@@ -49,41 +75,51 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="*", default=None)
     parser.add_argument("--positions", nargs="*", default=None)
     parser.add_argument("--joint", nargs="*", default=DEFAULT_JOINT, help="joint units LAYER:POS+POS…")
+    parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--parametrisation", default="low_rank",
                         choices=["matrix_exp", "cayley", "householder", "low_rank"])
+    parser.add_argument("--save", type=Path, default=None, help="save every cell's featurizer under this folder")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    settings = AdditionSettings()
-    pipeline = LMPipeline(str(TASK.organism), device="cpu")
-    all_positions = {p.id: p for p in TASK.token_positions(pipeline, settings)}
+    pipeline = LMPipeline(str(MODELS.get(args.model, args.model)), device="cpu")
+    all_positions = {p.id: p for p in TASK.token_positions(pipeline, AdditionSettings())}
+    unknown = [p for p in args.positions or [] if p not in all_positions]
+    if unknown:
+        raise SystemExit(f"unknown position(s) {unknown}; the task's are {sorted(all_positions)}")
     positions = [p for p in all_positions.values() if args.positions is None or p.id in args.positions]
     layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
     cells: list[ResidualCell | JointResidualCell] = [ResidualCell(layer, p) for layer in layers for p in positions]
     for spec in args.joint:
         layer, names = spec.split(":")
         cells.append(JointResidualCell(int(layer), tuple(all_positions[name] for name in names.split("+"))))
-    datasets = TASK.make_datasets(settings, args.families, args.pairs, args.seed)
-    model = TASK.main_model(settings)
-    examples = [e for d in datasets.values() for e in d.to_list()]
-    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, [args.variable])]
-    das = ResidualDAS(pipeline, [e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples],
-                      labels, seed=args.seed)
-    print(f"{args.variable}: DAS k={args.k} ({args.parametrisation}), {args.steps} steps of 32, {len(das.train)} train / "
-          f"{len(das.test)} test pairs ({', '.join(args.families)})\n")
-    print("| cell | DAS informative IIA (n) | full-vector | untrained | DAS effect [95% CI] | p |\n|---|---|---|---|---|---|")
-    for cell in tqdm(cells, desc="cells", leave=False):
-        if args.parametrisation == "low_rank":
-            width = pipeline.hidden_size * (len(cell.positions) if isinstance(cell, JointResidualCell) else 1)
-            r = das.fit(cell, k=args.k, steps=args.steps, module=LowRankSubspace(width, args.k, args.seed))
-        else:
-            r = das.fit(cell, k=args.k, steps=args.steps, orthogonal_map=args.parametrisation)
-        print(f"| `{r.cell_id}` | {r.das.informative_iia:.2f} ({r.das.n_informative}) | {r.full_vector.informative_iia:.2f} | "
-              f"{r.untrained.informative_iia:.2f} | {r.das.effect:+.3f} [{r.das.effect_ci[0]:+.3f}, "
-              f"{r.das.effect_ci[1]:+.3f}] | {r.das.p_value:.2g} |", flush=True)
+    pairs = labelled_pairs(args.families, args.pairs, args.seed, args.variable)
+    settings = TrainingSettings(method=args.method, k=args.k, steps=args.steps, orthogonal_map=args.parametrisation,
+                                seed=args.seed, controls=tuple(args.controls))
+    randomised = random_weight_pipeline(pipeline, args.seed) if "random_weights" in args.controls else None
+    model_sha = weights_identity(pipeline.model, pipeline.weight_files)["weights_sha256"] if args.save else ""
+    results = []
+    for cell in tqdm(cells, desc="cells"):
+        result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised, progress=False)
+        results.append(result)
+        if args.save:
+            where = args.save / ("joint" if isinstance(cell, JointResidualCell) else "") / result.cell_id
+            result.save(where, model_sha256=model_sha)
+    adjusted = adjust_p_values([cell_p_value(r) for r in results], "holm")
+    controls = list(args.controls)
+    print(f"{args.variable} on {args.model}: {args.method} (k={args.k}, {args.parametrisation}), {args.steps} steps, "
+          f"{len(pairs.bases)} pairs ({', '.join(args.families)}), split by base example; Holm over {len(cells)} "
+          f"cells\n")
+    print("| cell | test IIA | informative IIA (n) | full-vector | " + " | ".join(controls)
+          + " | effect [95% CI] | Holm p | found |\n" + "|---" * (7 + len(controls)) + "|")
+    for r, p in zip(results, adjusted):
+        print(f"| `{r.cell_id}` | {r.test.iia:.2f} | {r.test.informative_iia:.2f} ({r.test.n_informative}) | "
+              f"{r.full_vector.iia:.2f} | " + " | ".join(f"{r.controls[c].held_out.iia:.2f}" for c in controls)
+              + f" | {r.test.effect:+.3f} [{r.test.effect_ci[0]:+.3f}, {r.test.effect_ci[1]:+.3f}] | {p:.2g} | "
+              f"{'**found**' if p < 0.05 else '–'} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s (model, data and {len(cells)} cells)")
 
 
