@@ -62,6 +62,19 @@ def reason(estimate: float, exact: float, flips: float) -> str:
     return f"nonlinear response (flips {flips:.0%})"
 
 
+def study_setup(args: argparse.Namespace) -> tuple[Any, Any, LMPipeline, list, list, list[str], dict, Any, list[str]]:
+    """The task's organism, positions, cells of ``--kinds``, datasets of the families, main model and variables."""
+    task = get_task(args.task)
+    settings = task.settings()
+    pipeline = LMPipeline(str(task.organism), device="cpu", max_new_tokens=task.max_new_tokens(settings))
+    positions = task.token_positions(pipeline, settings)
+    cells = sweep_cells(pipeline, positions, kinds=args.kinds)
+    families = args.families or DEFAULT_FAMILIES.get(args.task) or task.families(settings)
+    datasets = task.make_datasets(settings, families, args.pairs, args.seed)
+    variables = ["+".join(g) for g in task.default_targets(settings, [p.id for p in positions])]
+    return task, settings, pipeline, positions, cells, families, datasets, task.main_model(settings), variables
+
+
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="general_addition")
@@ -79,17 +92,9 @@ def main() -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.screen:
         return screen_comparison(args)
-    task = get_task(args.task)
-    settings = task.settings()
-    pipeline = LMPipeline(str(task.organism), device="cpu", max_new_tokens=task.max_new_tokens(settings))
-    positions = task.token_positions(pipeline, settings)
-    cells = sweep_cells(pipeline, positions, kinds=args.kinds)
+    task, settings, pipeline, positions, cells, families, datasets, model, variables = study_setup(args)
     kinds = np.array([c.kind for c in cells])
     ids = [c.cell_id for c in cells]
-    families = args.families or DEFAULT_FAMILIES.get(args.task) or task.families(settings)
-    datasets = task.make_datasets(settings, families, args.pairs, args.seed)
-    model = task.main_model(settings)
-    variables = ["+".join(g) for g in task.default_targets(settings, [p.id for p in positions])]
     attribution = UnitAttribution(pipeline, cells)
     timing = {"estimate (with GradDrop)": 0.0, "exact": 0.0}
     per_variable: dict[str, dict[str, np.ndarray]] = {}
@@ -214,17 +219,9 @@ def screen_comparison(args: argparse.Namespace) -> dict[str, Any]:
     from experiments.attribution_screen import SCORES, estimate_study
     from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment
 
-    task = get_task(args.task)
-    settings = task.settings()
-    pipeline = LMPipeline(str(task.organism), device="cpu", max_new_tokens=task.max_new_tokens(settings))
-    positions = task.token_positions(pipeline, settings)
-    cells = sweep_cells(pipeline, positions, kinds=args.kinds)
+    task, settings, pipeline, positions, cells, families, datasets, model, variables = study_setup(args)
     kinds = np.array([c.kind for c in cells])
     ids = [c.cell_id for c in cells]
-    families = args.families or DEFAULT_FAMILIES.get(args.task) or task.families(settings)
-    datasets = task.make_datasets(settings, families, args.pairs, args.seed)
-    model = task.main_model(settings)
-    variables = ["+".join(g) for g in task.default_targets(settings, [p.id for p in positions])]
     attribution = UnitAttribution(pipeline, cells)
     timing: dict[str, float] = {}
     start = time.perf_counter()
