@@ -1,0 +1,117 @@
+"""Do the learned featurizers find what is planted, and nothing where nothing can be? A table of methods ×
+(organism, cell) on the addition organisms, for ``carry_0``.
+
+    .venv/bin/python scripts/validate_featurizers.py [--organisms natural aligned rotated]
+        [--methods das boundless_das dbm pca] [--pairs 128] [--steps 300] [--out validation.md]
+
+Organisms: ``natural`` (the shipped addition organism), ``aligned`` and ``rotated`` (carry_0 planted by
+interchange intervention training in a 2-d subspace of the residual after layer 0 at ``digit_1_0``: residual
+dimensions 0 and 1, or a random 2-d subspace; see tasks/general_addition/organism/README.md). Cells:
+
+- ``L0@digit_1_0``: the planted cell (the first token where carry_0 is computable);
+- ``L-1@digit_1_0``: the embedding of the second operand's ones digit (one digit alone does not determine
+  carry_0);
+- ``L1@digit_1_1``: the second operand's tens digit, a position carry_0 has not reached (its ones digit comes
+  later);
+- ``L1@digit_1_0``: a downstream cell that must carry it on towards the answer.
+
+Each entry: held-out test IIA (all test pairs) and whether the method *finds* carry_0 there (beats the
+unpatched network and every control: untrained subspace of the same size, permuted labels, the same training on
+a random-weight network; `experiments.featurizer_training`). For the planted cell the largest cosine
+between the learned span and the planted one are reported too (``cos``: the largest; carry_0 is binary, so one
+planted direction suffices). Nothing here is fixed in advance: the table is
+what the methods do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments.attribution import ResidualCell
+from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
+                                             random_weight_pipeline, train_featurizer)
+from experiments.pipeline import LMPipeline
+from tasks.general_addition.organism import (ORGANISM_DIR, PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR,
+                                             load_planted_spec)
+from tasks.general_addition.task import TASK, AdditionSettings
+
+ORGANISMS = {"natural": ORGANISM_DIR, "aligned": PLANTED_ALIGNED_DIR, "rotated": PLANTED_ROTATED_DIR}
+CELLS = [(0, "digit_1_0"), (-1, "digit_1_0"), (1, "digit_1_1"), (1, "digit_1_0")]
+
+
+def labelled_pairs(pairs: int, seed: int, variable: str = "carry_0") -> LabelledPairs:
+    settings = AdditionSettings()
+    datasets = TASK.make_datasets(settings, ["random", f"flip_{variable}"], pairs, seed)
+    model = TASK.main_model(settings)
+    examples = [e for d in datasets.values() for e in d.to_list()]
+    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, [variable])]
+    return LabelledPairs([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels,
+                         variable)
+
+
+def best_cosine(planted: torch.Tensor, learned: torch.Tensor) -> float:
+    """Largest cosine between a learned direction and the planted span: 1 when the learned subspace contains a
+    planted direction (a binary variable needs only one of the planted two)."""
+    q, _ = torch.linalg.qr(learned.double())
+    return float(torch.linalg.svdvals(planted.double().T @ q).max())
+
+
+def entry(result: TrainedFeaturizer, spec_basis: torch.Tensor | None) -> str:
+    mark = "**found**" if result.found else "–"
+    extra = f", {result.size} dims" if result.settings.method in ("boundless_das", "dbm", "dbm_hard_concrete") else ""
+    if spec_basis is not None and result.size > 0:
+        extra += f", cos {best_cosine(spec_basis, result.featurizer.basis):.2f}"
+    return f"{result.test.iia:.2f} {mark}{extra}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--organisms", nargs="+", default=list(ORGANISMS), choices=list(ORGANISMS))
+    parser.add_argument("--methods", nargs="+", default=["das", "boundless_das", "dbm", "pca"],
+                        choices=["das", "boundless_das", "dbm", "dbm_hard_concrete", "pca"])
+    parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--pairs", type=int, default=64, help="pairs per family (random, flip_carry_0)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    args = parser.parse_args()
+    pairs = labelled_pairs(args.pairs, args.seed)
+    start = time.perf_counter()
+    columns, rows = [], {m: [] for m in ["full-vector", *args.methods]}
+    for organism in args.organisms:
+        pipeline = LMPipeline(str(ORGANISMS[organism]), device=args.device)
+        randomised = random_weight_pipeline(pipeline, args.seed) if "random_weights" in args.controls else None
+        spec = load_planted_spec(ORGANISMS[organism]) if organism != "natural" else None
+        positions = {p.id: p for p in TASK.token_positions(pipeline, AdditionSettings())}
+        for layer, position in tqdm(CELLS, desc=organism, leave=False):
+            cell = ResidualCell(layer, positions[position])
+            planted = spec is not None and (layer, position) == (spec.layer, spec.position)
+            columns.append(f"{organism} `{cell.cell_id}`{' (planted)' if planted else ''}")
+            full = None
+            for method in args.methods:
+                settings = TrainingSettings(method=method, steps=args.steps, seed=args.seed,
+                                            controls=tuple(args.controls))
+                result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised)
+                rows[method].append(entry(result, spec.basis_matrix() if planted else None))
+                full = full or result.full_vector
+            rows["full-vector"].append(f"{full.iia:.2f}" if full else "")
+    lines = [f"carry_0, {len(pairs.bases)} pairs (random + flip_carry_0), {args.steps} steps, controls: "
+             f"{', '.join(args.controls) or 'none'}; test IIA, **found** = beats the unpatched network and every "
+             f"control (one-sided exact paired tests, alpha 0.05)", "",
+             "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {m} | " + " | ".join(v) + " |" for m, v in rows.items()]
+    lines.append(f"\n{time.perf_counter() - start:.0f} s")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
