@@ -58,10 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.attribution import ResidualAttribution, ResidualCell  # noqa: E402
-from experiments.learned_featurizers import OrthogonalSubspace  # noqa: E402
+from experiments.featurizer_training import LabelledPairs  # noqa: E402
+from experiments.learned_featurizers import LowRankSubspace, OrthogonalSubspace  # noqa: E402
 from experiments.pipeline import LMPipeline  # noqa: E402
 from experiments.pyvene_backend import pyvene_config_fixes, register_model_class  # noqa: E402
-from experiments.learned_featurizers import LowRankSubspace  # noqa: E402
 from experiments.residual_das import ResidualDAS  # noqa: E402
 from tasks.general_addition.task import TASK, AdditionSettings  # noqa: E402
 
@@ -71,11 +71,8 @@ def organism_das(pipeline: LMPipeline, pairs: int, seed: int, **kwargs: Any) -> 
     """The das_scan data: carry_0 labels of the random and flip_carry_0 families, ``pairs`` each."""
     settings = AdditionSettings()
     datasets = TASK.make_datasets(settings, ["random", "flip_carry_0"], pairs, seed)
-    model = TASK.main_model(settings)
-    examples = [e for d in datasets.values() for e in d.to_list()]
-    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, ["carry_0"])]
-    das = ResidualDAS(pipeline, [e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples],
-                      labels, seed=seed, **kwargs)
+    data = LabelledPairs.from_datasets(datasets, TASK.main_model(settings), "carry_0")
+    das = ResidualDAS(pipeline, data.bases, data.sources, data.labels, seed=seed, **kwargs)
     positions = {p.id: p for p in TASK.token_positions(pipeline, settings)}
     return das, positions
 

@@ -94,6 +94,14 @@ class LabelledPairs:
         if len(self.bases) < 8:
             raise ValueError(f"need at least 8 labelled pairs to split three ways, got {len(self.bases)}")
 
+    @classmethod
+    def from_datasets(cls, datasets: dict[str, Any], causal_model: Any, variable: str) -> "LabelledPairs":
+        """Every pair of ``datasets`` (CounterfactualDatasets, in order) with ``causal_model``'s counterfactual
+        label when ``variable`` takes the source's value (the first counterfactual input is the source)."""
+        examples = [e for d in datasets.values() for e in d.to_list()]
+        labels = [label for d in datasets.values() for label in causal_model.label_counterfactual_data(d, [variable])]
+        return cls([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels, variable)
+
     def fingerprint(self) -> str:
         """sha256 of every pair and label, in order (the data's identity in a saved record)."""
         text = json.dumps([self.bases, self.sources, [str(x) for x in self.labels], self.variable], sort_keys=True,
@@ -176,10 +184,11 @@ def _module(settings: TrainingSettings, width: int, dtype: torch.dtype) -> torch
 class _Run:
     """One network + one pair split: training of a method at a unit and per-pair correctness on test pairs."""
 
-    def __init__(self, pipeline: LMPipeline, pairs: LabelledPairs, labels: Sequence[Any], split: tuple[np.ndarray, ...]):
-        self.das = ResidualDAS(pipeline, pairs.bases, pairs.sources, list(labels))
+    def __init__(self, pipeline: LMPipeline, pairs: LabelledPairs, labels: Sequence[Any], split: tuple[np.ndarray, ...],
+                 seed: int):
         self.train, self.validation, self.test = split
-        self.das.train, self.das.test = self.train, self.test
+        self.das = ResidualDAS(pipeline, pairs.bases, pairs.sources, list(labels), seed=seed,
+                               split=(self.train, self.test))
 
     def fit(self, cell: Cell, settings: TrainingSettings, prep: PreparedCell | None = None
             ) -> tuple[PreparedCell, Featurizer, list[float], list[tuple[int, float]], int]:
@@ -219,12 +228,7 @@ class _Run:
             return prep.forward.correct(self.test, values).cpu().numpy()
 
     def judge(self, prep: PreparedCell, correct: np.ndarray) -> HeldOut:
-        unpatched = prep.unpatched[self.test]
-        gained, lost = int((correct & ~unpatched).sum()), int((~correct & unpatched).sum())
-        effect, low, high, p = paired_test(gained, lost, len(correct))
-        informative = ~unpatched
-        return HeldOut(float(correct.mean()), float(correct[informative].mean()) if informative.any() else float("nan"),
-                       int(informative.sum()), effect, (low, high), p)
+        return HeldOut.of(correct, prep.unpatched[self.test])
 
 
 def random_weight_pipeline(pipeline: LMPipeline, seed: int = 0) -> LMPipeline:
@@ -245,7 +249,7 @@ def train_featurizer(pipeline: LMPipeline, pairs: LabelledPairs, cell: Cell,
     unpatched network, full-vector patching and every control of ``settings.controls``."""
     settings = settings or TrainingSettings()
     split = pairs.splits(settings.validation_fraction, settings.test_fraction, settings.seed)
-    run = _Run(pipeline, pairs, pairs.labels, split)
+    run = _Run(pipeline, pairs, pairs.labels, split, settings.seed)
     jobs = ["train", *settings.controls]
     bar = tqdm(total=len(jobs), desc=f"{settings.method} @ {getattr(cell, 'cell_id', cell)}", leave=False,
                disable=not progress)
@@ -265,13 +269,13 @@ def train_featurizer(pipeline: LMPipeline, pairs: LabelledPairs, cell: Cell,
             order = np.random.default_rng(settings.seed + 1).permutation(run.train)
             for i, j in zip(run.train, order):
                 labels[i] = pairs.labels[j]
-            other_run = _Run(pipeline, pairs, labels, split)
+            other_run = _Run(pipeline, pairs, labels, split, settings.seed)
             # judged against the true labels: the test split keeps its true labels and forward
             _, other, _, _, _ = other_run.fit(cell, settings)
             other_run, other_prep = run, prep
         else:
             other_run = _Run(random_pipeline or random_weight_pipeline(pipeline, settings.seed), pairs, pairs.labels,
-                             split)
+                             split, settings.seed)
             other_prep, other, _, _, _ = other_run.fit(cell, settings)
         theirs = other_run.correct(other_prep, other)
         gained, lost = int((mine & ~theirs).sum()), int((~mine & theirs).sum())

@@ -247,15 +247,12 @@ class PatchUnits(InterventionExperiment):
         config: ExperimentConfig | Mapping[str, Any] | None = None,
         featurizers: Mapping[str, Featurizer] | None = None,
     ):
-        ids = [f"L{layer}@{pos.id}" for layer in layers for pos in token_positions]
+        grid = [(f"L{layer}@{pos.id}", layer, pos) for layer in layers for pos in token_positions]
         if featurizers is not None:
-            check_featurizers_cover(ids, featurizers)
-        cells = [
-            Cell(f"L{layer}@{pos.id}",
-                 [ModelUnit(layer, component, pos, featurizer=featurizers[f"L{layer}@{pos.id}"])] if featurizers
-                 else [ModelUnit(layer, component, pos)])
-            for layer in layers for pos in token_positions
-        ]
+            check_featurizers_cover([cell_id for cell_id, _, _ in grid], featurizers)
+        cells = [Cell(cell_id, [ModelUnit(layer, component, pos,
+                                          featurizer=featurizers[cell_id] if featurizers is not None else Featurizer())])
+                 for cell_id, layer, pos in grid]
         self.layers = list(layers)
         self.token_positions = list(token_positions)
         self.component = component

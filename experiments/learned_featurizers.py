@@ -259,6 +259,36 @@ def interchange_accuracy(interchange: "nn.Module | Featurizer", downstream: Call
         return float((downstream(patched).argmax(-1) == labels).float().mean())
 
 
+def optimise_interchange(module: nn.Module, batch_loss: Callable[[torch.Tensor], torch.Tensor], n_train: int,
+                         steps: int, batch_size: int, lr: float, generator: torch.Generator,
+                         on_step: Callable[[int], bool] | None = None, every: int = 1) -> list[float]:
+    """The training loop of every trainable interchange: Adam on ``module``'s trainable parameters; per step
+    ``batch_loss(picks)`` on a batch of ``min(batch_size, n_train)`` indices into the train rows (drawn from
+    ``generator``, with replacement), plus ``module.penalty()`` if it has one; ``module.set_progress(step /
+    (steps - 1))`` before each step if it has one. ``on_step(n)`` is called after every ``every``-th step with
+    the number of steps done; training stops early when it returns True. The module is left in eval mode.
+    Returns the loss of each step run."""
+    optimiser = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    penalty = getattr(module, "penalty", None)
+    progress = getattr(module, "set_progress", None)
+    losses = []
+    module.train()
+    for step in range(steps):
+        if progress is not None:
+            progress(step / max(1, steps - 1))
+        loss = batch_loss(torch.randint(n_train, (min(batch_size, n_train),), generator=generator))
+        if penalty is not None:
+            loss = loss + penalty()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None and (step + 1) % every == 0 and on_step(step + 1):
+            break
+    module.eval()
+    return losses
+
+
 def train_interchange(module: nn.Module, downstream: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor,
                       source: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch_size: int = 32,
                       lr: float = 1e-2, seed: int = 0, test_fraction: float = 0.25) -> DASResult:
@@ -276,24 +306,12 @@ def train_interchange(module: nn.Module, downstream: Callable[[torch.Tensor], to
     order = torch.randperm(n, generator=generator)
     n_test = max(1, int(round(n * test_fraction)))
     test, train = order[:n_test], order[n_test:]
-    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
-    penalty = getattr(module, "penalty", None)
-    progress = getattr(module, "set_progress", None)
-    losses = []
-    module.train()
-    for step in range(steps):
-        if progress is not None:
-            progress(step / max(1, steps - 1))
-        batch = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=generator)]
-        logits = downstream(module.interchange(base[batch], source[batch]))
-        loss = nn.functional.cross_entropy(logits, labels[batch])
-        if penalty is not None:
-            loss = loss + penalty()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-    module.eval()
+
+    def batch_loss(picks: torch.Tensor) -> torch.Tensor:
+        batch = train[picks]
+        return nn.functional.cross_entropy(downstream(module.interchange(base[batch], source[batch])), labels[batch])
+
+    losses = optimise_interchange(module, batch_loss, len(train), steps, batch_size, lr, generator)
     featurizer = module.to_featurizer()
     accuracy = interchange_accuracy(featurizer, downstream, base[test], source[test], labels[test])
     return DASResult(module, featurizer, losses, accuracy)

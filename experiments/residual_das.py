@@ -32,7 +32,7 @@ import torch
 from causal.verdicts import paired_test
 from experiments.attribution import ResidualAttribution, ResidualCell
 from experiments.featurizers import Featurizer
-from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace
+from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace, optimise_interchange
 from experiments.pipeline import LMPipeline
 from experiments.sites import featurized_swap
 from experiments.suffix_training import SuffixForward, TeacherForcedBase
@@ -89,6 +89,16 @@ class HeldOut:
     effect_ci: tuple[float, float]
     p_value: float
 
+    @classmethod
+    def of(cls, correct: np.ndarray, unpatched: np.ndarray) -> "HeldOut":
+        """From per-pair booleans on the same test pairs: the label after the intervention (``correct``) and
+        without it (``unpatched``)."""
+        gained, lost = int((correct & ~unpatched).sum()), int((~correct & unpatched).sum())
+        effect, low, high, p = paired_test(gained, lost, len(correct))
+        informative = ~unpatched
+        return cls(float(correct.mean()), float(correct[informative].mean()) if informative.any() else float("nan"),
+                   int(informative.sum()), effect, (low, high), p)
+
 
 @dataclass
 class ResidualDASResult:
@@ -116,19 +126,22 @@ class PreparedCell:
 class ResidualDAS:
     """DAS at residual cells of ``pipeline`` on a set of counterfactual pairs with their labels.
 
+    ``split``: (train, test) pair indices to use instead of a seeded split by ``test_fraction``.
     ``force_full_forward``: train through the full hooked forward even where the suffix path applies (a
     reference for the suffix path; same results)."""
 
     def __init__(self, pipeline: LMPipeline, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
                  cf_labels: Sequence[Any], test_fraction: float = 0.25, seed: int = 0,
-                 force_full_forward: bool = False):
+                 force_full_forward: bool = False, split: tuple[np.ndarray, np.ndarray] | None = None):
         if not (len(bases) == len(sources) == len(cf_labels)) or len(bases) < 4:
             raise ValueError("bases, sources and labels need the same length (at least 4 pairs)")
         self.pipeline, self.bases, self.sources, self.labels = pipeline, list(bases), list(sources), list(cf_labels)
-        n = len(self.bases)
-        order = np.random.default_rng(seed).permutation(n)
-        n_test = max(1, int(round(n * test_fraction)))
-        self.test, self.train = order[:n_test], order[n_test:]
+        if split is not None:
+            self.train, self.test = split
+        else:
+            order = np.random.default_rng(seed).permutation(len(self.bases))
+            n_test = max(1, int(round(len(self.bases) * test_fraction)))
+            self.test, self.train = order[:n_test], order[n_test:]
         self.seed = seed
         self.force_full_forward = force_full_forward
         self._shared: dict[str, Any] | None = None
@@ -168,13 +181,7 @@ class ResidualDAS:
         return PreparedCell(cell, forward, base, source, unpatched)
 
     def _held_out(self, prep: PreparedCell, values: torch.Tensor) -> HeldOut:
-        patched = prep.forward.correct(self.test, values).cpu().numpy()
-        unpatched = prep.unpatched[self.test]
-        informative = ~unpatched
-        gained, lost = int((patched & ~unpatched).sum()), int((~patched & unpatched).sum())
-        effect, low, high, p = paired_test(gained, lost, len(patched))
-        return HeldOut(float(patched.mean()), float(patched[informative].mean()) if informative.any() else float("nan"),
-                       int(informative.sum()), effect, (low, high), p)
+        return HeldOut.of(prep.forward.correct(self.test, values).cpu().numpy(), prep.unpatched[self.test])
 
     def optimise(self, prep: PreparedCell, module: Any, steps: int = 300, batch_size: int = 32, lr: float = 1e-2,
                  on_step: Callable[[int], bool] | None = None, every: int = 1) -> list[float]:
@@ -183,29 +190,13 @@ class ResidualDAS:
         ``on_step(n)`` is called after every ``every``-th step with the number of steps done; training stops
         early when it returns True. Returns the loss of each step run."""
         base, source, forward = prep.base, prep.source, prep.forward
-        optimiser = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
-        penalty = getattr(module, "penalty", None)
-        progress = getattr(module, "set_progress", None)
-        generator = torch.Generator().manual_seed(self.seed)
-        losses = []
-        module.train()
-        for step in range(steps):
-            if progress is not None:
-                progress(step / max(1, steps - 1))
-            rows = self.train[torch.randint(len(self.train), (min(batch_size, len(self.train)),),
-                                            generator=generator).numpy()]
-            index = torch.as_tensor(rows, device=base.device)
-            loss = -forward.answer_logprob(index, module.interchange(base[index], source[index])).mean()
-            if penalty is not None:
-                loss = loss + penalty()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None and (step + 1) % every == 0 and on_step(step + 1):
-                break
-        module.eval()
-        return losses
+
+        def batch_loss(picks: torch.Tensor) -> torch.Tensor:
+            index = torch.as_tensor(self.train[picks.numpy()], device=base.device)
+            return -forward.answer_logprob(index, module.interchange(base[index], source[index])).mean()
+
+        return optimise_interchange(module, batch_loss, len(self.train), steps, batch_size, lr,
+                                    torch.Generator().manual_seed(self.seed), on_step, every)
 
     def fit(self, cell: Cell, k: int = 2, steps: int = 300, batch_size: int = 32, lr: float = 1e-2,
             orthogonal_map: OrthogonalMap = "matrix_exp", module: Any = None) -> ResidualDASResult:

@@ -50,12 +50,8 @@ MODELS = {"organism": TASK.organism, "planted-aligned": PLANTED_ALIGNED_DIR, "pl
 def labelled_pairs(families: list[str], pairs: int, seed: int, variable: str) -> LabelledPairs:
     """Pairs of the 2-digit addition task with the main hypothesis' labels for ``variable``."""
     settings = AdditionSettings()
-    datasets = TASK.make_datasets(settings, families, pairs, seed)
-    model = TASK.main_model(settings)
-    examples = [e for d in datasets.values() for e in d.to_list()]
-    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, [variable])]
-    return LabelledPairs([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels,
-                         variable)
+    return LabelledPairs.from_datasets(TASK.make_datasets(settings, families, pairs, seed), TASK.main_model(settings),
+                                       variable)
 
 
 def cell_p_value(result: TrainedFeaturizer) -> float:

@@ -47,11 +47,7 @@ CELLS = [(0, "digit_1_0"), (-1, "digit_1_0"), (1, "digit_1_1"), (1, "digit_1_0")
 def labelled_pairs(pairs: int, seed: int, variable: str = "carry_0") -> LabelledPairs:
     settings = AdditionSettings()
     datasets = TASK.make_datasets(settings, ["random", f"flip_{variable}"], pairs, seed)
-    model = TASK.main_model(settings)
-    examples = [e for d in datasets.values() for e in d.to_list()]
-    labels = [label for d in datasets.values() for label in model.label_counterfactual_data(d, [variable])]
-    return LabelledPairs([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels,
-                         variable)
+    return LabelledPairs.from_datasets(datasets, TASK.main_model(settings), variable)
 
 
 def best_cosine(planted: torch.Tensor, learned: torch.Tensor) -> float:

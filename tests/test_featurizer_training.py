@@ -19,11 +19,7 @@ from tasks.general_addition.task import TASK, AdditionSettings
 def carry_pairs(n: int = 64, seed: int = 3) -> LabelledPairs:
     settings = AdditionSettings()
     datasets = TASK.make_datasets(settings, ["random", "flip_carry_0"], n, seed)
-    model = TASK.main_model(settings)
-    examples = [e for d in datasets.values() for e in d.to_list()]
-    labels = [x for d in datasets.values() for x in model.label_counterfactual_data(d, ["carry_0"])]
-    return LabelledPairs([e["input"] for e in examples], [e["counterfactual_inputs"][0] for e in examples], labels,
-                         "carry_0")
+    return LabelledPairs.from_datasets(datasets, TASK.main_model(settings), "carry_0")
 
 
 def test_splits_keep_pairs_of_one_base_together_and_are_seeded():
