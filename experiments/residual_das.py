@@ -79,8 +79,9 @@ def _indices(cell: Cell, base: dict[str, Any], source: dict[str, Any]) -> tuple[
 
 @dataclass
 class HeldOut:
-    """One intervention judged on the test pairs: IIA, informative IIA (label differs from the unpatched
-    network's output) and the paired effect over the unpatched run (effect, CI, one-sided exact p)."""
+    """One intervention judged on ``n`` test pairs: IIA, informative IIA (label differs from the unpatched
+    network's output), the paired effect over the unpatched run (effect, CI, one-sided exact p) and the
+    ``floor``: the unpatched network's IIA on the same pairs."""
 
     iia: float
     informative_iia: float
@@ -88,6 +89,8 @@ class HeldOut:
     effect: float
     effect_ci: tuple[float, float]
     p_value: float
+    floor: float
+    n: int
 
     @classmethod
     def of(cls, correct: np.ndarray, unpatched: np.ndarray) -> "HeldOut":
@@ -97,7 +100,7 @@ class HeldOut:
         effect, low, high, p = paired_test(gained, lost, len(correct))
         informative = ~unpatched
         return cls(float(correct.mean()), float(correct[informative].mean()) if informative.any() else float("nan"),
-                   int(informative.sum()), effect, (low, high), p)
+                   int(informative.sum()), effect, (low, high), p, float(unpatched.mean()), len(correct))
 
 
 @dataclass

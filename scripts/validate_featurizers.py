@@ -15,7 +15,8 @@ dimensions 0 and 1, or a random 2-d subspace; see tasks/general_addition/organis
   later);
 - ``L1@digit_1_0``: a downstream cell that must carry it on towards the answer.
 
-Each entry: held-out test IIA (all test pairs) and whether the method *finds* carry_0 there (beats the
+Each entry: held-out test IIA (all n test pairs; the first row gives the unpatched network's IIA on the same
+pairs, and the control rows each control's IIA, trained and judged like the method) and whether the method *finds* carry_0 there (beats the
 unpatched network and every control: untrained subspace of the same size, permuted labels, the same training on
 a random-weight network; `experiments.featurizer_training`). For the planted cell the largest cosine
 between the learned span and the planted one are reported too (``cos``: the largest; carry_0 is binary, so one
@@ -79,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     pairs = labelled_pairs(args.pairs, args.seed)
     start = time.perf_counter()
-    columns, rows = [], {m: [] for m in ["full-vector", *args.methods]}
+    columns, rows = [], {m: [] for m in ["unpatched (floor), n", "full-vector", *args.methods]}
     for organism in args.organisms:
         pipeline = LMPipeline(str(ORGANISMS[organism]), device=args.device)
         randomised = random_weight_pipeline(pipeline, args.seed) if "random_weights" in args.controls else None
@@ -95,8 +96,12 @@ def main() -> None:
                                             controls=tuple(args.controls))
                 result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised)
                 rows[method].append(entry(result, spec.basis_matrix() if planted else None))
+                for name in args.controls:
+                    rows.setdefault(f"{method} control: {name}", []).append(
+                        f"{result.controls[name].held_out.iia:.2f}")
                 full = full or result.full_vector
             rows["full-vector"].append(f"{full.iia:.2f}" if full else "")
+            rows["unpatched (floor), n"].append(f"{full.floor:.2f}, n = {full.n}" if full else "")
     lines = [f"carry_0, {len(pairs.bases)} pairs (random + flip_carry_0), {args.steps} steps, controls: "
              f"{', '.join(args.controls) or 'none'}; test IIA, **found** = beats the unpatched network and every "
              f"control (one-sided exact paired tests, alpha 0.05)", "",
