@@ -30,7 +30,8 @@ DEFAULT_BACKEND: BackendName = "hooks"
 #: Operations a backend may declare beyond ``collect`` and ``prompt_pass``: ``"suffix_reuse"`` — residual-stream
 #: patches may be run by recomputing only what they can change (`experiments.suffix_reuse`), because the
 #: backend's prompt pass is the model's own forward with plain patches (no wrapper that the fast path would skip).
-OPTIONAL_OPERATIONS = ("suffix_reuse",)
+#: ``"gradients"`` — the prompt pass is differentiable in the patch values (training a featurizer through it).
+OPTIONAL_OPERATIONS = ("suffix_reuse", "gradients")
 
 
 class Backend(Protocol):

@@ -26,7 +26,9 @@ SAVABLE: dict[str, type[Featurizer]] = {"LinearFeaturizer": LinearFeaturizer, "S
 
 
 class FeaturizerRecord(BaseModel):
-    """What made a saved featurizer. ``unit`` names the cell it was trained at (e.g. ``L1@digit_1_0``);
+    """What made a saved featurizer. ``unit`` names the cell it was trained at (e.g. ``L1@digit_1_0``) and
+    ``component`` what it acts on there (``block_output``, ``attention_output``, ``mlp_output``,
+    ``head_attention_value_output``);
     ``data_fingerprint`` is the sha256 of the training pairs and labels; ``extra`` holds method settings."""
 
     model_config = ConfigDict(extra="forbid")
@@ -36,6 +38,7 @@ class FeaturizerRecord(BaseModel):
     sha256: str
     method: str = ""
     unit: str = ""
+    component: str = "block_output"
     k: int | None = None
     seed: int | None = None
     data_fingerprint: str = ""
@@ -112,9 +115,10 @@ def load_sae(path: str | Path, subtract_decoder_bias: bool = False, id: str | No
                      f"{ {k: sorted(v.values()) for k, v in SAE_LAYOUTS.items()} }")
 
 
-def load_featurizers(folder: str | Path) -> dict[str, Featurizer]:
+def load_featurizers(folder: str | Path, component: str | None = None) -> dict[str, Featurizer]:
     """Every featurizer saved in the sub-folders of ``folder``, keyed by the cell id in its record's ``unit``
-    (the keys a featurized sweep takes); two featurizers for one cell are refused."""
+    (the keys a featurized sweep takes); two featurizers for one cell are refused, and so (with ``component``)
+    is one trained at another component than the sweep's."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FeaturizerLoadError(f"{folder}: no such folder of saved featurizers")
@@ -123,6 +127,8 @@ def load_featurizers(folder: str | Path) -> dict[str, Featurizer]:
         featurizer, record = load_featurizer(sub)
         if not record.unit:
             raise FeaturizerLoadError(f"{sub}: its record names no unit, so no cell can take it")
+        if component is not None and record.component != component:
+            raise FeaturizerLoadError(f"{sub}: trained at {record.component} of {record.unit}, not at {component}")
         if record.unit in out:
             raise FeaturizerLoadError(f"{folder}: two featurizers for cell {record.unit}")
         out[record.unit] = featurizer

@@ -1,10 +1,11 @@
-"""`train_featurizer`: learn a featurizer for one causal variable at one residual unit of a network, with early
-stopping, a held-out verdict and the controls a learned map needs, and save it for sweeps.
+"""`train_featurizer`: learn a featurizer for one causal variable at one unit of a network (residual stream,
+attention output, MLP output or one head; one position or several jointly: `experiments.residual_das.UnitCell`),
+with early stopping, a held-out verdict and the controls a learned map needs, and save it for sweeps.
 
 Data: labelled counterfactual pairs (base prompt, source prompt, the causal model's counterfactual label when the
 variable takes the source's value); pairs are split into train / validation / test **by base example** (pairs
 sharing a base prompt stay together; seeded). The loss is the label's summed answer log-probability,
-teacher-forced (`experiments.residual_das`; training runs through the layers above the unit only).
+teacher-forced (`experiments.residual_das`; residual units train through the layers above them only).
 
 Methods (``TrainingSettings.method``): ``das`` (k-dim orthogonal subspace), ``boundless_das`` (learned size),
 ``dbm`` (sigmoid mask over dimensions or groups), ``dbm_hard_concrete``, ``pca`` (top-k principal directions of
@@ -152,6 +153,7 @@ class TrainedFeaturizer:
     stopped_at: int = 0
     data_fingerprint: str = ""
     forward_mode: str = "suffix"
+    component: str = "block_output"
 
     @property
     def size(self) -> int:
@@ -161,7 +163,8 @@ class TrainedFeaturizer:
 
     def save(self, folder: str | Path, model_sha256: str = "") -> FeaturizerRecord:
         """Save the featurizer with a record of how it was made (`experiments.featurizer_store`)."""
-        return save_featurizer(self.featurizer, folder, method=self.settings.method, unit=self.cell_id, k=self.size,
+        return save_featurizer(self.featurizer, folder, method=self.settings.method, unit=self.cell_id,
+                               component=self.component, k=self.size,
                                seed=self.settings.seed, data_fingerprint=self.data_fingerprint,
                                model_sha256=model_sha256,
                                extra={"settings": self.settings.model_dump(mode="json"), "stopped_at": self.stopped_at,
@@ -290,5 +293,5 @@ def train_featurizer(pipeline: LMPipeline, pairs: LabelledPairs, cell: Cell,
         found, reason = False, f"does not beat the control(s) {', '.join(failed)}"
     else:
         found, reason = True, "beats the unpatched network and every control"
-    return TrainedFeaturizer(getattr(cell, "cell_id", str(cell)), settings, featurizer, test, full, controls, found,
-                             reason, losses, curve, stopped, pairs.fingerprint(), prep.forward.mode)
+    return TrainedFeaturizer(prep.cell.cell_id, settings, featurizer, test, full, controls, found, reason, losses,
+                             curve, stopped, pairs.fingerprint(), prep.forward.mode, prep.cell.component)

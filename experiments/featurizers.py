@@ -55,6 +55,12 @@ class Featurizer:
     def is_identity(self) -> bool:
         return type(self) is Featurizer
 
+    @property
+    def input_width(self) -> int | None:
+        """The width of the vectors it maps (None: any width, the identity). A width of m·d at a unit of m
+        tokens of width d means the map acts on the m vectors concatenated (a joint unit)."""
+        return None
+
 
 IdentityFeaturizer = Featurizer
 
@@ -70,6 +76,10 @@ class LinearFeaturizer(Featurizer):
         self.basis = basis
         self.mean = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device) if mean is None else mean
         self.id = id
+
+    @property
+    def input_width(self) -> int:
+        return int(self.basis.shape[0])
 
     def featurize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - self.mean.to(x)
@@ -107,6 +117,10 @@ class SAEFeaturizer(Featurizer):
         self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold = W_enc, b_enc, W_dec, b_dec, threshold
         self.subtract_decoder_bias = subtract_decoder_bias
         self.id = id
+
+    @property
+    def input_width(self) -> int:
+        return int(self.W_enc.shape[0])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(…, m) latent activations of x (…, d)."""

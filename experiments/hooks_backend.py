@@ -46,7 +46,7 @@ class HooksBackend:
     """``collect`` and ``prompt_pass`` with plain forward hooks on the modules of the component map."""
 
     name = "hooks"
-    operations = frozenset({"suffix_reuse"})
+    operations = frozenset({"suffix_reuse", "gradients"})
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -156,6 +156,14 @@ def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Te
     return mask
 
 
+def _check_joint(unit: ModelUnit, n: int, indices: list[list[int]]) -> None:
+    """A joint featurizer (n·d wide) needs exactly n distinct tokens at its unit in every prompt."""
+    for ix in indices:
+        if len(ix) != n or len(set(ix)) != n:
+            raise ValueError(f"unit {unit.id}: its featurizer {unit.address.featurizer_id!r} acts on {n} tokens "
+                             f"jointly, but position {unit.position.id!r} gives {len(ix)} token(s) in some prompt")
+
+
 class InterventionEngine:
     """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene").
 
@@ -354,7 +362,11 @@ class InterventionEngine:
                     per_cell = torch.stack([cell.ablation_values[slot].to(device, dtype) for cell in group])  # (C, d)
                     values = per_cell.repeat_interleave(n_pairs, dim=0)[:, None, :].expand(-1, width, -1)
             featurizer = first.featurizer if first.featurized else None
-            mask = _feature_mask(first, values.shape[-1], device) if featurizer is not None else None
+            joint_width = getattr(featurizer, "input_width", None)
+            if joint_width is not None and joint_width != values.shape[-1]:
+                _check_joint(first, joint_width // values.shape[-1], base_idx + src_idx)
+            mask = (_feature_mask(first, joint_width or values.shape[-1], device) if featurizer is not None
+                    else None)
             patches.append(SitePatch(site, columns, values, heads, featurizer, mask))
         return patches
 

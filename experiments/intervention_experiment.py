@@ -23,7 +23,7 @@ from experiments.featurizers import Featurizer
 from experiments.fleet import check_shard, shard_items
 from experiments.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_identity import weights_identity
-from experiments.model_units import AttentionHead, ModelUnit
+from experiments.model_units import ModelUnit
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 
@@ -271,7 +271,9 @@ class PatchResidualStream(PatchUnits):
 
 
 class PatchAttentionHeads(InterventionExperiment):
-    """Patch groups of attention heads: each entry of ``layer_head_lists`` (a list of (layer, head)) × each position is a cell."""
+    """Patch groups of attention heads: each entry of ``layer_head_lists`` (a list of (layer, head)) × each position
+    is a cell (id ``L{layer}H{head}@{position}``). With ``featurizers`` (cell id → featurizer; single heads only)
+    every cell interchanges through its own featurizer, as `PatchUnits`."""
 
     experiment_type = "patch_attention_heads"
 
@@ -281,14 +283,23 @@ class PatchAttentionHeads(InterventionExperiment):
         layer_head_lists: Sequence[Sequence[tuple[int, int]]],
         token_positions: Sequence[TokenPosition],
         config: ExperimentConfig | Mapping[str, Any] | None = None,
+        featurizers: Mapping[str, Featurizer] | None = None,
     ):
-        cells = []
+        grid = []
         for heads in layer_head_lists:
             if not heads:
                 raise ValueError("each entry of layer_head_lists needs at least one (layer, head)")
+            if featurizers is not None and len(heads) > 1:
+                raise ValueError(f"featurized head sweeps take single heads; {heads} is a group")
             name = "+".join(f"L{l}H{h}" for l, h in heads)
-            for pos in token_positions:
-                cells.append(Cell(f"{name}@{pos.id}", [AttentionHead(l, h, pos) for l, h in heads]))
+            grid += [(f"{name}@{pos.id}", heads, pos) for pos in token_positions]
+        if featurizers is not None:
+            check_featurizers_cover([cell_id for cell_id, _, _ in grid], featurizers)
+        cells = []
+        for cell_id, heads, pos in grid:
+            featurizer = featurizers[cell_id] if featurizers is not None else Featurizer()
+            cells.append(Cell(cell_id, [ModelUnit(l, "head_attention_value_output", pos, head=h, featurizer=featurizer)
+                                        for l, h in heads]))
         self.layer_head_lists = [list(map(tuple, heads)) for heads in layer_head_lists]
         self.token_positions = list(token_positions)
         super().__init__(pipeline, cells, config)

@@ -35,7 +35,7 @@ from pyvene.models.llama.modelings_intervenable_llama import (
 from transformers import PreTrainedModel
 
 from experiments.architectures import UnsupportedModelError, family_of, head_width  # noqa: E402
-from experiments.sites import Site, SitePatch, featurized_swap  # noqa: E402
+from experiments.sites import Site, SitePatch  # noqa: E402
 
 #: pyvene's unit kind per head-ness of a component.
 _UNIT = {False: "pos", True: "h.pos"}
@@ -111,7 +111,7 @@ class FeaturizedInterchange(pyvene.VanillaIntervention):
     def forward(self, base, source, subspaces=None, **kwargs):
         source = source if self.source_representation is None else self.source_representation
         assert self.patch is not None, "FeaturizedInterchange called without a patch"
-        return featurized_swap(self.patch.featurizer, self.patch.feature_mask, base, source)
+        return self.patch.swap(base, source)
 
     def __str__(self) -> str:
         return "FeaturizedInterchange()"

@@ -1,5 +1,5 @@
-"""DAS at one residual-stream cell of a network: learn a k-dimensional subspace whose interchange (base <- source)
-makes the network produce the counterfactual label, scored whole and teacher-forced, and judge it on held-out
+"""DAS at one unit of a network (residual stream, attention output, MLP output or one head; one position or
+several): learn a k-dimensional subspace whose interchange (base <- source) makes the network produce the counterfactual label, scored whole and teacher-forced, and judge it on held-out
 pairs with the paired verdict test, next to full-vector patching and an untrained subspace of the same size.
 
 Training sees only the pairs of the train split (split by pair, seeded); every answer token of the label is in
@@ -11,9 +11,13 @@ the intervened layer. Each training step then runs only the layers above the cel
 intervened one, and the output head on the answer columns (`experiments.suffix_training.SuffixForward`; where
 that path is not exact for a model it runs the full hooked forward instead and says so in ``forward_mode``).
 
-A cell is a `ResidualCell` (one layer, one token position; a position yielding several tokens makes a joint
-unit) or a `JointResidualCell` (one layer, several positions). A unit of m tokens is learned in the concatenated
-space of its m residual vectors (m·d): the interchange sees (n, m·d).
+A cell is a `UnitCell` (any trainable component: residual stream, attention output, MLP output, one head's
+output; one position or several jointly), or the residual shorthands `ResidualCell` (one layer, one token
+position; a position yielding several tokens makes a joint unit) and `JointResidualCell` (one layer, several
+positions). A unit of m tokens of width w is learned in the concatenated space of its m vectors (m·w): the
+interchange sees (n, m·w). Residual cells train through the layers above them (`SuffixForward`); the other
+components through the full teacher-forced forward of the training backend (`SiteForward`), exact by
+construction.
 
 The trainable interchange is any module following `TrainableInterchange` (`OrthogonalSubspace` by default;
 `LowRankSubspace`, pyvene's low-rank parametrisation; Boundless DAS and DBM masks of
@@ -34,8 +38,8 @@ from experiments.attribution import ResidualAttribution, ResidualCell
 from experiments.featurizers import Featurizer
 from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace, optimise_interchange
 from experiments.pipeline import LMPipeline
-from experiments.sites import featurized_swap
-from experiments.suffix_training import SuffixForward, TeacherForcedBase
+from experiments.sites import Site, featurized_swap
+from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase, training_backend
 from experiments.token_positions import TokenPosition
 
 
@@ -66,14 +70,59 @@ class JointResidualCell:
         return f"L{self.layer}@{'+'.join(p.id for p in self.positions)}"
 
 
-Cell = Union[ResidualCell, JointResidualCell]
+#: Components a featurizer can be trained at (the activation sites of `experiments.model_units`).
+TRAINABLE_COMPONENTS = ("block_output", "attention_output", "mlp_output", "head_attention_value_output")
 
 
-def _indices(cell: Cell, base: dict[str, Any], source: dict[str, Any]) -> tuple[list[int], list[int]]:
+@dataclass(frozen=True)
+class UnitCell:
+    """One unit of any trainable component: ``component`` of ``layer`` (block_output: -1 = embeddings; a head
+    component names its query ``head``) at the tokens of all ``positions`` together (one position, or several
+    for a joint unit; vectors concatenated in this order). Its id is the sweep's: ``L{layer}@{positions}``
+    (`experiments.intervention_experiment.PatchUnits`) or ``L{layer}H{head}@{positions}``
+    (`PatchAttentionHeads`), positions joined by ``+`` (`experiments.token_positions.joint_position`)."""
+
+    layer: int
+    positions: tuple[TokenPosition, ...]
+    component: str = "block_output"
+    head: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.component not in TRAINABLE_COMPONENTS:
+            raise ValueError(f"cannot train at component {self.component!r}; trainable: {', '.join(TRAINABLE_COMPONENTS)}")
+        if (self.component == "head_attention_value_output") != (self.head is not None):
+            raise ValueError("a head index is required for head units and only for them")
+        if len(self.positions) < 1:
+            raise ValueError("a unit needs at least one position")
+        if self.layer == -1 and self.component != "block_output":
+            raise ValueError(f"layer -1 (the embeddings) has no {self.component}")
+
+    @property
+    def cell_id(self) -> str:
+        head = f"H{self.head}" if self.head is not None else ""
+        return f"L{self.layer}{head}@{'+'.join(p.id for p in self.positions)}"
+
+    @property
+    def site(self) -> Site:
+        return Site(0, "block_input") if self.layer == -1 else Site(self.layer, self.component)
+
+
+Cell = Union[ResidualCell, JointResidualCell, UnitCell]
+
+
+def unit_cell(cell: Cell) -> UnitCell:
+    """Any cell as a `UnitCell`."""
+    if isinstance(cell, UnitCell):
+        return cell
+    if isinstance(cell, JointResidualCell):
+        return UnitCell(cell.layer, tuple(cell.positions))
+    return UnitCell(cell.layer, (cell.position,))
+
+
+def _indices(cell: UnitCell, base: dict[str, Any], source: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Unpadded token indices of the cell in a base prompt and in its source prompt."""
-    positions = cell.positions if isinstance(cell, JointResidualCell) else (cell.position,)
-    base_idx = [i for p in positions for i in p.index(base)]
-    source_idx = [i for p in positions for i in p.counterfactual_index(source)]
+    base_idx = [i for p in cell.positions for i in p.index(base)]
+    source_idx = [i for p in cell.positions for i in p.counterfactual_index(source)]
     return base_idx, source_idx
 
 
@@ -119,8 +168,8 @@ class ResidualDASResult:
 class PreparedCell:
     """What training at one cell needs: the suffix forward, and (N, m·d) base and source vectors of the unit."""
 
-    cell: Cell
-    forward: SuffixForward
+    cell: UnitCell
+    forward: "SuffixForward | SiteForward"
     base: torch.Tensor
     source: torch.Tensor
     unpatched: np.ndarray  # (N,) the unpatched network writes the counterfactual label
@@ -157,16 +206,33 @@ class ResidualDAS:
             answers = [access.answer_ids(label) for label in self.labels]
             inputs, starts, lengths = access.teacher_forced_inputs(self.bases, answers)
             base = TeacherForcedBase.run(self.pipeline, inputs, lengths, force_full=self.force_full_forward)
-            self._shared = {"access": access, "src": src, "src_offsets": src_offsets, "starts": starts, "base": base}
+            self._shared = {"access": access, "src": src, "src_offsets": src_offsets, "starts": starts, "base": base,
+                            "sites": {}}
         return self._shared
 
+    def _site_states(self, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, source) activations of ``site``: on the teacher-forced base rows and on the source prompts,
+        (N, T, d) or (N, T, H, d_head), collected once per site through the training backend."""
+        shared = self._dataset()
+        if site not in shared["sites"]:
+            backend = training_backend(self.pipeline)
+            with torch.no_grad():
+                base = backend.collect([site], shared["base"].inputs)[site]
+                source = backend.collect([site], self.pipeline.load(self.sources).model_inputs())[site]
+            shared["sites"][site] = (base, source)
+        return shared["sites"][site]
+
     def prepare(self, cell: Cell) -> PreparedCell:
-        """The suffix forward of ``cell`` and its (N, m·d) base and source vectors."""
+        """The forward of ``cell`` (through the layers above it for the residual stream, the full forward for
+        other components) and its (N, m·w) base and source vectors."""
+        cell = unit_cell(cell)
         shared = self._dataset()
         n_layers = shared["access"].n_layers
-        if not -1 <= cell.layer < n_layers:
-            raise ValueError(f"cell {cell.cell_id}: layer {cell.layer} out of range -1..{n_layers - 1}")
-        r = cell.layer + 1
+        low = -1 if cell.component == "block_output" else 0
+        if not low <= cell.layer < n_layers:
+            raise ValueError(f"cell {cell.cell_id}: layer {cell.layer} out of range {low}..{n_layers - 1}")
+        if cell.head is not None and not 0 <= cell.head < self.pipeline.num_heads:
+            raise ValueError(f"cell {cell.cell_id}: head {cell.head} out of range 0..{self.pipeline.num_heads - 1}")
         base_cols, src_cols = [], []
         for i in range(len(self.bases)):
             base_idx, src_idx = _indices(cell, self.bases[i], self.sources[i])
@@ -176,9 +242,19 @@ class ResidualDAS:
                 raise ValueError(f"cell {cell.cell_id}: the unit must have the same number of tokens in every pair")
             base_cols.append([shared["starts"][i] + j for j in base_idx])
             src_cols.append([shared["src_offsets"][i] + j for j in src_idx])
-        forward = SuffixForward(shared["base"], r, base_cols)
         rows = torch.arange(len(self.bases))[:, None]
-        source = shared["src"][r][rows, torch.tensor(src_cols)].flatten(1).detach()
+        forward: SuffixForward | SiteForward
+        if cell.component == "block_output":
+            r = cell.layer + 1
+            forward = SuffixForward(shared["base"], r, base_cols)
+            source = shared["src"][r][rows, torch.tensor(src_cols)].flatten(1).detach()
+        else:
+            base_states, source_states = self._site_states(cell.site)
+            if cell.head is not None:
+                base_states, source_states = base_states[:, :, cell.head], source_states[:, :, cell.head]
+            forward = SiteForward(shared["base"], cell.site, base_cols, base_states[rows, torch.tensor(base_cols)],
+                                  head=cell.head)
+            source = source_states[rows, torch.tensor(src_cols)].flatten(1).detach()
         base = forward.base_values().flatten(1).detach()
         unpatched = forward.correct_of(rows[:, 0], forward.unpatched_logits()).cpu().numpy()
         return PreparedCell(cell, forward, base, source, unpatched)
@@ -212,7 +288,7 @@ class ResidualDAS:
         if default:
             module = OrthogonalSubspace(base.shape[-1], k, orthogonal_map, self.seed).to(base.dtype)
         losses = self.optimise(prep, module, steps, batch_size, lr)
-        featurizer = module.to_featurizer(f"das-{k}@{cell.cell_id}") if default else module.to_featurizer()
+        featurizer = module.to_featurizer(f"das-{k}@{prep.cell.cell_id}") if default else module.to_featurizer()
         size = int(featurizer.basis.shape[1]) if hasattr(featurizer, "basis") else k
         untrained = OrthogonalSubspace(base.shape[-1], size, orthogonal_map, self.seed + 1).to(base.dtype)
         test = torch.as_tensor(self.test, device=base.device)
@@ -220,4 +296,4 @@ class ResidualDAS:
             das = self._held_out(prep, featurized_swap(featurizer, None, base[test], source[test]))
             full = self._held_out(prep, source[test])
             random = self._held_out(prep, untrained.interchange(base[test], source[test]))
-        return ResidualDASResult(cell.cell_id, size, featurizer, das, full, random, losses, prep.forward.mode)
+        return ResidualDASResult(prep.cell.cell_id, size, featurizer, das, full, random, losses, prep.forward.mode)

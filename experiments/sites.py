@@ -55,6 +55,8 @@ class SitePatch:
     - ``featurizer`` / ``feature_mask``: when set, the patch is an interchange *through* the
       featurizer: ``inverse(where(mask, f(values), f(base)), error(base))`` — only the masked
       features move; with the identity featurizer and an all-true mask this equals setting ``values``.
+      A featurizer whose ``input_width`` is n·d acts on each row's n vectors concatenated (a joint unit
+      over the n columns; every row then has exactly n distinct columns).
     """
 
     site: Site
@@ -69,7 +71,28 @@ class SitePatch:
         """The values to write, given the base run's values (R, n, d) at the same columns."""
         if self.featurizer is None:
             return self.values.to(base_values.dtype)
-        return featurized_swap(self.featurizer, self.feature_mask, base_values, self.values)
+        return self.swap(base_values, self.values)
+
+    def swap(self, base: "torch.Tensor", source: "torch.Tensor") -> "torch.Tensor":
+        """The featurized interchange of (R, n, d) base and source values (jointly over the n columns when
+        the featurizer is n·d wide)."""
+        return unit_swap(self.featurizer, self.feature_mask, base, source)
+
+
+def unit_swap(featurizer: Any, feature_mask: "torch.Tensor | None", base: "torch.Tensor",
+              source: "torch.Tensor") -> "torch.Tensor":
+    """`featurized_swap` of (R, n, d) values at one unit: per vector when the featurizer takes d-wide vectors
+    (or any width), on each row's concatenated n·d vector when it takes n·d; any other width is refused."""
+    width = getattr(featurizer, "input_width", None)
+    d = base.shape[-1]
+    if width is None or width == d:
+        return featurized_swap(featurizer, feature_mask, base, source)
+    rows, n = base.shape[0], base.numel() // (base.shape[0] * d)
+    if width != n * d:
+        raise ValueError(f"featurizer {getattr(featurizer, 'id', featurizer)!r} maps {width}-wide vectors, but the "
+                         f"unit has {n} token(s) of width {d} (a joint featurizer needs exactly {width // d} tokens)")
+    joint = featurized_swap(featurizer, feature_mask, base.reshape(rows, n * d), source.reshape(rows, n * d))
+    return joint.reshape(base.shape)
 
 
 def featurized_swap(featurizer: Any, feature_mask: "torch.Tensor | None", base: "torch.Tensor",

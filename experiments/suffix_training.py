@@ -19,8 +19,12 @@ training step of `SuffixForward` runs:
 Gradients reach the values only: the network's parameters are frozen and the cached base tensors are constants.
 Where the suffix path is not exact (an attention implementation or layer class outside the tested contract,
 prompts reaching a sliding window, a head that transforms its logits: ``SuffixReuse.supports``), `SuffixForward`
-says so (``mode == "full"``, ``reason``) and runs the full teacher-forced forward with a hook patch instead,
-explicitly; both modes give the same outputs (tests/test_suffix_training.py). The first suffix forward of a
+says so (``mode == "full"``, ``reason``) and runs the full teacher-forced forward with a patch instead,
+explicitly; both modes give the same outputs (tests/test_suffix_training.py).
+
+`SiteForward` is that full forward for any backend site (residual, attention output, MLP output, one head's
+output): the training backend's prompt pass (`training_backend`, a backend declaring ``"gradients"``) with a
+`experiments.sites.SitePatch` whose values carry gradients. The first suffix forward of a
 layer class in a process checks itself against the plain forward (`transformers_adapter.verify_once`).
 
 Columns are padded columns of the left-padded teacher-forced sequences of
@@ -36,8 +40,9 @@ from typing import Any, Sequence
 import torch
 
 from experiments.architectures import family_of, get_module
-from experiments.attribution import ResidualAttribution
+from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
 from experiments.pipeline import LMPipeline, PromptBatch
+from experiments.sites import Site, SitePatch
 from experiments.suffix_reuse import SuffixReuse
 from experiments.transformers_adapter import CacheStandIn, verify_once, with_cache
 
@@ -101,16 +106,22 @@ class TeacherForcedBase:
             batch = PromptBatch(inputs["input_ids"], mask, inputs["position_ids"], real, [width - n for n in real])
             run = SuffixReuse(pipeline).base_pass(batch)
             return cls(pipeline, inputs, lengths, run.residual, run.keys, run.values, run.rotary, None)
-        access = ResidualAttribution(pipeline, [])
-        store: list[torch.Tensor | None] = [None] * (access.n_layers + 1)
-        handles = access.residual_hooks(store, leaf=False)
-        try:
-            pipeline.model.base_model(**inputs, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        residual = [t.detach() for t in store]  # type: ignore[union-attr]
-        return cls(pipeline, inputs, lengths, residual, None, None, None, reason)
+        sites = [residual_site(r) for r in range(pipeline.num_layers + 1)]
+        states = training_backend(pipeline).collect(sites, inputs)
+        return cls(pipeline, inputs, lengths, [states[site] for site in sites], None, None, None, reason)
+
+
+def residual_site(r: int) -> Site:
+    """The backend site of residual index r: the embeddings' output (r = 0) or layer r - 1's output."""
+    return Site(0, "block_input") if r == 0 else Site(r - 1, "block_output")
+
+
+def training_backend(pipeline: LMPipeline) -> Backend:
+    """The backend training runs through: one whose prompt pass is differentiable in the patch values."""
+    backend = make_backend(DEFAULT_BACKEND, pipeline.model)
+    if "gradients" not in backend.operations:  # pragma: no cover - the default backend declares it
+        raise RuntimeError(f"backend {DEFAULT_BACKEND!r} cannot train: its prompt pass is not differentiable")
+    return backend
 
 
 def suffix_unsupported(pipeline: LMPipeline, width: int) -> str | None:
@@ -133,7 +144,128 @@ def _columns(kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     return out
 
 
-class SuffixForward:
+class AnswerForward:
+    """The teacher-forced answer slots of a `TeacherForcedBase` and what is read from answer logits (B, M, V):
+    summed answer log-probabilities and greedy correctness. Subclasses give ``logits(rows, values)`` for their
+    patch, ``base_values(rows)`` (B, m, w) and carry ``columns`` (N, m), ``m``, ``mode``."""
+
+    def _answer_slots(self, base: TeacherForcedBase) -> None:
+        self.base, self.pipeline = base, base.pipeline
+        self.final_norm = get_module(base.pipeline.model, family_of(base.pipeline.model).final_norm)
+        ids = base.inputs["input_ids"]
+        device = ids.device
+        self.width = ids.shape[1]
+        # answer slots: the last M columns before the final one predict each row's (right-aligned) answer tokens
+        lengths = torch.tensor(base.answer_lengths, device=device)
+        self.n_slots = M = int(lengths.max())
+        slot = torch.arange(M, device=device)
+        self.targets = ids[:, self.width - M:]  # (N, M): the token each slot predicts
+        self.valid = slot[None, :] >= (M - lengths)[:, None]  # (N, M): the slot predicts an answer token
+
+    def _checked_columns(self, columns: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        ids = self.base.inputs["input_ids"]
+        n, width = ids.shape
+        columns = torch.as_tensor(columns, dtype=torch.long, device=ids.device)
+        if columns.ndim != 2 or columns.shape[0] != n or columns.shape[1] < 1:
+            raise ValueError(f"columns must be (N={n}, m >= 1), got {tuple(columns.shape)}")
+        if int(columns.min()) < 0 or int(columns.max()) >= width - 1:
+            raise ValueError("intervened columns must lie before the last answer token of every row")
+        if columns.shape[1] > 1 and bool((columns.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("a row's intervened columns must be distinct")
+        return columns
+
+    def _rows(self, rows: Any) -> torch.Tensor:
+        return torch.as_tensor(rows, dtype=torch.long, device=self.columns.device).reshape(-1)
+
+    def logits(self, rows: Any, values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unpatched_logits(self, rows: Any = None) -> torch.Tensor:
+        """(B, M, V) logits (as `logits`) of the plain (unpatched) base run at the answer-predicting columns."""
+        rows = torch.arange(self.columns.shape[0], device=self.columns.device) if rows is None else self._rows(rows)
+        M, width = self.n_slots, self.width
+        with torch.no_grad():
+            if self.pipeline.projects_last_only:
+                return _head(self.pipeline, self.final_norm, self.base.residual[-1][rows, width - 1 - M: width - 1])
+            sub = {k: v[rows] for k, v in self.base.inputs.items()}
+            return _at_least_float32(self.pipeline.model(**sub, use_cache=False).logits[:, width - 1 - M: width - 1])
+
+    def answer_logprob(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
+        """(B,) summed log-probabilities of each row's answer tokens (teacher-forced) under the patch; the
+        same quantity as `ResidualAttribution.answer_logprob` of the patched full forward."""
+        rows = self._rows(rows)
+        return self.logprob_of(rows, self.logits(rows, values))
+
+    def logprob_of(self, rows: Any, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) summed answer log-probabilities of answer logits (B, M, V) of ``rows``."""
+        rows = self._rows(rows)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, self.targets[rows][..., None])[..., 0]
+        return torch.where(self.valid[rows], logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
+
+    def correct_of(self, rows: Any, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the argmax at every answer step is the teacher-forced token (greedy would write the label)."""
+        rows = self._rows(rows)
+        return ((logits.argmax(-1) == self.targets[rows]) | ~self.valid[rows]).all(-1)
+
+    def correct(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
+        """(B,) bool, `correct_of` the patched run."""
+        rows = self._rows(rows)
+        with torch.no_grad():
+            return self.correct_of(rows, self.logits(rows, values))
+
+
+def _head(pipeline: LMPipeline, final_norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of final states: final norm, the output head on a contiguous copy, then Gemma 2's softcapping where
+    set (`LMPipeline.project`), in at least float32 (float64 models keep float64)."""
+    model = pipeline.model
+    logits = model.get_output_embeddings()(final_norm(hidden).contiguous())
+    cap = getattr(pipeline.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return _at_least_float32(logits)
+
+
+class SiteForward(AnswerForward):
+    """Answer log-probabilities of teacher-forced base rows with one backend site (any component: residual,
+    attention output, MLP output, one head's output) replaced at their intervened ``columns`` (N, m) by given
+    values, differentiable in the values: the full teacher-forced forward through the training backend's
+    prompt pass with a `SitePatch` (every layer runs; exact by construction).
+
+    ``base_values``: (N, m, w) the base run's own values at the columns (w = d, or d_head for a head site)."""
+
+    mode = "full"
+
+    def __init__(self, base: TeacherForcedBase, site: Site, columns: torch.Tensor | Sequence[Sequence[int]],
+                 base_values: torch.Tensor, head: int | None = None, reason: str | None = None):
+        self._answer_slots(base)
+        self.columns = self._checked_columns(columns)
+        self.m = self.columns.shape[1]
+        if site.per_head != (head is not None):
+            raise ValueError(f"site {site}: a head index is needed for head sites and only for them")
+        if tuple(base_values.shape[:2]) != tuple(self.columns.shape):
+            raise ValueError(f"base values {tuple(base_values.shape)} do not match columns {tuple(self.columns.shape)}")
+        self.site, self.head, self.reason = site, head, reason
+        self.d = int(base_values.shape[-1])
+        self._base_values = base_values
+        self.backend = training_backend(self.pipeline)
+
+    def base_values(self, rows: Any = None) -> torch.Tensor:
+        """(B, m, w) the base run's own values at the rows' intervened columns (all rows when None)."""
+        return self._base_values if rows is None else self._base_values[self._rows(rows)]
+
+    def logits(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
+        """(B, M, V) answer-slot logits (at least float32) of ``rows`` with the site set to ``values`` (B, m, w) or
+        (B, m·w) at their intervened columns."""
+        rows = self._rows(rows)
+        B = rows.shape[0]
+        sub = {k: v.index_select(0, rows) for k, v in self.base.inputs.items()}
+        heads = None if self.head is None else torch.full((B,), self.head, dtype=torch.long, device=rows.device)
+        patch = SitePatch(self.site, self.columns[rows], values.reshape(B, self.m, self.d), heads)
+        out = self.backend.prompt_pass({**sub, "use_cache": False, "logits_to_keep": self.n_slots + 1}, [patch])
+        return _at_least_float32(out.logits[:, : self.n_slots])
+
+
+class SuffixForward(AnswerForward):
     """Answer log-probabilities of base rows with the residual entering layer ``residual`` replaced at their
     intervened ``columns`` (N, m) (padded columns, distinct per row) by given values, differentiable in the
     values; built once per (cell, dataset) from a `TeacherForcedBase` (see the module docstring).
@@ -142,38 +274,22 @@ class SuffixForward:
     forward with a hook patch, where the suffix path is not exact; ``reason`` says why)."""
 
     def __init__(self, base: TeacherForcedBase, residual: int, columns: torch.Tensor | Sequence[Sequence[int]]):
-        self.base, self.pipeline = base, base.pipeline
+        self._answer_slots(base)
         model = self.pipeline.model
-        family = family_of(model)
-        self.layers = get_module(model, family.layers)
+        self.layers = get_module(model, family_of(model).layers)
         self.n_layers = len(self.layers)
-        self.final_norm = get_module(model, family.final_norm)
         if not 0 <= residual <= self.n_layers:
             raise ValueError(f"residual index {residual} out of range 0..{self.n_layers}")
         self.r = residual
-        ids = base.inputs["input_ids"]
-        device = ids.device
-        n, width = ids.shape
-        columns = torch.as_tensor(columns, dtype=torch.long, device=device)
-        if columns.ndim != 2 or columns.shape[0] != n or columns.shape[1] < 1:
-            raise ValueError(f"columns must be (N={n}, m >= 1), got {tuple(columns.shape)}")
-        if int(columns.min()) < 0 or int(columns.max()) >= width - 1:
-            raise ValueError("intervened columns must lie before the last answer token of every row")
-        if columns.shape[1] > 1 and bool((columns.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError("a row's intervened columns must be distinct")
-        self.columns, self.m, self.width = columns, columns.shape[1], width
+        self.columns = self._checked_columns(columns)
+        self.m = self.columns.shape[1]
         self.d = base.residual[0].shape[-1]
-        # answer slots: the last M columns before the final one predict each row's (right-aligned) answer tokens
-        lengths = torch.tensor(base.answer_lengths, device=device)
-        self.n_slots = M = int(lengths.max())
-        slot = torch.arange(M, device=device)
-        self.targets = ids[:, width - M:]  # (N, M): the token each slot predicts
-        self.valid = slot[None, :] >= (M - lengths)[:, None]  # (N, M): the slot predicts an answer token
         self.mode, self.reason = ("full", base.unsupported) if base.unsupported else ("suffix", None)
         if self.mode == "suffix":
             self._build_suffix()
         else:
-            self.access = ResidualAttribution(self.pipeline, [])
+            self._site = SiteForward(base, residual_site(residual), self.columns, self.base_values(),
+                                     reason=base.unsupported)
 
     # ------------------------------------------------------------------ construction
     @torch.no_grad()
@@ -211,32 +327,10 @@ class SuffixForward:
         return None if diff <= tolerance * scale else f"an identity patch moved the answer logits by {diff:.3g}"
 
     # ------------------------------------------------------------------ outputs
-    def _rows(self, rows: Any) -> torch.Tensor:
-        return torch.as_tensor(rows, dtype=torch.long, device=self.columns.device).reshape(-1)
-
     def base_values(self, rows: Any = None) -> torch.Tensor:
         """(B, m, d) the base run's own residual at the rows' intervened columns (all rows when None)."""
         rows = torch.arange(self.columns.shape[0], device=self.columns.device) if rows is None else self._rows(rows)
         return self.base.residual[self.r][rows[:, None], self.columns[rows]]
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of final states: the output head on a contiguous copy, then Gemma 2's softcapping where set
-        (`LMPipeline.project`), in at least float32 (float64 models keep float64)."""
-        logits = self.pipeline.model.get_output_embeddings()(self.final_norm(hidden).contiguous())
-        cap = getattr(self.pipeline.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return _at_least_float32(logits)
-
-    def unpatched_logits(self, rows: Any = None) -> torch.Tensor:
-        """(B, M, V) logits (as `logits`) of the plain (unpatched) base run at the answer-predicting columns."""
-        rows = torch.arange(self.columns.shape[0], device=self.columns.device) if rows is None else self._rows(rows)
-        M, width = self.n_slots, self.width
-        with torch.no_grad():
-            if self.pipeline.projects_last_only:
-                return self._head(self.base.residual[self.n_layers][rows, width - 1 - M: width - 1])
-            sub = {k: v[rows] for k, v in self.base.inputs.items()}
-            return _at_least_float32(self.pipeline.model(**sub, use_cache=False).logits[:, width - 1 - M: width - 1])
 
     def logits(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
         """(B, M, V) logits (float32; float64 for a float64 model) at the answer-predicting columns of ``rows``
@@ -244,7 +338,7 @@ class SuffixForward:
         columns (slot s of row b predicts ``targets[b, s]``; slots before a shorter answer are ``~valid``)."""
         rows = self._rows(rows)
         values = values.reshape(rows.shape[0], self.m, self.d)
-        return self._suffix(rows, values) if self.mode == "suffix" else self._full(rows, values)
+        return self._suffix(rows, values) if self.mode == "suffix" else self._site.logits(rows, values)
 
     def _suffix(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         B = rows.shape[0]
@@ -265,7 +359,7 @@ class SuffixForward:
                     keys, vals = self._keys_values(j, x[:, :early], _columns(kwargs, 0, early), keys, vals)
                     x, kwargs = x[:, early:], _columns(kwargs, early, x.shape[1])
                 x = self._layer(j, x, kwargs, _Past(keys, vals))
-        return self._head(x[:, x.shape[1] - self.n_slots:])
+        return _head(self.pipeline, self.final_norm, x[:, x.shape[1] - self.n_slots:])
 
     def _layer(self, j: int, x: torch.Tensor, kwargs: dict[str, Any], cache: _Past) -> torch.Tensor:
         layer = self.layers[j]
@@ -284,41 +378,3 @@ class SuffixForward:
         if cache.new is None:
             raise RuntimeError(f"suffix training: layer {j} never updated its cache")
         return torch.cat([keys, cache.new[0]], dim=2), torch.cat([values, cache.new[1]], dim=2)
-
-    def _full(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        sub = {k: v.index_select(0, rows) for k, v in self.base.inputs.items()}
-        B, device = rows.shape[0], rows.device
-        patch = (self.r, torch.arange(B, device=device).repeat_interleave(self.m), self.columns[rows].flatten(),
-                 values.flatten(0, 1))
-        store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
-        handles = self.access.residual_hooks(store, leaf=False, patch=patch)
-        try:
-            logits = self.pipeline.model(**sub, use_cache=False).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-        M, width = self.n_slots, self.width
-        return _at_least_float32(logits[:, width - 1 - M: width - 1])
-
-    def answer_logprob(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
-        """(B,) summed log-probabilities of each row's answer tokens (teacher-forced) under the patch; the
-        same quantity as `ResidualAttribution.answer_logprob` of the patched full forward."""
-        rows = self._rows(rows)
-        return self.logprob_of(rows, self.logits(rows, values))
-
-    def logprob_of(self, rows: Any, logits: torch.Tensor) -> torch.Tensor:
-        """(B,) summed answer log-probabilities of answer logits (B, M, V) of ``rows``."""
-        rows = self._rows(rows)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, self.targets[rows][..., None])[..., 0]
-        return torch.where(self.valid[rows], logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
-
-    def correct_of(self, rows: Any, logits: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the argmax at every answer step is the teacher-forced token (greedy would write the label)."""
-        rows = self._rows(rows)
-        return ((logits.argmax(-1) == self.targets[rows]) | ~self.valid[rows]).all(-1)
-
-    def correct(self, rows: Any, values: torch.Tensor) -> torch.Tensor:
-        """(B,) bool, `correct_of` the patched run."""
-        rows = self._rows(rows)
-        with torch.no_grad():
-            return self.correct_of(rows, self.logits(rows, values))

@@ -8,7 +8,7 @@ adds each row's left-padding offset. A position outside the prompt is an error.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from experiments.pipeline import LMPipeline
 
@@ -93,6 +93,22 @@ class TokenPosition:
 
     def __repr__(self) -> str:
         return f"TokenPosition({self.id!r})"
+
+
+def joint_position(positions: Sequence[TokenPosition]) -> TokenPosition:
+    """Several positions as one unit (id ``a+b``): their tokens in this order, on both sides. A featurizer
+    trained on the joint unit (`experiments.residual_das.JointResidualCell`) acts on their vectors
+    concatenated."""
+    positions = list(positions)
+    if len(positions) < 2 or len({p.id for p in positions}) != len(positions):
+        raise ValueError(f"a joint position needs at least two distinct positions, got {[p.id for p in positions]}")
+    pipelines = {id(p.pipeline) for p in positions}
+    if len(pipelines) != 1:
+        raise ValueError("the positions of a joint position must belong to one pipeline")
+    return TokenPosition(lambda setting: [i for p in positions for i in p.index(setting)], positions[0].pipeline,
+                         id="+".join(p.id for p in positions),
+                         counterfactual_indexer=lambda setting: [i for p in positions
+                                                                 for i in p.counterfactual_index(setting)])
 
 
 def last_token_position(pipeline: LMPipeline, id: str = "last") -> TokenPosition:

@@ -1,17 +1,20 @@
-"""A learned-featurizer scan over the residual-stream cells of an addition organism: at each cell, train a
+"""A learned-featurizer scan over the cells of an addition organism (residual stream by default; attention
+output, MLP output or every head with ``--component``): at each cell, train a
 featurizer for one variable (`experiments.featurizer_training.train_featurizer`), judge it on held-out pairs
 next to full-vector patching and the controls, and correct across cells.
 
     .venv/bin/python scripts/das_scan.py [--model organism|planted-aligned|planted-rotated|PATH]
         [--variable carry_0] [--method das|boundless_das|dbm|dbm_hard_concrete|pca] [--k 2] [--pairs 256]
-        [--steps 300] [--families random flip_carry_0] [--layers 0 1 2] [--positions digit_1_0 last]
+        [--steps 300] [--families random flip_carry_0] [--component residual|attention|mlp|head]
+        [--layers 0 1 2] [--positions digit_1_0 last]
         [--joint 1:digit_0_0+digit_1_0 ...] [--controls untrained permuted_labels random_weights]
         [--parametrisation low_rank] [--save DIR] [--threads 2]
 
 Cells: every layer × position (``--layers``/``--positions`` narrow them), then the joint units of ``--joint``
 (``LAYER:POS+POS…``: the positions' residual vectors at that layer learned together, in their concatenated
-space; default: the two ones digits at layers 0 and 1; ``--joint`` with nothing after it: none). Training runs
-through the layers above each cell only (`experiments.suffix_training`).
+space; default: the two ones digits at layers 0 and 1; ``--joint`` with nothing after it: none). Residual cells
+train through the layers above them only (`experiments.suffix_training`); the other components through the full
+forward.
 
 Per cell: held-out test IIA and informative IIA (pairs whose label differs from the unpatched output), the
 full-vector IIA of the same cell on the same pairs, each control's IIA, the method's paired effect over the
@@ -34,16 +37,18 @@ import torch
 from tqdm import tqdm
 
 from causal.verdicts import adjust_p_values
-from experiments.attribution import ResidualCell
 from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
                                              random_weight_pipeline, train_featurizer)
 from experiments.model_identity import weights_identity
 from experiments.pipeline import LMPipeline
-from experiments.residual_das import JointResidualCell
+from experiments.residual_das import UnitCell
 from tasks.general_addition.organism import PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR
 from tasks.general_addition.task import TASK, AdditionSettings
 
 DEFAULT_JOINT = ["0:digit_0_0+digit_1_0", "1:digit_0_0+digit_1_0"]
+#: ``--component`` choices and the unit component each trains at.
+COMPONENTS = {"residual": "block_output", "attention": "attention_output", "mlp": "mlp_output",
+              "head": "head_attention_value_output"}
 MODELS = {"organism": TASK.organism, "planted-aligned": PLANTED_ALIGNED_DIR, "planted-rotated": PLANTED_ROTATED_DIR}
 
 
@@ -68,6 +73,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=256, help="pairs per family")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--families", nargs="+", default=["random", "flip_carry_0"])
+    parser.add_argument("--component", default="residual", choices=list(COMPONENTS),
+                        help="what the cells are: residual stream, attention output, MLP output or every head")
     parser.add_argument("--layers", type=int, nargs="*", default=None)
     parser.add_argument("--positions", nargs="*", default=None)
     parser.add_argument("--joint", nargs="*", default=DEFAULT_JOINT, help="joint units LAYER:POS+POS…")
@@ -87,11 +94,20 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown position(s) {unknown}; the task's are {sorted(all_positions)}")
     positions = [p for p in all_positions.values() if args.positions is None or p.id in args.positions]
-    layers = args.layers if args.layers is not None else list(range(-1, pipeline.num_layers))
-    cells: list[ResidualCell | JointResidualCell] = [ResidualCell(layer, p) for layer in layers for p in positions]
+    component = COMPONENTS[args.component]
+    low = -1 if component == "block_output" else 0
+    layers = args.layers if args.layers is not None else list(range(low, pipeline.num_layers))
+    heads = list(range(pipeline.num_heads)) if args.component == "head" else [None]
+    cells = [UnitCell(layer, (p,), component, h) for layer in layers for h in heads for p in positions]
     for spec in args.joint:
         layer, names = spec.split(":")
-        cells.append(JointResidualCell(int(layer), tuple(all_positions[name] for name in names.split("+"))))
+        unknown = [n for n in names.split("+") if n not in all_positions]
+        if unknown:
+            raise SystemExit(f"--joint {spec}: unknown position(s) {unknown}; the task's are {sorted(all_positions)}")
+        cells += [UnitCell(int(layer), tuple(all_positions[n] for n in names.split("+")), component, h) for h in heads]
+    bad = [c.cell_id for c in cells if not low <= c.layer < pipeline.num_layers]
+    if bad:
+        raise SystemExit(f"cells {bad} are outside layers {low}..{pipeline.num_layers - 1} of this model's {component}")
     pairs = labelled_pairs(args.families, args.pairs, args.seed, args.variable)
     settings = TrainingSettings(method=args.method, k=args.k, steps=args.steps, orthogonal_map=args.parametrisation,
                                 seed=args.seed, controls=tuple(args.controls))
@@ -102,11 +118,12 @@ def main() -> None:
         result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised, progress=False)
         results.append(result)
         if args.save:
-            where = args.save / ("joint" if isinstance(cell, JointResidualCell) else "") / result.cell_id
+            where = args.save / ("joint" if len(cell.positions) > 1 else "") / result.cell_id
             result.save(where, model_sha256=model_sha)
     adjusted = adjust_p_values([cell_p_value(r) for r in results], "holm")
     controls = list(args.controls)
-    print(f"{args.variable} on {args.model}: {args.method} (k={args.k}, {args.parametrisation}), {args.steps} steps, "
+    print(f"{args.variable} on {args.model}, {component} units: {args.method} (k={args.k}, {args.parametrisation}), "
+          f"{args.steps} steps, "
           f"{len(pairs.bases)} pairs ({', '.join(args.families)}), split by base example; Holm over {len(cells)} "
           f"cells\n")
     print("| cell | test IIA | informative IIA (n) | full-vector | " + " | ".join(controls)

@@ -2,7 +2,8 @@
 (organism, cell) on the addition organisms, for ``carry_0``.
 
     .venv/bin/python scripts/validate_featurizers.py [--organisms natural aligned rotated]
-        [--methods das boundless_das dbm pca] [--pairs 128] [--steps 300] [--out validation.md]
+        [--methods das boundless_das dbm pca] [--components residual attention mlp head]
+        [--pairs 128] [--steps 300] [--out validation.md]
 
 Organisms: ``natural`` (the shipped addition organism), ``aligned`` and ``rotated`` (carry_0 planted by
 interchange intervention training in a 2-d subspace of the residual after layer 0 at ``digit_1_0``: residual
@@ -14,6 +15,11 @@ dimensions 0 and 1, or a random 2-d subspace; see tasks/general_addition/organis
 - ``L1@digit_1_1``: the second operand's tens digit, a position carry_0 has not reached (its ones digit comes
   later);
 - ``L1@digit_1_0``: a downstream cell that must carry it on towards the answer.
+
+``--components``: the units trained at each cell: ``residual`` (the residual stream after the layer; the rows
+are named by method alone), ``attention`` / ``mlp`` (the layer's attention or MLP output at the position) and
+``head`` (every head's output before the output projection, one row per head); the embeddings have only the
+residual stream.
 
 Each entry: held-out test IIA (all n test pairs; the first row gives the unpatched network's IIA on the same
 pairs, and the control rows each control's IIA, trained and judged like the method) and whether the method *finds* carry_0 there (beats the
@@ -33,16 +39,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from experiments.attribution import ResidualCell
 from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
                                              random_weight_pipeline, train_featurizer)
 from experiments.pipeline import LMPipeline
+from experiments.residual_das import UnitCell
 from tasks.general_addition.organism import (ORGANISM_DIR, PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR,
                                              load_planted_spec)
 from tasks.general_addition.task import TASK, AdditionSettings
 
 ORGANISMS = {"natural": ORGANISM_DIR, "aligned": PLANTED_ALIGNED_DIR, "rotated": PLANTED_ROTATED_DIR}
 CELLS = [(0, "digit_1_0"), (-1, "digit_1_0"), (1, "digit_1_1"), (1, "digit_1_0")]
+COMPONENTS = {"residual": "block_output", "attention": "attention_output", "mlp": "mlp_output",
+              "head": "head_attention_value_output"}
+
+
+def units(layer: int, position, component: str, n_heads: int) -> list[tuple[str, UnitCell]]:
+    """(row suffix, unit) of one component at one cell: nothing for a sublayer of the embeddings, every head."""
+    if component == "residual":
+        return [("", UnitCell(layer, (position,)))]
+    if layer == -1:
+        return []
+    if component == "head":
+        return [(f" · head {h}", UnitCell(layer, (position,), COMPONENTS[component], h)) for h in range(n_heads)]
+    return [(f" · {COMPONENTS[component]}", UnitCell(layer, (position,), COMPONENTS[component]))]
 
 
 def labelled_pairs(pairs: int, seed: int, variable: str = "carry_0") -> LabelledPairs:
@@ -72,6 +91,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["das", "boundless_das", "dbm", "pca"],
                         choices=["das", "boundless_das", "dbm", "dbm_hard_concrete", "pca"])
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--components", nargs="+", default=["residual"], choices=list(COMPONENTS))
     parser.add_argument("--pairs", type=int, default=64, help="pairs per family (random, flip_carry_0)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,28 +100,42 @@ def main() -> None:
     args = parser.parse_args()
     pairs = labelled_pairs(args.pairs, args.seed)
     start = time.perf_counter()
-    columns, rows = [], {m: [] for m in ["unpatched (floor), n", "full-vector", *args.methods]}
+    columns: list[str] = []
+    rows: dict[str, list[str]] = {"unpatched (floor), n": [], "full-vector": []}
     for organism in args.organisms:
         pipeline = LMPipeline(str(ORGANISMS[organism]), device=args.device)
         randomised = random_weight_pipeline(pipeline, args.seed) if "random_weights" in args.controls else None
         spec = load_planted_spec(ORGANISMS[organism]) if organism != "natural" else None
         positions = {p.id: p for p in TASK.token_positions(pipeline, AdditionSettings())}
         for layer, position in tqdm(CELLS, desc=organism, leave=False):
-            cell = ResidualCell(layer, positions[position])
             planted = spec is not None and (layer, position) == (spec.layer, spec.position)
-            columns.append(f"{organism} `{cell.cell_id}`{' (planted)' if planted else ''}")
-            full = None
-            for method in args.methods:
-                settings = TrainingSettings(method=method, steps=args.steps, seed=args.seed,
-                                            controls=tuple(args.controls))
-                result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised)
-                rows[method].append(entry(result, spec.basis_matrix() if planted else None))
-                for name in args.controls:
-                    rows.setdefault(f"{method} control: {name}", []).append(
-                        f"{result.controls[name].held_out.iia:.2f}")
-                full = full or result.full_vector
+            columns.append(f"{organism} `L{layer}@{position}`{' (planted)' if planted else ''}")
+            full = judged = None
+            filled = set()
+            for component in args.components:
+                for suffix, cell in units(layer, positions[position], component, pipeline.num_heads):
+                    for method in args.methods:
+                        settings = TrainingSettings(method=method, steps=args.steps, seed=args.seed,
+                                                    controls=tuple(args.controls))
+                        result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised)
+                        residual = component == "residual"
+                        row = method + suffix
+                        rows.setdefault(row, [""] * (len(columns) - 1)).append(
+                            entry(result, spec.basis_matrix() if planted and residual else None))
+                        filled.add(row)
+                        for name in args.controls:
+                            rows.setdefault(f"{row} control: {name}", [""] * (len(columns) - 1)).append(
+                                f"{result.controls[name].held_out.iia:.2f}")
+                            filled.add(f"{row} control: {name}")
+                        judged = judged or result.test
+                        if residual:
+                            full = full or result.full_vector
+            for row, values in rows.items():  # rows without a unit at this cell (a sublayer of the embeddings)
+                if row not in filled and len(values) < len(columns) and row not in ("full-vector",
+                                                                                    "unpatched (floor), n"):
+                    values.append("n/a")
             rows["full-vector"].append(f"{full.iia:.2f}" if full else "")
-            rows["unpatched (floor), n"].append(f"{full.floor:.2f}, n = {full.n}" if full else "")
+            rows["unpatched (floor), n"].append(f"{judged.floor:.2f}, n = {judged.n}" if judged else "")
     lines = [f"carry_0, {len(pairs.bases)} pairs (random + flip_carry_0), {args.steps} steps, controls: "
              f"{', '.join(args.controls) or 'none'}; test IIA, **found** = beats the unpatched network and every "
              f"control (one-sided exact paired tests, alpha 0.05)", "",

@@ -78,3 +78,69 @@ def test_a_cell_without_a_featurizer_is_refused_and_featurizers_never_mix(pipeli
     other = random_subspaces(d, 2, cell_ids(pipeline), seed=1)
     with pytest.raises(ResultsError):
         run(pipeline, tmp_path / "run", other)
+
+
+def _units_sweep(pipeline, folder, component, featurizers=None, backend="hooks", positions=None):
+    from experiments.intervention_experiment import PatchUnits
+
+    exp = PatchUnits(pipeline, LAYERS, positions or sweep_positions(pipeline), component,
+                     config={"id": "units", "batch_size": 2, "backend": backend}, featurizers=featurizers)
+    return as_python_table(exp.perform_interventions(dataset(), results_dir=folder, verbose=False)
+                           .intervened_outputs("toy"))
+
+
+def _heads_sweep(pipeline, folder, featurizers=None, backend="hooks"):
+    from experiments.intervention_experiment import PatchAttentionHeads
+
+    exp = PatchAttentionHeads(pipeline, [[(0, 0)], [(1, 1)]], sweep_positions(pipeline),
+                              config={"id": "heads", "batch_size": 2, "backend": backend}, featurizers=featurizers)
+    return as_python_table(exp.perform_interventions(dataset(), results_dir=folder, verbose=False)
+                           .intervened_outputs("toy"))
+
+
+@pytest.mark.parametrize("component", ["attention_output", "mlp_output"])
+def test_featurized_sweeps_of_attention_and_mlp_units(component, pipelines, tmp_path):
+    pipeline = pipelines["llama"]
+    d = pipeline.model.config.hidden_size
+    subspaces = random_subspaces(d, 2, cell_ids(pipeline))
+    hooks, pyvene = (_units_sweep(pipeline, tmp_path / b, component, subspaces, backend=b) for b in ("hooks", "pyvene"))
+    assert_same_outputs(hooks, pyvene)
+    rotated = _units_sweep(pipeline, tmp_path / "rotated", component, random_subspaces(d, d, cell_ids(pipeline)))
+    assert_same_outputs(rotated, _units_sweep(pipeline, tmp_path / "full", component))
+
+
+def test_featurized_head_sweeps_agree_across_backends_and_a_full_rotation_is_the_plain_swap(pipelines, tmp_path):
+    pipeline = pipelines["llama"]
+    d_head = pipeline.model.config.hidden_size // pipeline.model.config.num_attention_heads
+    ids = [f"{h}@{p.id}" for h in ("L0H0", "L1H1") for p in sweep_positions(pipeline)]
+    subspaces = random_subspaces(d_head, 2, ids)
+    hooks, pyvene = (_heads_sweep(pipeline, tmp_path / b, subspaces, backend=b) for b in ("hooks", "pyvene"))
+    assert_same_outputs(hooks, pyvene)
+    assert_same_outputs(_heads_sweep(pipeline, tmp_path / "rotated", random_subspaces(d_head, d_head, ids)),
+                        _heads_sweep(pipeline, tmp_path / "full"))
+    from experiments.intervention_experiment import PatchAttentionHeads
+
+    with pytest.raises(ValueError, match="single heads"):
+        PatchAttentionHeads(pipeline, [[(0, 0), (1, 1)]], sweep_positions(pipeline), featurizers=subspaces)
+
+
+def test_joint_units_interchange_through_one_featurizer_over_their_tokens(pipelines, tmp_path):
+    from experiments.token_positions import joint_position
+
+    pipeline = pipelines["llama"]
+    d = pipeline.model.config.hidden_size
+    joint = [joint_position(sweep_positions(pipeline))]  # last token + first digit, concatenated (2·d)
+    ids = [f"L{layer}@{joint[0].id}" for layer in LAYERS]
+    subspaces = random_subspaces(2 * d, 2, ids)
+    hooks, pyvene = (_units_sweep(pipeline, tmp_path / b, "block_output", subspaces, backend=b, positions=joint)
+                     for b in ("hooks", "pyvene"))
+    assert_same_outputs(hooks, pyvene)
+    # a rotation of the whole 2·d space swaps both tokens whole: the plain joint swap
+    rotated = _units_sweep(pipeline, tmp_path / "rotated", "block_output", random_subspaces(2 * d, 2 * d, ids),
+                           positions=joint)
+    assert_same_outputs(rotated, _units_sweep(pipeline, tmp_path / "full", "block_output", positions=joint))
+    per_token = _units_sweep(pipeline, tmp_path / "per_token", "block_output", random_subspaces(d, 2, ids),
+                             positions=joint)
+    assert not per_token.equals(hooks), "a d-wide featurizer acts per token, a 2·d-wide one jointly"
+    with pytest.raises(ValueError, match="acts on 3 tokens jointly"):
+        _units_sweep(pipeline, tmp_path / "wrong", "block_output", random_subspaces(3 * d, 2, ids), positions=joint)
