@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/attribution_screen.py [--pairs 24] [--variables carry_0 | all] [--top 0.1]
         [--score prob] [--exact-metric] [--kinds residual attention mlp head] [--repeats 2] [--threads 1]
-        [--json out.json]
+        [--json out.json] [--no-pack]
 
 The study: the addition organism, every cell of ``--kinds`` (every layer × position; every head), the families
 random, flip_carry_0 and flip_carry_1 with ``--pairs`` pairs each, the main hypothesis' ``--variables`` (``all``:
 every default target).
+
+Both variants pack cells of different sites into shared forwards (``pack_sites``; ``--no-pack``: one forward
+per site group, as before), so (A) is the fastest exact sweep the engine has.
 
 (A) full exact sweep: the engine's interchange of every cell (`InterventionExperiment.perform_interventions`,
     greedy answers into a results folder) once, then per variable scored (`compute_interchange_scores`) and
@@ -48,13 +51,14 @@ from tasks.general_addition.task import TASK, AdditionSettings
 FAMILIES = ["random", "flip_carry_0", "flip_carry_1"]
 
 
-def full_sweep(attribution: UnitAttribution, datasets: dict[str, Any], folder: Path, batch_size: int
-               ) -> tuple[Any, float]:
+def full_sweep(attribution: UnitAttribution, datasets: dict[str, Any], folder: Path, batch_size: int,
+               pack_sites: bool) -> tuple[Any, float]:
     """(A)'s engine run: every cell. Returns (raw results, seconds)."""
     start = time.perf_counter()
     experiment = InterventionExperiment(attribution.pipeline, [c.engine_cell() for c in attribution.cells],
                                         ExperimentConfig(id="full", batch_size=batch_size,
-                                                         max_rows_per_forward=attribution.max_rows_per_forward))
+                                                         max_rows_per_forward=attribution.max_rows_per_forward,
+                                                         pack_sites=pack_sites))
     raw = experiment.perform_interventions(datasets, results_dir=folder, verbose=False)
     return raw, time.perf_counter() - start
 
@@ -96,6 +100,8 @@ def main() -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-pack", action="store_true", help="(A) and (B) run each site's cells in their own "
+                        "forwards (the engine's default) instead of packing cells of different sites together")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = AdditionSettings()
@@ -116,7 +122,7 @@ def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             folder = Path(tmp) / f"full{repeat}"
-            raw, seconds = full_sweep(attribution, datasets, folder, batch_size)
+            raw, seconds = full_sweep(attribution, datasets, folder, batch_size, pack_sites=not args.no_pack)
             if sweep_best is None or seconds < sweep_best[0]:
                 sweep_best = (seconds, folder, raw)
             for variable in variables:
@@ -126,7 +132,7 @@ def main() -> dict[str, Any]:
                 start = time.perf_counter()
                 screen = screen_and_verify(attribution, model, datasets, variable.split("+"), TASK.checker, config,
                                            results_dir=Path(tmp) / f"screen{repeat}-{variable}",
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, pack_sites=not args.no_pack)
                 seconds = time.perf_counter() - start
                 if variable not in screen_best or seconds < screen_best[variable][0]:
                     screen_best[variable] = (seconds, screen)

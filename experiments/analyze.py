@@ -87,8 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"error: invalid configuration:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid configuration: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if cfg.out is None:
         print("error: --out (or out: in the config) is required", file=sys.stderr)

@@ -3,7 +3,7 @@
 A family says where each component of ``experiments.sites.COMPONENTS`` lives: a module path
 (``{layer}`` is the block index), whether the activation is that module's input or output, and
 whether it is split into heads ((B, T, H·d) ↔ (B, T, H, d)); plus the final norm before the
-unembedding and the module whose *input* holds the MLP neurons (post-activation). Families are found by layout, so
+unembedding. ``mlp_neurons`` is the input of the MLP's output projection (the post-activation neurons). Families are found by layout, so
 new model classes that follow a known layout (OLMo 2, Qwen 3, Gemma 3 …) work without listing:
 
 - ``decoder_layers``: ``model.layers[i]`` with ``self_attn.o_proj`` and ``mlp`` (Llama, Mistral,
@@ -43,14 +43,13 @@ class ArchitectureFamily:
     layers: str
     components: dict[str, ComponentHook]
     final_norm: str
-    mlp_neurons: str
 
     def matches(self, model: torch.nn.Module) -> bool:
         try:
             blocks = get_module(model, self.layers)
             if not len(blocks):
                 return False
-            for path in [hook.module for hook in self.components.values()] + [self.final_norm, self.mlp_neurons]:
+            for path in [hook.module for hook in self.components.values()] + [self.final_norm]:
                 get_module(model, path.format(layer=0))
         except (AttributeError, IndexError, TypeError):
             return False
@@ -67,9 +66,9 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
             "attention_output": ComponentHook("model.layers[{layer}].self_attn", "output"),
             "mlp_output": ComponentHook("model.layers[{layer}].mlp", "output"),
             "head_attention_value_output": ComponentHook("model.layers[{layer}].self_attn.o_proj", "input", True),
+            "mlp_neurons": ComponentHook("model.layers[{layer}].mlp.down_proj", "input"),
         },
         final_norm="model.norm",
-        mlp_neurons="model.layers[{layer}].mlp.down_proj",
     ),
     ArchitectureFamily(
         name="gpt2",
@@ -80,9 +79,9 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
             "attention_output": ComponentHook("transformer.h[{layer}].attn.resid_dropout", "output"),
             "mlp_output": ComponentHook("transformer.h[{layer}].mlp", "output"),
             "head_attention_value_output": ComponentHook("transformer.h[{layer}].attn.c_proj", "input", True),
+            "mlp_neurons": ComponentHook("transformer.h[{layer}].mlp.c_proj", "input"),
         },
         final_norm="transformer.ln_f",
-        mlp_neurons="transformer.h[{layer}].mlp.c_proj",
     ),
 )
 
@@ -120,3 +119,14 @@ def head_width(model: torch.nn.Module) -> int:
     proj = get_module(model, family.components["head_attention_value_output"].module.format(layer=0))
     in_features = proj.weight.shape[0] if type(proj).__name__ == "Conv1D" else proj.weight.shape[1]
     return in_features // int(model.config.num_attention_heads)
+
+
+def site_width(model: torch.nn.Module, component: str) -> int:
+    """The last dimension of a component's activation: d_head for head sites, the MLP's hidden width for
+    ``mlp_neurons`` (read off the output projection's weight), the residual width otherwise."""
+    if component == "head_attention_value_output":
+        return head_width(model)
+    if component == "mlp_neurons":
+        proj = get_module(model, family_of(model).components["mlp_neurons"].module.format(layer=0))
+        return int(proj.weight.shape[0] if type(proj).__name__ == "Conv1D" else proj.weight.shape[1])
+    return int(model.config.hidden_size)

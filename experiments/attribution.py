@@ -32,9 +32,9 @@ from experiments.attribution_units import (
     TeacherForcedMetric,
     UnitAttribution,
 )
-from experiments.hooks_backend import register_site_hook
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site
+from experiments.sites import Site, SiteEdit
+from experiments.suffix_reuse import residual_site
 from experiments.token_positions import TokenPosition
 
 __all__ = ["AttributionCell", "AttributionResult", "ResidualAttribution", "ResidualCell", "TeacherForcedMetric",
@@ -55,7 +55,7 @@ class ResidualCell:
 
 class ResidualAttribution(UnitAttribution):
     """AtP estimates and exact effects for residual-stream cells of one pipeline (plain torch hooks): the residual
-    cells of `UnitAttribution`, plus access to every residual state of a run (``residual_hooks``,
+    cells of `UnitAttribution`, plus access to every residual state of a run (``residual_edits``,
     ``residual_states``) for code that trains at residual cells."""
 
     def __init__(self, pipeline: LMPipeline, cells: Sequence[ResidualCell]):
@@ -66,11 +66,11 @@ class ResidualAttribution(UnitAttribution):
         self.residual_cells = list(cells)
         super().__init__(pipeline, [AttributionCell("residual", c.layer, c.position) for c in cells])
 
-    def residual_hooks(self, store: list[torch.Tensor | None], leaf: bool,
-               patch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
-        """Keep the residual entering every layer and the last layer's output in ``store`` (index r); with
-        ``leaf`` the embeddings' output becomes a leaf that requires grad and every state keeps its grad;
-        ``patch = (r, rows, cols, values)`` writes ``values`` into residual r first."""
+    def residual_edits(self, store: list[torch.Tensor | None], leaf: bool,
+                       patch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[SiteEdit]:
+        """Backend site edits keeping the residual entering every layer and the last layer's output in ``store``
+        (index r); with ``leaf`` the embeddings' output becomes a leaf that requires grad and every state keeps
+        its grad; ``patch = (r, rows, cols, values)`` writes ``values`` into residual r first."""
 
         def keeper(r: int):
             def keep(t: torch.Tensor) -> torch.Tensor | None:
@@ -88,22 +88,15 @@ class ResidualAttribution(UnitAttribution):
                 return new
             return keep
 
-        handles = [register_site_hook(self.layers[0], "input", keeper(0))]
-        handles += [register_site_hook(layer, "output", keeper(j + 1)) for j, layer in enumerate(self.layers)]
-        return handles
+        return [SiteEdit(residual_site(r), keeper(r)) for r in range(self.n_layers + 1)]
 
     def residual_states(self, prompts: Sequence[dict[str, Any]]) -> tuple[list[torch.Tensor], list[int]]:
         """The residual entering every layer and the last layer's output, (B, T, d) each (index r), of a
         left-padded batch of ``prompts``, with each row's pad offset (column of its token 0)."""
         store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
         batch = self.pipeline.load(prompts)
-        handles = self.residual_hooks(store, leaf=False)
-        try:
-            with torch.no_grad():
-                self.pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.no_grad(), self.backend.edits(self.residual_edits(store, leaf=False)):
+            self.pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
         return [t.detach() for t in store], list(batch.pad_offsets)  # type: ignore[union-attr]
 
     @torch.no_grad()
@@ -114,8 +107,7 @@ class ResidualAttribution(UnitAttribution):
         `residual_states`; row i read at ``src_offsets[i]`` + the source's token indices) into the same
         teacher-forced passes."""
         inputs, starts, lengths = self.teacher_forced_inputs(list(bases) * 2, list(answers_cf) + list(answers_base))
-        site = lambda r: Site(0, "block_input") if r == 0 else Site(r - 1, "block_output")  # noqa: E731
         pairs = PreparedPairs(list(bases), list(sources), inputs, starts, lengths, np.asarray(informative, dtype=bool),
-                              {site(r): t for r, t in enumerate(src)}, {}, list(src_offsets),
+                              {residual_site(r): t for r, t in enumerate(src)}, {}, list(src_offsets),
                               [int(src[0].shape[1]) - o for o in src_offsets])
         return self.exact_prepared(pairs, np.asarray(metric_base))

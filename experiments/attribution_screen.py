@@ -354,17 +354,20 @@ def screen_and_verify(
     checker: Callable[[str, Any], bool],
     config: ScreenConfig | None = None,
     results_dir: str | Path | None = None,
+    restart: bool = False,
     rule: VerdictRule | None = None,
     estimates: AttributionEstimates | None = None,
     verify_datasets: Datasets | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    pack_sites: bool = True,
 ) -> ScreenResult:
     """Rank every cell of ``attribution`` by its estimate on ``datasets`` (or take ``estimates``), then run exact
     interchange on the top fraction plus a random sample (``config``) over ``verify_datasets`` (default: the same
     datasets): the exact effect on the metric and the engine's interchange (greedy answers, written to
     ``results_dir``; a temporary folder when None) scored by ``checker`` and judged by ``rule`` (Holm over the
-    verified cells by default)."""
+    verified cells by default). ``pack_sites``: the verified cells of different sites share forwards
+    (`experiments.intervention_engine`; needs the hooks backend)."""
     config = config or ScreenConfig()
     rule = rule or VerdictRule()
     seconds: dict[str, float] = {}
@@ -409,9 +412,9 @@ def screen_and_verify(
     experiment = InterventionExperiment(attribution.pipeline, [c.engine_cell() for c in cells],
                                         ExperimentConfig(id=f"screen-{name}", batch_size=batch_size,
                                                          max_rows_per_forward=attribution.max_rows_per_forward,
-                                                         counterfactual_index=index))
+                                                         counterfactual_index=index, pack_sites=pack_sites))
     clock = time.perf_counter()
-    raw = experiment.perform_interventions(check, results_dir=folder, verbose=progress)
+    raw = experiment.perform_interventions(check, results_dir=folder, verbose=progress, restart=restart)
     seconds["interchange"] = time.perf_counter() - clock
     clock = time.perf_counter()
     scored = compute_interchange_scores(raw, causal_model, check, [list(target_variables)], checker)

@@ -67,8 +67,8 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.architectures import family_of, get_module, head_width
-from experiments.attention_control import RecordAttention, TransplantAttention, align_source_probs, attention_control
-from experiments.hooks_backend import register_site_hook
+from experiments.attention_control import RecordAttention, TransplantAttention, align_source_probs
+from experiments.backend import backend_with
 from experiments.intervention_engine import Cell
 from experiments.model_units import (
     AttentionHead,
@@ -79,7 +79,7 @@ from experiments.model_units import (
     ResidualStream,
 )
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site
+from experiments.sites import Site, SiteEdit
 from experiments.token_positions import TokenPosition, TokenPositionError
 
 UnitKind = Literal["residual", "attention", "mlp", "head", "pattern"]
@@ -213,6 +213,11 @@ class AttributionResult:
         if self.graddrop is None:
             raise ValueError("estimated without graddrop=True")
         return np.abs(self.graddrop - self.estimates[None]).max(0)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A head site's (B, T, H, d_head) activation as (B, T, H·d_head); other sites unchanged."""
+    return t.flatten(2) if t.ndim == 4 else t
 
 
 @contextmanager
@@ -412,8 +417,8 @@ class PreparedPairs:
 
 
 class UnitAttribution(TeacherForcedMetric):
-    """AtP / AtP* estimates and exact effects of `AttributionCell`s of one pipeline (plain torch hooks at the
-    sites of `experiments.architectures`). ``max_rows_per_forward``: rows (cells × 2N) per exact forward."""
+    """AtP / AtP* estimates and exact effects of `AttributionCell`s of one pipeline (site edits of a backend
+    declaring ``"edits"``). ``max_rows_per_forward``: rows (cells × 2N) per exact forward."""
 
     def __init__(self, pipeline: LMPipeline, cells: Sequence[AttributionCell], max_rows_per_forward: int = 512):
         super().__init__(pipeline)
@@ -425,6 +430,9 @@ class UnitAttribution(TeacherForcedMetric):
         self.d_head = head_width(model)
         self.groups = self.n_heads // int(getattr(model.config, "num_key_value_heads", None) or self.n_heads)
         self.max_rows_per_forward = max_rows_per_forward
+        self.backend = backend_with("edits", model)
+        if "attention" not in self.backend.operations:  # pragma: no cover - the default backend has both
+            raise RuntimeError("attribution needs a backend with the attention operation")
         self.cells = list(cells)
         ids = [c.cell_id for c in self.cells]
         if len(set(ids)) != len(ids):
@@ -434,21 +442,18 @@ class UnitAttribution(TeacherForcedMetric):
             if cell.layer >= self.n_layers:
                 raise ValueError(f"cell {cell.cell_id}: layer {cell.layer} out of range")
 
-    # ------------------------------------------------------------------ hooks
-    def _module(self, site: Site) -> tuple[torch.nn.Module, str]:
-        hook = self.family.components[site.component]
-        return get_module(self.pipeline.model, hook.module.format(layer=site.layer)), hook.side
-
-    def _hooks(self, actions: dict[Site, _SiteAction], store: dict[Site, torch.Tensor]) -> list[Any]:
+    # ------------------------------------------------------------------ site edits
+    def _edits(self, actions: dict[Site, _SiteAction], store: dict[Site, torch.Tensor]) -> list[SiteEdit]:
+        """One backend site edit per site: patch, make a leaf, keep (with its gradient) or cut the gradient.
+        Head sites are seen (B, T, H, d_head) and kept so (`_flat` gives (B, T, H·d_head))."""
         def make(site: Site, action: _SiteAction) -> Callable[[torch.Tensor], torch.Tensor | None]:
-            def hook(t: torch.Tensor) -> torch.Tensor | None:
+            def edit(t: torch.Tensor) -> torch.Tensor | None:
                 new = None
                 if action.patches:
                     t = t.clone()
-                    view = t.view(*t.shape[:-1], self.n_heads, self.d_head) if site.per_head else t
                     for rows, cols, heads, values in action.patches:
                         index = (rows, cols, heads) if heads is not None else (rows, cols)
-                        view[index] = values.to(t.dtype)
+                        t[index] = values.to(t.dtype)
                     new = t
                 if action.leaf:
                     t = t.detach().requires_grad_(True)
@@ -460,25 +465,18 @@ class UnitAttribution(TeacherForcedMetric):
                 if action.drop:
                     new = t.detach()
                 return new
-            return hook
+            return edit
 
-        handles = []
-        for site, action in actions.items():
-            module, side = self._module(site)
-            handles.append(register_site_hook(module, side, make(site, action)))
-        return handles
+        return [SiteEdit(site, make(site, action)) for site, action in actions.items()]
 
     @contextmanager
     def _hooked(self, actions: dict[Site, _SiteAction], store: dict[Site, torch.Tensor], ops: Sequence[Any] = ()
                 ) -> Iterator[Any]:
-        """The hooks of ``actions`` (and, with ``ops``, controlled attention) for the forwards inside the block."""
-        handles = self._hooks(actions, store)
-        try:
-            with (attention_control(self.pipeline.model, ops) if ops else nullcontext()) as control:
+        """The site edits of ``actions`` (and, with ``ops``, controlled attention) for the forwards inside the
+        block."""
+        with self.backend.edits(self._edits(actions, store)):
+            with (self.backend.attention(ops) if ops else nullcontext()) as control:
                 yield control
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ------------------------------------------------------------------ preparation
     def _sites(self, cells: Sequence[AttributionCell]) -> list[Site]:
@@ -503,7 +501,7 @@ class UnitAttribution(TeacherForcedMetric):
             self.pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
         probs = {layer: control.get(layer).probs for layer in pattern_layers} if ops else {}
         return PreparedPairs(list(bases), list(sources), inputs, starts, lengths, informative,
-                             {s: t.detach() for s, t in store.items()}, probs, list(batch.pad_offsets),
+                             {s: _flat(t.detach()) for s, t in store.items()}, probs, list(batch.pad_offsets),
                              list(batch.lengths))
 
     # ------------------------------------------------------------------ estimates
@@ -523,9 +521,9 @@ class UnitAttribution(TeacherForcedMetric):
             logprobs, greedy = self.row_scores(pairs.inputs, pairs.lengths)
             if logprobs.requires_grad:  # (not when every path from the leaf is dropped)
                 (logprobs * pairs.signs).sum().backward()
-        grads = {s: (store[s].grad if store[s].grad is not None else torch.zeros_like(store[s])) for s in sites}
+        grads = {s: _flat(store[s].grad if store[s].grad is not None else torch.zeros_like(store[s])) for s in sites}
         records = {layer: control.get(layer) for layer in pattern_layers} if ops else {}
-        return _Pass({s: store[s].detach() for s in sites}, grads, {k: r.probs for k, r in records.items()},
+        return _Pass({s: _flat(store[s].detach()) for s in sites}, grads, {k: r.probs for k, r in records.items()},
                      {k: r.value for k, r in records.items()}, logprobs.detach(), greedy)
 
     def _gather(self, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, head: int | None) -> torch.Tensor:

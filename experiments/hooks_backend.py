@@ -7,12 +7,15 @@ needed site has fired; the intervened prompt pass installs one hook per site for
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from experiments.architectures import ArchitectureFamily, family_of, get_module, head_width
-from experiments.sites import Site, SitePatch
+from experiments.attention_control import AttentionController, AttentionOp, attention_control
+from experiments.backend import PromptPass
+from experiments.sites import Site, SiteEdit, SitePatch
 
 
 class _CollectedEverything(Exception):
@@ -43,10 +46,10 @@ def register_site_hook(
 
 
 class HooksBackend:
-    """``collect`` and ``prompt_pass`` with plain forward hooks on the modules of the component map."""
+    """``collect``, ``prompt_pass`` and ``edits`` with plain forward hooks on the modules of the component map."""
 
     name = "hooks"
-    operations = frozenset({"suffix_reuse", "gradients"})
+    operations = frozenset({"suffix_reuse", "gradients", "edits", "attention", "row_patches"})
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -96,14 +99,45 @@ class HooksBackend:
             # in place (inference only): the patched tensor is exactly what the rest of the forward reads
             view = self._split(t) if split else t
             for p in patches:
-                rows = torch.arange(p.columns.shape[0], device=t.device)[:, None]
+                rows = (torch.arange(p.columns.shape[0], device=t.device) if p.rows is None else p.rows)[:, None]
                 index = (rows, p.columns, p.heads[:, None].expand_as(p.columns)) if split else (rows, p.columns)
                 values = p.values.to(t.dtype) if p.featurizer is None else p.new_values(view[index])
                 view[index] = values
             return t
         return patch
 
-    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
+    @contextmanager
+    def edits(self, edits: Sequence[SiteEdit]) -> Iterator[None]:
+        """Every forward inside the block runs each edit's ``fn`` on its site's activation ((B, T, d), or the
+        (B, T, H, d_head) view of a head site), in the order given; a returned tensor replaces the activation."""
+        handles = []
+        try:
+            for edit in edits:
+                module, side, split = self._module(edit.site)
+                handles.append(register_site_hook(module, side, self._editor(edit.fn, split)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _editor(self, fn: Callable[[torch.Tensor], torch.Tensor | None], split: bool
+                ) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        if not split:
+            return fn
+
+        def on_heads(t: torch.Tensor) -> torch.Tensor:
+            # the rest of the forward reads the (B, T, H, d_head) view the edit saw (so a gradient kept on it
+            # is the gradient of what follows), or the edit's replacement
+            view = self._split(t)
+            new = fn(view)
+            return (view if new is None else new).reshape(t.shape)
+        return on_heads
+
+    def attention(self, ops: Sequence[AttentionOp]) -> AbstractContextManager[AttentionController]:
+        """Every forward inside the block runs the attention operations ``ops`` (`attention_control`)."""
+        return attention_control(self.model, ops)
+
+    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> PromptPass:
         """The prompt pass with every patch applied at its site, for this pass only: the full model when
         ``inputs`` asks for ``logits_to_keep``, else the base model (the pipeline projects read positions)."""
         by_site: dict[Site, list[SitePatch]] = {}
@@ -114,7 +148,7 @@ class HooksBackend:
             for site, site_patches in by_site.items():
                 module, side, split = self._module(site)
                 handles.append(register_site_hook(module, side, self._patcher(site_patches, split)))
-            return (self.model if "logits_to_keep" in inputs else self.model.base_model)(**inputs)
+            return PromptPass.of((self.model if "logits_to_keep" in inputs else self.model.base_model)(**inputs))
         finally:
             for handle in handles:
                 handle.remove()

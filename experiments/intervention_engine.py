@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from causal.results import CellSpec
+from experiments.architectures import site_width
 from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
 from experiments.attention_control import (
     BlockAttention,
@@ -27,7 +28,6 @@ from experiments.attention_control import (
     ScaleQK,
     TransplantAttention,
     align_source_probs,
-    attention_control,
 )
 from experiments.model_units import ATTENTION_PATTERN, ModelUnit
 from experiments.pipeline import GenerationOutput, LMPipeline, PromptBatch
@@ -174,12 +174,15 @@ class InterventionEngine:
     """
 
     def __init__(self, pipeline: LMPipeline, backend: str | Backend = DEFAULT_BACKEND, suffix_reuse: bool = True,
-                 max_rows_per_forward: int = 512):
+                 max_rows_per_forward: int = 512, pack_sites: bool = False):
         self.pipeline = pipeline
         self.backend: Backend = make_backend(backend, pipeline.model) if isinstance(backend, str) else backend
         self.suffix_reuse = suffix_reuse
         self.max_rows_per_forward = max_rows_per_forward
         self.suffix = SuffixReuse(pipeline) if suffix_reuse and "suffix_reuse" in self.backend.operations else None
+        if pack_sites and "row_patches" not in self.backend.operations:
+            raise ValueError(f"pack_sites needs a backend with row patches; {type(self.backend).__name__} has none")
+        self.pack_sites = pack_sites
 
     @torch.no_grad()
     def run_part(
@@ -192,6 +195,8 @@ class InterventionEngine:
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Base rows and intervened rows (raw-results schema) for one part of B pairs: every cell of ``groups``,
         run as ``batches`` (default ``plan(groups, B)``; a sublist of the plan runs a cell range of it)."""
+        if "attention" not in self.backend.operations and any(g[0].kind in ATTENTION_KINDS for g in groups):
+            raise ValueError(f"backend {type(self.backend).__name__} has no attention operation for attention cells")
         pipeline = self.pipeline
         base_batch = pipeline.load(bases)
         cf_batch = pipeline.load(counterfactuals)
@@ -215,7 +220,7 @@ class InterventionEngine:
         transplant_layers = sorted({u.layer for group in groups for cell in group
                                     if cell.kind == "attention_transplant" for u in cell.units})
         if transplant_layers:  # the counterfactual run's attention probabilities, (B, H, T, T) per layer
-            with attention_control(pipeline.model, [RecordAttention(transplant_layers)]) as control:
+            with self.backend.attention([RecordAttention(transplant_layers)]) as control:
                 pipeline.model.base_model(**cf_batch.model_inputs(), use_cache=False)
             sources.update({("probs", layer): control.get(layer).probs for layer in transplant_layers})
 
@@ -257,11 +262,16 @@ class InterventionEngine:
                     out.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
             return out
 
+        def run_packed(gs: list[list[Cell]]) -> list[dict[str, Any]]:
+            return self._run_packed(gs, base_batch, sources, base_cols, source_cols, example_indices)
+
         for batch in (self.plan(groups, n_pairs) if batches is None else batches):
             if base_run is not None and self._suffix_eligible(batch[0]):
                 run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
                                                               source_cols, example_indices)
                 cell_rows.extend(self._within_budget(run_fast, batch, n_pairs))
+            elif self._packable(batch[0]):
+                cell_rows.extend(self._within_budget(run_packed, batch, n_pairs))
             else:
                 for group in batch:
                     cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
@@ -271,23 +281,32 @@ class InterventionEngine:
     def plan(self, groups: list[list[Cell]], n_pairs: int, max_rows: int | None = None) -> list[list[list[Cell]]]:
         """The forward batches of a part of ``n_pairs`` pairs, in execution order: groups eligible for suffix
         reuse packed greedily (in order) up to ``max_rows`` rows (default: the current row budget, which an
-        out-of-memory retry lowers), then every other group alone.
+        out-of-memory retry lowers); then, with ``pack_sites``, the other activation-site groups packed the same
+        way (cells of different sites in one forward, each patch on its own rows); then every other group alone.
 
         A batch runs the same way whatever else the part runs, so splitting a part's batches between
         processes (cell-range shards, planned with the configured budget) gives the same numbers as
         running them together."""
         max_rows = self.max_rows_per_forward if max_rows is None else max_rows
+
+        def packed(members: list[list[Cell]]) -> list[list[list[Cell]]]:
+            batches: list[list[list[Cell]]] = []
+            pending: list[list[Cell]] = []
+            for group in members:
+                if pending and (sum(len(g) for g in pending) + len(group)) * n_pairs > max_rows:
+                    batches.append(pending)
+                    pending = []
+                pending.append(group)
+            return batches + ([pending] if pending else [])
+
         fast = [g for g in groups if self._suffix_eligible(g)]
-        batches: list[list[list[Cell]]] = []
-        pending: list[list[Cell]] = []
-        for group in fast:
-            if pending and (sum(len(g) for g in pending) + len(group)) * n_pairs > max_rows:
-                batches.append(pending)
-                pending = []
-            pending.append(group)
-        if pending:
-            batches.append(pending)
-        return batches + [[g] for g in groups if not self._suffix_eligible(g)]
+        sites = [g for g in groups if not self._suffix_eligible(g) and self._packable(g)]
+        alone = [[g] for g in groups if not self._suffix_eligible(g) and not self._packable(g)]
+        return packed(fast) + packed(sites) + alone
+
+    def _packable(self, group: list[Cell]) -> bool:
+        """An activation-site group (not on the suffix path) that ``pack_sites`` may share a forward with others."""
+        return self.pack_sites and group[0].kind in SITE_KINDS and not self._suffix_eligible(group)
 
     def _within_budget(self, run: Callable[[list[list[Cell]]], list[dict[str, Any]]], groups: list[list[Cell]],
                        n_pairs: int) -> list[dict[str, Any]]:
@@ -310,14 +329,7 @@ class InterventionEngine:
         return [row for half in _halves(groups) for row in self._within_budget(run, half, n_pairs)]
 
     def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
-        if site in sources:
-            return sources[site].shape[-1]
-        backend_width = getattr(self.backend, "d_head", None)
-        if site.per_head:
-            from experiments.architectures import head_width
-
-            return backend_width or head_width(self.pipeline.model)
-        return self.pipeline.hidden_size
+        return sources[site].shape[-1] if site in sources else site_width(self.pipeline.model, site.component)
 
     def _site_patches(
         self,
@@ -384,6 +396,37 @@ class InterventionEngine:
         patches = self._site_patches(group, sources, base_cols, source_cols, n_pairs)
         generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
         return self._rows(generation, group, example_indices)
+
+    def _run_packed(
+        self,
+        groups: list[list[Cell]],
+        base_batch: PromptBatch,
+        sources: dict[Site, torch.Tensor],
+        base_cols: dict[int, list[list[int]]],
+        source_cols: dict[int, list[list[int]]],
+        example_indices: list[int],
+    ) -> list[dict[str, Any]]:
+        """Several activation-site groups in one prompt pass: rows = each group's cells × pairs, in order; each
+        group's patches write its own rows only (`SitePatch.rows`)."""
+        n_pairs = len(example_indices)
+        device = self.pipeline.device
+        rows = base_batch.select([b for group in groups for _ in group for b in range(n_pairs)])
+        patches: list[SitePatch] = []
+        offset = 0
+        for group in groups:
+            n = len(group) * n_pairs
+            for patch in self._site_patches(group, sources, base_cols, source_cols, n_pairs):
+                patch.rows = torch.arange(offset, offset + n, device=device)
+                patches.append(patch)
+            offset += n
+        generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
+        out: list[dict[str, Any]] = []
+        offset = 0
+        for group in groups:
+            n = len(group) * n_pairs
+            out.extend(self._rows(slice_generation(generation, offset, offset + n), group, example_indices))
+            offset += n
+        return out
 
     def _suffix_eligible(self, group: list[Cell]) -> bool:
         """Residual-stream site cells (one unit each) on a backend declaring suffix reuse: the fast path applies."""
@@ -455,7 +498,8 @@ class InterventionEngine:
         source_cols: dict[int, list[list[int]]],
         example_indices: list[int],
     ) -> list[dict[str, Any]]:
-        """Attention-level cells: build the ops for cells × pairs rows, decode under ``attention_control``."""
+        """Attention-level cells: build the ops for cells × pairs rows, decode under the backend's attention
+        operation."""
         pipeline = self.pipeline
         n_pairs = len(example_indices)
         kind = group[0].kind
@@ -496,6 +540,6 @@ class InterventionEngine:
                 aligned = torch.where(total > 0, aligned / total.clamp(min=torch.finfo(aligned.dtype).tiny), aligned)
                 ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
                                                columns, aligned.to(probs.dtype)))
-        with attention_control(pipeline.model, ops):
+        with self.backend.attention(ops):
             generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.body(**inputs))
         return self._rows(generation, group, example_indices)

@@ -37,6 +37,9 @@ class ExperimentConfig(BaseModel):
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
     ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
     (``experiments.suffix_reuse``; exact, so not part of the experiment's identity).
+    ``pack_sites``: cells of different activation sites share forwards (up to ``max_rows_per_forward`` rows;
+    hooks backend). Fewer forwards, the same answers; the logits can differ at float rounding from unpacked
+    forwards, so it is part of the experiment's identity (recorded when on).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -48,6 +51,7 @@ class ExperimentConfig(BaseModel):
     results_dir: str | None = None
     backend: Literal["hooks", "pyvene"] = DEFAULT_BACKEND
     suffix_reuse: bool = True
+    pack_sites: bool = False
 
     @property
     def cells_per_forward(self) -> int:
@@ -95,7 +99,8 @@ class InterventionExperiment:
                     raise ValueError(f"two different token positions share the id {unit.position.id!r}; ids must be unique")
         self.cells = cells
         self.engine = InterventionEngine(pipeline, self.config.backend, suffix_reuse=self.config.suffix_reuse,
-                                         max_rows_per_forward=self.config.max_rows_per_forward)
+                                         max_rows_per_forward=self.config.max_rows_per_forward,
+                                         pack_sites=self.config.pack_sites)
 
     def _manifest(self, datasets: list[CounterfactualDataset], groups: list[list[Cell]]) -> ResultsManifest:
         return ResultsManifest(
@@ -107,7 +112,8 @@ class InterventionExperiment:
                       "max_rows_per_forward": self.config.max_rows_per_forward,
                       "position_probe": self._position_probe(datasets),
                       # (non-default only, so folders written before this setting was recorded keep their identity)
-                      **({} if self.config.suffix_reuse else {"suffix_reuse": False})},
+                      **({} if self.config.suffix_reuse else {"suffix_reuse": False}),
+                      **({"pack_sites": True} if self.config.pack_sites else {})},
             datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in datasets],
             cells=[c.spec for c in self.cells],
             example_batch_size=self.config.batch_size,

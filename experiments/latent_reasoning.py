@@ -33,7 +33,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from experiments.architectures import family_of, get_module
-from experiments.attention_control import AttentionOp, BlockAttention, attention_control
+from experiments.attention_control import AttentionOp, BlockAttention
+from experiments.backend import backend_with
+from experiments.sites import Site as BackendSite
+from experiments.sites import SiteEdit
 from experiments.transformers_adapter import output_cache, with_cache
 
 Site = Literal["embedding", "hidden", "residual"]
@@ -236,18 +239,16 @@ class LatentReasoner:
                         self.config.num_thoughts, len(self.config.eot_ids))
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}, layout
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ site edits
     @contextmanager
-    def _residual_hooks(self, state: dict[str, Any], edits: Sequence[ThoughtEdit], capture: bool) -> Iterator[None]:
-        """Forward hooks on every block: capture / edit its output at the current thought step."""
-        handles = []
+    def _residual_edits(self, state: dict[str, Any], edits: Sequence[ThoughtEdit], capture: bool) -> Iterator[None]:
+        """Backend site edits of every block's output: capture / edit it at the current thought step."""
 
-        def hook(layer: int) -> Callable[..., Any]:
-            def fn(module: nn.Module, args: Any, output: Any) -> Any:
+        def edit_at(layer: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+            def fn(hidden: torch.Tensor) -> torch.Tensor | None:
                 j = state.get("thought")
                 if j is None:
                     return None
-                hidden = output[0] if isinstance(output, tuple) else output
                 last = hidden[:, -1]
                 changed = False
                 for edit in edits:
@@ -260,17 +261,13 @@ class LatentReasoner:
                     return None
                 hidden = hidden.clone()
                 hidden[:, -1] = last
-                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+                return hidden
             return fn
 
-        try:
-            if capture or any(e.site == "residual" for e in edits):
-                for layer, block in enumerate(self.blocks):
-                    handles.append(block.register_forward_hook(hook(layer)))
+        active = capture or any(e.site == "residual" for e in edits)
+        site_edits = [SiteEdit(BackendSite(layer, "block_output"), edit_at(layer)) for layer in range(len(self.blocks))]
+        with backend_with("edits", self.model).edits(site_edits if active else []):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------ run
     @torch.no_grad()
@@ -295,8 +292,8 @@ class LatentReasoner:
         ops = list(attention_ops(layout) if callable(attention_ops) else attention_ops)
         state: dict[str, Any] = {"thought": None, "residual": [[None] * self.num_layers for _ in range(k)]}
         with ExitStack() as stack:
-            controller = stack.enter_context(attention_control(self.model, ops)) if ops else None
-            stack.enter_context(self._residual_hooks(state, edits, capture_residual))
+            controller = stack.enter_context(backend_with("attention", self.model).attention(ops)) if ops else None
+            stack.enter_context(self._residual_edits(state, edits, capture_residual))
             run = self._decode(inputs, layout, k, edits, state)
         if controller is not None:
             run.attention_records = controller.records

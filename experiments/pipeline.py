@@ -17,10 +17,11 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.backend import PromptPass
 from experiments.model_identity import weight_files
 from experiments.top_k import top_k
 from experiments.attention_control import register_attention
-from experiments.transformers_adapter import attention_implementation, output_cache, with_cache
+from experiments.transformers_adapter import attention_implementation, with_cache
 
 PromptLike = str | dict[str, Any]
 
@@ -256,22 +257,13 @@ class LMPipeline:
             return empty, empty.long()
         return torch.cat(values), torch.cat(ids)
 
-    def last_top_k(self, out: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (B, k) float32 logits and ids at the last position of a forward's output.
-
-        Reads, in order: ``out.last_hidden`` (U, d) final hidden states (after the final norm) with
-        ``out.last_hidden_rows`` (B,) naming each row's state (absent: one state per row), projected by
-        ``project_top_k``; ``out.last_logits`` (B, V); the model's ``logits``; ``last_hidden_state``."""
-        hidden = getattr(out, "last_hidden", None)
-        if hidden is not None:
-            values, ids = self.project_top_k(hidden, k)
-            rows = getattr(out, "last_hidden_rows", None)
-            return (values, ids) if rows is None else (values[rows], ids[rows])
-        logits = getattr(out, "last_logits", None)
-        if logits is None and getattr(out, "logits", None) is not None:
-            logits = out.logits[:, -1, :]
-        if logits is None:
-            return self.project_top_k(out.last_hidden_state[:, -1], k)
+    def last_top_k(self, out: PromptPass, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (B, k) float32 logits and ids at the last position of a prompt pass: its ``last_hidden``
+        (projected by ``project_top_k``, each row's state picked by ``rows``) or its ``last_logits``."""
+        if out.last_hidden is not None:
+            values, ids = self.project_top_k(out.last_hidden, k)
+            return (values, ids) if out.rows is None else (values[out.rows], ids[out.rows])
+        logits = out.last_logits
         return top_k(logits.float(), min(k, logits.shape[-1]))
 
     def _load(self, name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -424,12 +416,11 @@ class LMPipeline:
     ) -> GenerationOutput:
         """Run ``prompt_forward`` on the prompt (it may be an intervened forward), then decode greedily.
 
-        ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns its output (anything
-        ``last_top_k`` reads: ``last_hidden_state``, ``logits``, ``last_logits`` (B, V), or ``last_hidden``
-        with ``last_hidden_rows``) with its cache (see ``transformers_adapter.output_cache``) when more than one step is asked. Only the last
-        position is projected onto the vocabulary, in row chunks, and reduced to the top-k at once (ties to
-        the lower id); later steps run the plain model on the cache, so an intervention touches the prompt
-        pass only.
+        ``prompt_forward(inputs)`` gets inputs for ``self.body`` and returns a `PromptPass` (or the body's
+        transformers output, read by `PromptPass.of`), with its cache when more than one step is asked. Only
+        the last position is projected onto the vocabulary, in row chunks, and reduced to the top-k at once
+        (ties to the lower id); later steps run the plain model on the cache, so an intervention touches the
+        prompt pass only.
         """
         steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 1:
@@ -443,9 +434,9 @@ class LMPipeline:
             )
         inputs = self.forward_inputs({**batch.model_inputs(), "use_cache": steps > 1})
         k = self.top_k
-        out = prompt_forward(inputs)
+        out = PromptPass.of(prompt_forward(inputs))
         vals, ids = self.last_top_k(out, k)
-        cache = output_cache(out) if steps > 1 else None
+        cache = out.cache if steps > 1 else None
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         bsz = batch.input_ids.shape[0]
@@ -468,10 +459,10 @@ class LMPipeline:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions + 1
-            out = self.body(**self.forward_inputs(with_cache(self.body, {
+            out = PromptPass.of(self.body(**self.forward_inputs(with_cache(self.body, {
                 "input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions, "use_cache": True,
-            }, cache)))
-            cache = output_cache(out)
+            }, cache))))
+            cache = out.cache
             vals, ids = self.last_top_k(out, k)
         return GenerationOutput(
             torch.stack(tokens, dim=1), lengths, torch.stack(top_ids, dim=1), torch.stack(top_vals, dim=1)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -35,6 +35,8 @@ from pyvene.models.llama.modelings_intervenable_llama import (
 from transformers import PreTrainedModel
 
 from experiments.architectures import UnsupportedModelError, family_of, head_width  # noqa: E402
+from experiments.attention_control import AttentionController, AttentionOp, attention_control  # noqa: E402
+from experiments.backend import PromptPass  # noqa: E402
 from experiments.sites import Site, SitePatch  # noqa: E402
 
 #: pyvene's unit kind per head-ness of a component.
@@ -168,7 +170,8 @@ class PyveneBackend:
     (R, 1, n, d) for head sites, and returns the new values)."""
 
     name = "pyvene"
-    operations: frozenset[str] = frozenset()  # pyvene wraps the forward: the suffix fast path would bypass it
+    # pyvene wraps the forward: the suffix fast path would bypass it; attention runs inside the wrapped model
+    operations: frozenset[str] = frozenset({"attention"})
 
     def __init__(self, model: PreTrainedModel, intervention_type: type | None = None):
         self.model = model
@@ -188,9 +191,15 @@ class PyveneBackend:
         ordered = tuple(sorted(set(sites), key=lambda s: (s.layer, s.component)))
         return collect_sites(self._intervenable(ordered, None, True), list(ordered), inputs)
 
-    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> Any:
+    def attention(self, ops: Sequence[AttentionOp]) -> AbstractContextManager[AttentionController]:
+        """Every forward inside the block runs the attention operations ``ops`` (`attention_control`)."""
+        return attention_control(self.model, ops)
+
+    def prompt_pass(self, inputs: dict[str, Any], patches: list[SitePatch]) -> PromptPass:
         """``model(**inputs)`` through pyvene with every patch applied (one intervention per patch); pyvene
         wraps the full model, so logits are kept at the last position only (``logits_to_keep=1``)."""
+        if any(p.rows is not None for p in patches):
+            raise ValueError("the pyvene backend patches every row of a batch (it does not declare 'row_patches')")
         inputs = {**inputs, "logits_to_keep": 1}
         plain = self.intervention_type or pyvene.VanillaIntervention
         kinds = tuple(FeaturizedInterchange if p.featurizer is not None else plain for p in patches)
@@ -210,4 +219,4 @@ class PyveneBackend:
         _, out = intervenable(
             inputs, unit_locations={"sources->base": (locations, locations)}, source_representations=representations
         )
-        return out
+        return PromptPass.of(out)

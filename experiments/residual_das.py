@@ -35,11 +35,12 @@ import torch
 
 from causal.verdicts import paired_test
 from experiments.attribution import ResidualAttribution, ResidualCell
+from experiments.backend import backend_with
 from experiments.featurizers import Featurizer
 from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace, optimise_interchange
 from experiments.pipeline import LMPipeline
 from experiments.sites import Site, featurized_swap
-from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase, training_backend
+from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
 from experiments.token_positions import TokenPosition
 
 
@@ -215,7 +216,7 @@ class ResidualDAS:
         (N, T, d) or (N, T, H, d_head), collected once per site through the training backend."""
         shared = self._dataset()
         if site not in shared["sites"]:
-            backend = training_backend(self.pipeline)
+            backend = backend_with("gradients", self.pipeline.model)
             with torch.no_grad():
                 base = backend.collect([site], shared["base"].inputs)[site]
                 source = backend.collect([site], self.pipeline.load(self.sources).model_inputs())[site]

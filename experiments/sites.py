@@ -2,16 +2,19 @@
 
 A ``Site`` is a component at a layer (``block_input``/``block_output``/``attention_output``/
 ``mlp_output``: activations of shape (B, T, d); ``head_attention_value_output``: (B, T, H, d_head),
-one query head's value-weighted output before the output projection). A ``SitePatch`` says which
-batch rows and padded token columns of a site get which values. Both backends (pyvene, plain
-torch hooks) take these and nothing else; ``experiments/model_units.py`` and the engine speak only
-this vocabulary.
+one query head's value-weighted output before the output projection; ``mlp_neurons``: (B, T, d_mlp), the
+MLP's hidden activation, the input of its output projection). A ``SitePatch`` says which
+batch rows and padded token columns of a site get which values. A ``SiteEdit`` is a function run on a
+site's activation in every forward while it is active (a backend's ``edits`` operation: reading
+activations with gradients, ablations on every decoding step, edits that depend on the run). Backends
+take these and nothing else; ``experiments/model_units.py``, the engine and the toolkit speak only this
+vocabulary, never module paths or hooks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -23,6 +26,7 @@ COMPONENTS: dict[str, bool] = {
     "attention_output": False,
     "mlp_output": False,
     "head_attention_value_output": True,
+    "mlp_neurons": False,
 }
 
 
@@ -44,12 +48,25 @@ class Site:
         return COMPONENTS[self.component]
 
 
+@dataclass(frozen=True)
+class SiteEdit:
+    """Run ``fn(activation)`` at ``site`` in every forward while the edit is active: the activation is
+    (B, T, d), or (B, T, H, d_head) for head sites; ``fn`` returns the new activation (same shape) or None
+    to leave it as it is (a read)."""
+
+    site: Site
+    fn: "Callable[[torch.Tensor], torch.Tensor | None]"
+
+
 @dataclass
 class SitePatch:
     """Set ``values`` at ``site`` for rows × columns of one batch (the intervened prompt pass).
 
-    - ``columns``: (R, n) long, padded-batch token columns of each batch row (R = batch rows);
-      a column may repeat within a row only with the same value.
+    - ``columns``: (R, n) long, padded-batch token columns of each patched row; a column may repeat
+      within a row only with the same value.
+    - ``rows``: (R,) long, the batch rows patched (None: rows 0 .. R-1, every row of the batch). Patches
+      at different sites on disjoint rows let cells of different sites share one forward (a backend
+      declaring ``"row_patches"``).
     - ``values``: (R, n, d) — the new activation at those columns (d = d_head for head sites).
     - ``heads``: (R,) long, the query head of each row (head sites only).
     - ``featurizer`` / ``feature_mask``: when set, the patch is an interchange *through* the
@@ -66,6 +83,7 @@ class SitePatch:
     featurizer: Any = None
     feature_mask: "torch.Tensor | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rows: "torch.Tensor | None" = None
 
     def new_values(self, base_values: "torch.Tensor") -> "torch.Tensor":
         """The values to write, given the base run's values (R, n, d) at the same columns."""

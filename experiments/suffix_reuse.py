@@ -30,7 +30,6 @@ import contextvars
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -38,9 +37,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from experiments.architectures import family_of, get_module
-from experiments.hooks_backend import register_site_hook
+from experiments.backend import PromptPass, backend_with
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.sites import Site
+from experiments.sites import Site, SiteEdit
 from experiments.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
                                               cache_layer_states,
                                               output_cache, verify_once, with_cache)
@@ -58,6 +57,11 @@ def residual_index(site: Site) -> int:
     if site.component not in RESIDUAL_COMPONENTS:
         raise ValueError(f"{site} is not a residual-stream site")
     return site.layer + (site.component == "block_output")
+
+
+def residual_site(r: int) -> Site:
+    """The site of residual index r: the embeddings' output (r = 0) or layer r - 1's output."""
+    return Site(0, "block_input") if r == 0 else Site(r - 1, "block_output")
 
 
 class _StopLayer(Exception):
@@ -228,18 +232,17 @@ class SuffixReuse:
     def base_pass(self, batch: PromptBatch) -> BaseRun:
         """One forward of the bases keeping every layer's residual input and keys/values; it is also the
         prompt pass of the unpatched base rows (``BaseRun.output``, the body's output with its cache)."""
-        residual: list[torch.Tensor] = []
+        kept: dict[int, torch.Tensor] = {}
 
-        def keep(t: torch.Tensor) -> None:
-            residual.append(t.detach())
+        def keep(r: int) -> Callable[[torch.Tensor], None]:
+            def fn(t: torch.Tensor) -> None:
+                kept[r] = t.detach()
+            return fn
 
-        handles = [register_site_hook(self.layers[0], "input", keep)]
-        handles += [register_site_hook(layer, "output", keep) for layer in self.layers]
-        try:
+        edits = [SiteEdit(residual_site(r), keep(r)) for r in range(self.n_layers + 1)]
+        with backend_with("edits", self.pipeline.model).edits(edits):
             out = self.pipeline.model.base_model(**batch.model_inputs(), use_cache=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        residual = [kept[r] for r in sorted(kept)]
         cache = output_cache(out)
         keys, values = (list(t) for t in zip(*(cache_layer_states(cache, j) for j in range(self.n_layers))))
         if len(residual) != self.n_layers + 1 or keys[0].shape[2] != batch.input_ids.shape[1]:
@@ -288,9 +291,9 @@ class SuffixReuse:
             return f"an identity patch moved the final state by {diff:.3g}"
         return None
 
-    def prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> SimpleNamespace:
+    def prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> PromptPass:
         """The intervened prompt pass of ``patch``'s rows: ``last_hidden`` (U, d) final-normed states at the
-        last column with ``last_hidden_rows`` (R,) naming each row's (rows whose output cannot change share
+        last column with ``rows`` (R,) naming each row's (rows whose output cannot change share
         their base pair's state), and, when ``want_cache``, ``cache`` (a DynamicCache over all
         layers and T columns); see ``LMPipeline.last_top_k``. The first call in a process checks the packed
         path against the plain forward (``transformers_adapter.verify_once``)."""
@@ -299,7 +302,7 @@ class SuffixReuse:
         return self._prompt_pass(base, patch, want_cache)
 
     @torch.no_grad()
-    def _prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> SimpleNamespace:
+    def _prompt_pass(self, base: BaseRun, patch: ResidualPatch, want_cache: bool) -> PromptPass:
         L, width = self.n_layers, base.width
         read = width - 1
         n_rows = patch.pairs.shape[0]
@@ -367,7 +370,7 @@ class SuffixReuse:
         rows[computed] = torch.arange(len(computed), device=device)
         rows[untouched] = len(computed) + inverse
         cache = self._cache(base, patch, buffers) if want_cache else None
-        return SimpleNamespace(last_hidden=hidden, last_hidden_rows=rows, cache=cache)
+        return PromptPass(cache=cache, last_hidden=hidden, rows=rows)
 
     def _cache(self, base: BaseRun, patch: ResidualPatch,
                buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> DynamicCache:

@@ -23,7 +23,7 @@ says so (``mode == "full"``, ``reason``) and runs the full teacher-forced forwar
 explicitly; both modes give the same outputs (tests/test_suffix_training.py).
 
 `SiteForward` is that full forward for any backend site (residual, attention output, MLP output, one head's
-output): the training backend's prompt pass (`training_backend`, a backend declaring ``"gradients"``) with a
+output): the prompt pass of a backend declaring ``"gradients"`` (`experiments.backend.backend_with`) with a
 `experiments.sites.SitePatch` whose values carry gradients. The first suffix forward of a
 layer class in a process checks itself against the plain forward (`transformers_adapter.verify_once`).
 
@@ -40,10 +40,10 @@ from typing import Any, Sequence
 import torch
 
 from experiments.architectures import family_of, get_module
-from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
+from experiments.backend import backend_with
 from experiments.pipeline import LMPipeline, PromptBatch
 from experiments.sites import Site, SitePatch
-from experiments.suffix_reuse import SuffixReuse
+from experiments.suffix_reuse import SuffixReuse, residual_site
 from experiments.transformers_adapter import CacheStandIn, verify_once, with_cache
 
 
@@ -107,21 +107,8 @@ class TeacherForcedBase:
             run = SuffixReuse(pipeline).base_pass(batch)
             return cls(pipeline, inputs, lengths, run.residual, run.keys, run.values, run.rotary, None)
         sites = [residual_site(r) for r in range(pipeline.num_layers + 1)]
-        states = training_backend(pipeline).collect(sites, inputs)
+        states = backend_with("gradients", pipeline.model).collect(sites, inputs)
         return cls(pipeline, inputs, lengths, [states[site] for site in sites], None, None, None, reason)
-
-
-def residual_site(r: int) -> Site:
-    """The backend site of residual index r: the embeddings' output (r = 0) or layer r - 1's output."""
-    return Site(0, "block_input") if r == 0 else Site(r - 1, "block_output")
-
-
-def training_backend(pipeline: LMPipeline) -> Backend:
-    """The backend training runs through: one whose prompt pass is differentiable in the patch values."""
-    backend = make_backend(DEFAULT_BACKEND, pipeline.model)
-    if "gradients" not in backend.operations:  # pragma: no cover - the default backend declares it
-        raise RuntimeError(f"backend {DEFAULT_BACKEND!r} cannot train: its prompt pass is not differentiable")
-    return backend
 
 
 def suffix_unsupported(pipeline: LMPipeline, width: int) -> str | None:
@@ -247,7 +234,7 @@ class SiteForward(AnswerForward):
         self.site, self.head, self.reason = site, head, reason
         self.d = int(base_values.shape[-1])
         self._base_values = base_values
-        self.backend = training_backend(self.pipeline)
+        self.backend = backend_with("gradients", self.pipeline.model)
 
     def base_values(self, rows: Any = None) -> torch.Tensor:
         """(B, m, w) the base run's own values at the rows' intervened columns (all rows when None)."""

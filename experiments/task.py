@@ -91,6 +91,11 @@ class StudyContext:
         return bool(getattr(self.options, "test", False))
 
     @property
+    def restart(self) -> bool:
+        """``--restart``: steps that write raw results discard what their folders hold and start over."""
+        return bool(getattr(self.options, "restart", False))
+
+    @property
     def model(self) -> str:
         """``--model`` (``organism``: the task's shipped model)."""
         return str(getattr(self.options, "model", None) or self.metadata().get("model", "organism"))

@@ -43,6 +43,7 @@ from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFea
                                              random_weight_pipeline, train_featurizer)
 from experiments.pipeline import LMPipeline
 from experiments.residual_das import UnitCell
+from experiments.steps.common import device_name
 from tasks.general_addition.organism import (ORGANISM_DIR, PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR,
                                              load_planted_spec)
 from tasks.general_addition.task import TASK, AdditionSettings
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64, help="pairs per family (random, flip_carry_0)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_name)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
     pairs = labelled_pairs(args.pairs, args.seed)
@@ -134,8 +135,10 @@ def main() -> None:
                 if row not in filled and len(values) < len(columns) and row not in ("full-vector",
                                                                                     "unpatched (floor), n"):
                     values.append("n/a")
-            rows["full-vector"].append(f"{full.iia:.2f}" if full else "")
-            rows["unpatched (floor), n"].append(f"{judged.floor:.2f}, n = {judged.n}" if judged else "")
+            rows["full-vector"].append(f"{full.iia:.2f}" if full else "n/a")
+            rows["unpatched (floor), n"].append(f"{judged.floor:.2f}, n = {judged.n}" if judged else "n/a")
+    if "residual" not in args.components:
+        del rows["full-vector"]  # full-vector patching is judged at residual cells
     lines = [f"carry_0, {len(pairs.bases)} pairs (random + flip_carry_0), {args.steps} steps, controls: "
              f"{', '.join(args.controls) or 'none'}; test IIA, **found** = beats the unpatched network and every "
              f"control (one-sided exact paired tests, alpha 0.05)", "",

@@ -272,6 +272,15 @@ def test_bad_config_is_refused(tmp_path) -> None:
     assert main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
 
 
+def test_an_unknown_device_is_refused_in_one_line_before_any_work(tmp_path, capsys) -> None:
+    from experiments.analyze import main
+
+    assert main(["--device", "tpu", "--lens", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown device 'tpu'" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_default_scaling_control_can_move(pipelines, family: str) -> None:
     """The default control (the same head one layer up) reads what the scaled head writes: its read row changes

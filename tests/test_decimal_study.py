@@ -192,7 +192,7 @@ def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism
 def test_head_and_neuron_ablation(organism, tmp_path):
     import torch
 
-    from tasks.decimal_comparison.neurons import ablate_neurons, down_projection, neuron_activations, parse_neurons
+    from tasks.decimal_comparison.neurons import ablate_neurons, mlp_width, neuron_activations, parse_neurons
     from tasks.decimal_comparison.analyses import ablation_cells, head_means, run_cells, same_format_dataset, setting
 
     pairs = sample_pairs(6, seed=2, split="heldout")
@@ -208,7 +208,7 @@ def test_head_and_neuron_ablation(organism, tmp_path):
     assert parse_neurons("1:3,4;2:0") == {1: [3, 4], 2: [0]}
     batch = organism.load(prompts)
     before = organism.model(**batch.model_inputs()).logits
-    width = down_projection(organism.model, 1).in_features
+    width = mlp_width(organism.model, 1)
     with ablate_neurons(organism.model, {1: [0, 5]}):
         acts = neuron_activations(organism.model, 1, batch.model_inputs())
         during = organism.model(**batch.model_inputs()).logits

@@ -321,3 +321,48 @@ def test_bad_kind_parameters_are_refused(pipelines):
     wrong = Cell("m", [ResidualStream(0, pos)], kind="mean_ablation", ablation_values=[torch.zeros(5)])
     with pytest.raises(ValueError, match="mean-ablation value"):
         run(pipeline, [wrong])
+
+
+# ---------------------------------------------------------------------------------------------- packed sites
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_sites_share_forwards_and_match_the_independent_reference(family, pipelines):
+    """With pack_sites, cells of different sites and kinds run in shared forwards (each patch on its own rows):
+    fewer prompt passes, and every cell still equals the independent hook reference (unpacked forwards)."""
+    from experiments.backend import make_backend
+    from experiments.model_units import AttentionOutput
+
+    pipeline = pipelines[family]
+    pos = last_token_position(pipeline)
+    first = TokenPosition(lambda s: [1], pipeline, id="first_digit")
+    units = {"resid": ResidualStream(0, first), "attn": AttentionOutput(1, pos), "mlp": MLPOutput(0, pos),
+             "head": AttentionHead(1, 1, pos), "head0": AttentionHead(0, 0, first)}
+    cells = [Cell(name, [unit]) for name, unit in units.items()]
+    cells.append(Cell("zero", [MLPOutput(1, first)], kind="zero_ablation"))
+    passes = {}
+    for pack in (False, True):
+        backend = make_backend("hooks", pipeline.model)
+        calls = []
+        prompt_pass = backend.prompt_pass
+        backend.prompt_pass = lambda inputs, patches: calls.append(len(patches)) or prompt_pass(inputs, patches)
+        engine = InterventionEngine(pipeline, backend, suffix_reuse=False, pack_sites=pack)
+        _, got = engine.run_part(BASES, SOURCES, EXAMPLES, group_cells(cells, 64))
+        by_cell = defaultdict(list)
+        for row in got:
+            by_cell[row["cell_id"]].append(row)
+        passes[pack] = calls
+        for name, unit in units.items():
+            expected = reference_cell(pipeline, BASES, SOURCES, [(RefUnit(unit.layer, unit.component, unit.head), unit.position)])
+            assert_rows_match(by_cell[name], expected, where=f"{family}/{name}/pack={pack}")
+        if pack:
+            packed_rows = by_cell
+        else:
+            unpacked_rows = by_cell
+    assert len(passes[False]) == len(cells) and len(passes[True]) == 1 and passes[True][0] == len(cells)
+    assert_same(packed_rows["zero"], unpacked_rows["zero"], where=f"{family} zero ablation")
+
+
+def test_packing_needs_a_backend_with_row_patches(pipelines):
+    with pytest.raises(ValueError, match="row patches"):
+        InterventionEngine(pipelines["llama"], "pyvene", pack_sites=True)

@@ -40,13 +40,8 @@ def hooked_reference(pipeline, access, inputs, lengths, r, columns, values):
     n, m = columns.shape
     patch = (r, torch.arange(n).repeat_interleave(m), columns.flatten(), values.flatten(0, 1))
     store = [None] * (access.n_layers + 1)
-    handles = access.residual_hooks(store, leaf=False, patch=patch)
-    try:
-        with torch.no_grad():
-            logits = pipeline.model(**inputs, use_cache=False).logits.float()
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), access.backend.edits(access.residual_edits(store, leaf=False, patch=patch)):
+        logits = pipeline.model(**inputs, use_cache=False).logits.float()
     width, M = inputs["input_ids"].shape[1], max(lengths)
     return logits[:, width - 1 - M: width - 1]
 

@@ -11,10 +11,11 @@ import torch
 
 from conftest import FAMILIES
 from experiments.attribution import ResidualAttribution
+from experiments.backend import backend_with
 from experiments.featurizer_training import LabelledPairs, TrainingSettings, train_featurizer
 from experiments.residual_das import ResidualDAS, UnitCell
 from experiments.sites import Site
-from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase, training_backend
+from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
 from experiments.token_positions import TokenPosition
 
 PROMPTS = [{"raw_input": s} for s in ("12+34=", "5+6=", "77+8=", "40+41=")]
@@ -32,7 +33,7 @@ def _site_forward(pipeline, component, layer=1, head=None):
     base, starts = _base(pipeline)
     site = Site(layer, component)
     columns = torch.tensor([[s + 1, s + 2] for s in starts])  # two prompt tokens of every row (a joint unit)
-    states = training_backend(pipeline).collect([site], base.inputs)[site]
+    states = backend_with("gradients", pipeline.model).collect([site], base.inputs)[site]
     if head is not None:
         states = states[:, :, head]
     rows = torch.arange(len(PROMPTS))[:, None]

@@ -51,7 +51,7 @@ from causal.results.schema import (
 from causal.results.tables import content_problem, rows_to_frames
 
 
-_RESTART_HINT = ("; if it holds this experiment's results with a lost or damaged manifest, rerun step 2 with "
+_RESTART_HINT = ("; if it holds this experiment's results with a lost or damaged manifest, rerun the step with "
                  "--restart (restart=True) to discard them and start over")
 
 

@@ -3,14 +3,14 @@ in the answer's log-probability; cumulative ablation curves.
 
 A target is ``("attention", layer)``, ``("mlp", layer)`` or ``("head", layer, head)``. ``zero`` writes
 zeros, ``mean`` writes the component's mean over the real tokens of reference prompts. Ablations act at
-every position of every forward inside :func:`ablated` (the prompt pass and each decoding step), through
-forward hooks on the modules of the component map (heads: the slice of the output projection's input).
+every position of every forward inside :func:`ablated` (the prompt pass and each decoding step), as site
+edits of the backend (heads: the head's slice of the output projection's input).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,13 +22,11 @@ from experiments.analysis.model_access import (
     batches,
     check_head,
     check_layer,
-    module_hooks,
     teacher_forced,
 )
-from experiments.architectures import family_of, get_module, head_width
-from experiments.backend import DEFAULT_BACKEND, make_backend
+from experiments.backend import DEFAULT_BACKEND, backend_with, make_backend
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site
+from experiments.sites import Site, SiteEdit
 
 Target = tuple
 Kind = Literal["zero", "mean"]
@@ -81,31 +79,24 @@ def ablated(pipeline: LMPipeline, targets: Sequence[Target], kind: Kind = "zero"
         raise ValueError(f"kind must be 'zero' or 'mean', got {kind!r}")
     if kind == "mean" and (means is None or any(t not in means for t in targets)):
         raise ValueError("mean ablation needs means for every target (component_means)")
-    model = pipeline.model
-    family = family_of(model)
-    n_heads, d_head = pipeline.num_heads, head_width(model)
     by_site: dict[Site, list[Target]] = {}
     for target in targets:
         by_site.setdefault(_check_target(pipeline, target), []).append(target)
-    hooks = []
-    for site, site_targets in by_site.items():
-        hook = family.components[site.component]
-        module = get_module(model, hook.module.format(layer=site.layer))
 
-        def fn(t: torch.Tensor, site_targets: list[Target] = site_targets, split: bool = hook.split_heads
-               ) -> torch.Tensor:
+    def writer(site_targets: list[Target]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def write(t: torch.Tensor) -> torch.Tensor:  # (B, T, d), or (B, T, H, d_head) at a head site
             t = t.clone()
-            view = t.view(*t.shape[:-1], n_heads, d_head) if split else t
             for target in site_targets:
                 value = 0.0 if kind == "zero" else means[target].to(t.device, t.dtype)
                 if target[0] == "head":
-                    view[..., target[2], :] = value
+                    t[..., target[2], :] = value
                 else:
-                    view[...] = value
+                    t[...] = value
             return t
+        return write
 
-        hooks.append((module, hook.side, fn))
-    with module_hooks(hooks):
+    backend = backend_with("edits", pipeline.model)
+    with backend.edits([SiteEdit(site, writer(site_targets)) for site, site_targets in by_site.items()]):
         yield
 
 

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import batches, check_head, check_layer
-from experiments.attention_control import RecordAttention, attention_control
+from experiments.attention_control import RecordAttention
+from experiments.backend import backend_with
 from experiments.pipeline import LMPipeline
 
 STAT_COLUMNS = ("entropy", "max_attention", "k_eff", "perplexity", "sink_mass", "query_norm", "key_norm",
@@ -127,7 +128,7 @@ def profile_attention(
             qmask &= wanted
         for lstart in range(0, len(layers), step):
             chunk_layers = layers[lstart:lstart + step]
-            with attention_control(pipeline.model, [RecordAttention(chunk_layers, heads=heads,
+            with backend_with("attention", pipeline.model).attention([RecordAttention(chunk_layers, heads=heads,
                                                                     what=("probs", "query", "key"))]) as ctl:
                 with torch.no_grad():
                     pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
@@ -182,7 +183,7 @@ def attention_matrices(pipeline: LMPipeline, prompt: Any, layer: int) -> tuple[n
     """Every head of ``layer`` for one prompt: (H, T, T) probabilities and the token strings."""
     check_layer(pipeline, layer)
     batch = pipeline.load([prompt])
-    with attention_control(pipeline.model, [RecordAttention([layer])]) as ctl:
+    with backend_with("attention", pipeline.model).attention([RecordAttention([layer])]) as ctl:
         pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
     tokens = pipeline.tokenizer.convert_ids_to_tokens(batch.input_ids[0].tolist())
     return ctl.get(layer).probs[0].float().cpu().numpy(), tokens

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import batches, neuron_activations, teacher_forced
-from experiments.attention_control import RecordAttention, attention_control
+from experiments.attention_control import RecordAttention
+from experiments.backend import backend_with
 from experiments.pipeline import LMPipeline
 
 Roles = Callable[[LMPipeline, dict[str, Any]], dict[str, list[int]]]
@@ -46,7 +47,7 @@ def role_attention(pipeline: LMPipeline, settings: Sequence[dict[str, Any]], rol
             columns = [[batch.input_ids.shape[1] - 1] for _ in chunk]
         width = max(len(c) for c in columns)
         qpos = torch.tensor([c + [c[-1]] * (width - len(c)) for c in columns])
-        with attention_control(pipeline.model, [RecordAttention(layers, query_positions=qpos)]) as ctl:
+        with backend_with("attention", pipeline.model).attention([RecordAttention(layers, query_positions=qpos)]) as ctl:
             pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
         roles = [roles_of(pipeline, s) for s in chunk]
         for layer in layers:

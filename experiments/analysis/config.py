@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from experiments.steps.common import DEVICE_PATTERN
+
 ANALYSES = ("attention", "observational", "lens", "probing", "interventions", "patching", "circuits", "gain")
 Analysis = Literal["attention", "observational", "lens", "probing", "interventions", "patching", "circuits", "gain"]
 
@@ -24,7 +26,7 @@ class AnalyzeConfig(BaseModel):
                                 description="examples shown one by one (attention maps, lens tables)")
     n_examples: int = Field(256, ge=10, description="sampled prompts for the statistics")
     seed: int = 0
-    device: str | None = None
+    device: str | None = Field(None, description="cpu, cuda, cuda:N, mps or xpu (None: the pipeline's default)")
     dtype: str | None = None
     batch_size: int = Field(64, ge=1)
     progress: bool = True
@@ -48,6 +50,13 @@ class AnalyzeConfig(BaseModel):
     gain_controls: list[tuple[int, int]] | None = None
     n_gain: int = Field(64, ge=3)
     key_role: str = Field("digits", description="task role whose tokens the key arm of EXP3 scales")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N, mps or xpu")
+        return value
 
     @field_validator("factors")
     @classmethod

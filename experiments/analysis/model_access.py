@@ -8,15 +8,15 @@ index ``l + 1`` the output of block ``l``; public functions name them by *block*
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from experiments.architectures import family_of, get_module
-from experiments.hooks_backend import register_site_hook
+from experiments.backend import DEFAULT_BACKEND, make_backend
 from experiments.pipeline import LMPipeline, PromptBatch
+from experiments.sites import Site
 
 def check_layer(pipeline: LMPipeline, layer: int, allow_embeddings: bool = False) -> int:
     """``layer`` if it is a block index of the model (or -1 for the embeddings when allowed), else ValueError."""
@@ -38,56 +38,23 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     return get_module(model, family_of(model).final_norm)
 
 
-def neuron_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The module whose input is the MLP's hidden neurons at block ``layer``."""
-    return get_module(model, family_of(model).mlp_neurons.format(layer=layer))
-
-
 @torch.no_grad()
 def residual_stream(pipeline: LMPipeline, batch: PromptBatch | dict[str, torch.Tensor],
                     layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """Residual stream ``{block index (-1 = embeddings): (B, T, d)}`` for ``layers`` (None: all, -1 included)."""
-    model = pipeline.model
-    family = family_of(model)
     wanted = list(range(-1, pipeline.num_layers)) if layers is None else [check_layer(pipeline, l, True) for l in layers]
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in wanted:
-        hook = family.components["block_input" if layer < 0 else "block_output"]
-        module = get_module(model, hook.module.format(layer=max(layer, 0)))
-
-        def grab(t: torch.Tensor, layer: int = layer) -> None:
-            store[layer] = t.detach()
-
-        handles.append(register_site_hook(module, hook.side, grab))
+    sites = {layer: Site(0, "block_input") if layer < 0 else Site(layer, "block_output") for layer in wanted}
     inputs = batch.model_inputs() if isinstance(batch, PromptBatch) else batch
-    try:
-        model.base_model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")},
-                         use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: store[layer] for layer in wanted}
+    states = make_backend(DEFAULT_BACKEND, pipeline.model).collect(list(sites.values()), inputs)
+    return {layer: states[site] for layer, site in sites.items()}
 
 
 @torch.no_grad()
 def neuron_activations(pipeline: LMPipeline, batch: PromptBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """MLP hidden activations ``{layer: (B, T, d_mlp)}`` (the input of the MLP's output projection)."""
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        check_layer(pipeline, layer)
-
-        def grab(t: torch.Tensor, layer: int = layer) -> None:
-            store[layer] = t.detach()
-
-        handles.append(register_site_hook(neuron_module(pipeline.model, layer), "input", grab))
-    try:
-        pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return store
+    sites = {check_layer(pipeline, layer): Site(layer, "mlp_neurons") for layer in layers}
+    states = make_backend(DEFAULT_BACKEND, pipeline.model).collect(list(sites.values()), batch.model_inputs())
+    return {layer: states[site] for layer, site in sites.items()}
 
 
 @dataclass
@@ -135,18 +102,6 @@ def answer_logprob(pipeline: LMPipeline, forced: TeacherForced) -> torch.Tensor:
     for b, (cols, ids) in enumerate(zip(forced.answer_columns, forced.answer_ids)):
         out[b] = logp[b, cols, ids].sum().cpu()
     return out
-
-
-@contextmanager
-def module_hooks(hooks: Sequence[tuple[torch.nn.Module, str, Callable[[torch.Tensor], torch.Tensor | None]]]
-                 ) -> Iterator[None]:
-    """Install ``(module, side, fn)`` hooks for the duration of the block (every forward inside it)."""
-    handles = [register_site_hook(module, side, fn) for module, side, fn in hooks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from experiments.analysis.attention import row_statistics
 from experiments.analysis.model_access import batches, check_head, check_layer
 from experiments.analysis.stats import ols_slope
-from experiments.attention_control import RecordAttention, ScaleQK, attention_control
+from experiments.attention_control import RecordAttention, ScaleQK
+from experiments.backend import backend_with
 from experiments.pipeline import LMPipeline
 
 Head = tuple[int, int]
@@ -116,7 +117,7 @@ def scaling_sweep(
         layers = sorted({m[0] for m in measured})
         qpos = torch.tensor([[c] for _ in range(F) for c in read_cols])
         ops.append(RecordAttention(layers, query_positions=qpos))
-        with attention_control(pipeline.model, ops) as ctl:
+        with backend_with("attention", pipeline.model).attention(ops) as ctl:
             pipeline.model.base_model(**rep.model_inputs(), use_cache=False)
         key_mask = rep.attention_mask.bool()[:, None, None, :]
         for m_layer, m_head, role in measured:

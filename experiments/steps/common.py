@@ -108,6 +108,9 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
     step2.add_argument("--no-heads", action="store_true", help=help2("skip the attention-head sweep"))
     step2.add_argument("--backend", default="hooks", choices=("hooks", "pyvene"),
                        help=help2("how interventions reach into the model: plain torch hooks (default) or pyvene"))
+    step2.add_argument("--pack-sites", action="store_true",
+                       help=help2("cells of different sites share forwards (hooks backend; fewer forwards, the same "
+                                  "answers; recorded in the results' identity)"))
     step2.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                        help=help2("run only shard I of N (every N-th unit: a part, or a cell range of one) into "
                                   "raw/shards/<sweep>/I-of-N"))

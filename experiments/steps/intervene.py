@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     datasets = load_datasets(out)
     pipeline = load_pipeline(chosen, args)  # torch from here on
     positions = chosen.token_positions(pipeline, settings)
-    config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows, "backend": args.backend}
+    config = {"batch_size": args.batch_size, "max_rows_per_forward": args.max_rows, "backend": args.backend,
+              "pack_sites": args.pack_sites}
     if args.layers is not None and not [layer for layer in args.layers if layer >= 0] and not args.no_heads:
         print("attention heads: skipped (no layer >= 0 among --layers)")
     pairs = sum(len(d) for d in datasets.values())
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
             from experiments.fleet import shard_dir
 
             folder = shard_dir(out / "raw" / "shards" / name, args.shard)
-            experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard, cell_blocks=args.cell_blocks)
+            experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard, cell_blocks=args.cell_blocks,
+                                             restart=args.restart)
             write_shard_note(out, name, experiment.experiment_type)
             print(f"{name}: shard {args.shard[0]}/{args.shard[1]} written to {folder}")
             continue

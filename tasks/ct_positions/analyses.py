@@ -145,7 +145,7 @@ def _row(i: int, text: str) -> dict[str, Any]:
 
 
 def ct_patching(reasoner: Any, datasets: dict[str, Any], n_ops: int, style: str, folder: Path, model_name: str,
-                seed: int = 0) -> RawResults:
+                seed: int = 0, restart: bool = False) -> RawResults:
     """Patch the whole residual stream (every block) at CT_j from the counterfactual run, for every thought j, on
     ``datasets``; written to ``folder`` in the project's results format (resumable per dataset).
 
@@ -164,7 +164,7 @@ def ct_patching(reasoner: Any, datasets: dict[str, Any], n_ops: int, style: str,
         datasets=[DatasetRecord(dataset_id=d, fingerprint=ds.fingerprint(), size=len(ds)) for d, ds in datasets.items()],
         cells=cells, example_batch_size=size, cell_groups=[[c.cell_id for c in cells]],
     )
-    writer = RawResultsWriter(folder, manifest)
+    writer = RawResultsWriter(folder, manifest, restart=restart)
     for dataset_id, ds in datasets.items():
         if writer.has_part(dataset_id, 0):
             continue

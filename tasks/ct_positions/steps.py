@@ -55,7 +55,7 @@ def run_ct_patching(context: StudyContext) -> None:
         return
     folder = context.folder / "raw" / PATCHING_ID
     raw = ct_patching(reasoner, datasets, s.n_ops, s.style, folder, context.model,
-                      seed=int(context.metadata().get("seed", 0)))
+                      seed=int(context.metadata().get("seed", 0)), restart=context.restart)
     record_experiment(context.folder, PATCHING_ID, "ct_position_patching", folder)
     scores = {"site": "block outputs of every layer at CT_j (whole position)", "n_ops": {
         str(s.n_ops): ct_graph_scores(raw, context.task.causal_models(s), datasets)}}

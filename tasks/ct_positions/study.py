@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.steps.common import device_name
+
 
 def runner_arguments(argv: Sequence[str] | None = None) -> list[list[str]]:
     """The runner's argument lists for the old command line ``argv``."""
@@ -35,7 +37,7 @@ def runner_arguments(argv: Sequence[str] | None = None) -> list[list[str]]:
     p.add_argument("--heads", type=int, nargs="*")
     p.add_argument("--no-patching", action="store_true")
     p.add_argument("--patching-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_name)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     common = ["--n-problems", str(a.n_problems), "--batch-size", str(a.batch_size), "--device", a.device,

@@ -128,13 +128,14 @@ def target_outcome(dataset_id: str) -> str:
 
 
 def run_cells(pipeline, cells, datasets: dict[str, Any], folder: Path, exp_id: str, batch_size: int = 64,
-              max_rows: int = 2048) -> list[dict]:
-    """Run ``cells`` on ``datasets`` through the engine (resumable in ``folder``); `success_rows` of the results."""
+              max_rows: int = 2048, restart: bool = False) -> list[dict]:
+    """Run ``cells`` on ``datasets`` through the engine (resumable in ``folder``; ``restart`` discards what it
+    holds first); `success_rows` of the results."""
     from experiments.intervention_experiment import InterventionExperiment
 
     experiment = InterventionExperiment(pipeline, cells, {"id": exp_id, "batch_size": batch_size,
                                                           "max_rows_per_forward": max_rows})
-    raw = experiment.perform_interventions(datasets, results_dir=folder, verbose=True)
+    raw = experiment.perform_interventions(datasets, results_dir=folder, verbose=True, restart=restart)
     return success_rows({"": raw}, datasets, exp_id)
 
 
@@ -218,7 +219,8 @@ def attention_analysis(pipeline, pairs: Sequence[DecimalPair], formats: Sequence
     decimal mass differs most from the correct format; token-level maps for 9.8 vs 9.11."""
     import torch
 
-    from experiments.attention_control import RecordAttention, attention_control
+    from experiments.attention_control import RecordAttention
+    from experiments.backend import backend_with
     from tasks.decimal_comparison.token_positions import adds_bos, role_indices
 
     layers = list(range(pipeline.num_layers))
@@ -228,7 +230,8 @@ def attention_analysis(pipeline, pairs: Sequence[DecimalPair], formats: Sequence
         settings = [setting(pipeline, p, fmt) for p in pairs]
         batch = pipeline.load(settings)
         width = batch.input_ids.shape[1]
-        with torch.no_grad(), attention_control(pipeline.model, [RecordAttention(layers, query_positions=[width - 1])]) as ctl:
+        with torch.no_grad(), backend_with("attention", pipeline.model).attention(
+                [RecordAttention(layers, query_positions=[width - 1])]) as ctl:
             pipeline.model(**batch.model_inputs(), use_cache=False)
         dec = np.zeros((len(layers), pipeline.num_heads))
         own = np.zeros_like(dec)
@@ -264,7 +267,7 @@ def attention_analysis(pipeline, pairs: Sequence[DecimalPair], formats: Sequence
     for fmt in formats:
         s = setting(pipeline, probe, fmt)
         batch = pipeline.load([s])
-        with torch.no_grad(), attention_control(pipeline.model, [RecordAttention(layers)]) as ctl:
+        with torch.no_grad(), backend_with("attention", pipeline.model).attention([RecordAttention(layers)]) as ctl:
             pipeline.model(**batch.model_inputs(), use_cache=False)
         ids = pipeline.tokenize_one(s)["input_ids"]
         tokens[fmt] = {"tokens": pipeline.tokenizer.convert_ids_to_tokens(ids),

@@ -12,16 +12,17 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from experiments.architectures import family_of, get_module
+from experiments.architectures import site_width
+from experiments.backend import DEFAULT_BACKEND, backend_with, make_backend
+from experiments.sites import Site, SiteEdit
 
 
-def down_projection(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The down projection of block ``layer``'s MLP (its input is the neuron activation), from the component map."""
-    family = family_of(model)
-    blocks = get_module(model, family.layers)
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
-    return get_module(model, family.mlp_neurons.format(layer=layer))
+def mlp_width(model: torch.nn.Module, layer: int) -> int:
+    """Neurons of block ``layer``'s MLP (ValueError for a layer the model does not have)."""
+    n_layers = int(model.config.num_hidden_layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {n_layers} blocks")
+    return site_width(model, "mlp_neurons")
 
 
 def parse_neurons(spec: str) -> dict[int, list[int]]:
@@ -45,36 +46,27 @@ def ablate_neurons(
 ) -> Iterator[None]:
     """Inside the block, neuron ``n`` of layer ``l`` reads 0 (or ``values[l][k]`` for the k-th listed
     neuron) at every position of every forward (prompt and decoding)."""
-    handles = []
-    try:
-        for layer, idx in neurons.items():
-            proj = down_projection(model, layer)
-            width = proj.in_features if hasattr(proj, "in_features") else proj.weight.shape[0]
-            index = torch.tensor(list(idx), dtype=torch.long)
-            if len(index) and (index.min() < 0 or index.max() >= width):
-                raise ValueError(f"neuron index out of range for layer {layer} (MLP width {width}): {list(idx)}")
-            fill = None if values is None else values[layer]
+    edits = []
+    for layer, idx in neurons.items():
+        width = mlp_width(model, layer)
+        index = torch.tensor(list(idx), dtype=torch.long)
+        if len(index) and (index.min() < 0 or index.max() >= width):
+            raise ValueError(f"neuron index out of range for layer {layer} (MLP width {width}): {list(idx)}")
+        fill = None if values is None else values[layer]
 
-            def hook(module, args, index=index, fill=fill):
-                hidden = args[0].clone()
-                ix = index.to(hidden.device)
-                hidden[..., ix] = 0 if fill is None else fill.to(hidden.device, hidden.dtype)
-                return (hidden, *args[1:])
+        def write(hidden: torch.Tensor, index: torch.Tensor = index, fill: torch.Tensor | None = fill) -> torch.Tensor:
+            hidden = hidden.clone()
+            hidden[..., index.to(hidden.device)] = 0 if fill is None else fill.to(hidden.device, hidden.dtype)
+            return hidden
 
-            handles.append(proj.register_forward_pre_hook(hook))
+        edits.append(SiteEdit(Site(layer, "mlp_neurons"), write))
+    with backend_with("edits", model).edits(edits):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
 def neuron_activations(model: torch.nn.Module, layer: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T, width) MLP hidden activations of ``layer`` for one forward of ``inputs``."""
-    captured: list[torch.Tensor] = []
-    handle = down_projection(model, layer).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-    try:
-        model(**inputs)
-    finally:
-        handle.remove()
-    return captured[0]
+    mlp_width(model, layer)
+    site = Site(layer, "mlp_neurons")
+    return make_backend(DEFAULT_BACKEND, model).collect([site], inputs)[site]

@@ -72,7 +72,7 @@ def study_pairs(context: StudyContext) -> list[Any]:
 
 
 def _engine_options(context: StudyContext) -> dict[str, Any]:
-    return {"batch_size": context.options.batch_size, "max_rows": context.options.max_rows}
+    return {"batch_size": context.options.batch_size, "max_rows": context.options.max_rows, "restart": context.restart}
 
 
 # ---------------------------------------------------------------------------------------- bug rate
@@ -199,7 +199,8 @@ def run_transplant(context: StudyContext) -> None:
 
         raw = InterventionExperiment(pipeline, cells, {"id": name, "batch_size": engine["batch_size"],
                                                        "max_rows_per_forward": engine["max_rows"]}
-                                     ).perform_interventions(datasets, results_dir=folder / "raw" / name, verbose=True)
+                                     ).perform_interventions(datasets, results_dir=folder / "raw" / name, verbose=True,
+                                                             restart=engine["restart"])
         return success_rows({"": raw}, datasets, name, format=s.format)
 
     trows = run(transplant_cells(pipeline, layers), "transplant")

@@ -34,18 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
+from experiments.backend import backend_with
 from experiments.organism_training import adamw_with_warmup_cosine, seed_training
+from experiments.sites import Site, SiteEdit
 from tasks.general_addition.causal_models import build_addition_model, carries_of, setting_from_addends
 from tasks.general_addition.organism import (
     ORGANISM_DIR,
@@ -129,16 +131,11 @@ def digit_1_0_columns(attention_mask: torch.Tensor, widths: list[int]) -> torch.
     return pad + 2 * torch.as_tensor(widths, dtype=torch.long) + 1
 
 
-@contextmanager
-def layer_output_hook(
-    model: PreTrainedModel, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]
-) -> Iterator[None]:
-    """Plain forward hook on decoder layer ``layer``: ``fn(output)`` may return a replacement output."""
-    handle = model.model.layers[layer].register_forward_hook(lambda module, args, output: fn(output))
-    try:
-        yield
-    finally:
-        handle.remove()
+def layer_output_edit(model: PreTrainedModel, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]
+                      ) -> AbstractContextManager[None]:
+    """Every forward inside runs ``fn(output)`` on decoder layer ``layer``'s output (a backend site edit); it may
+    return a replacement output."""
+    return backend_with("edits", model).edits([SiteEdit(Site(layer, "block_output"), fn)])
 
 
 def patch_columns(columns: torch.Tensor, source: torch.Tensor, basis: torch.Tensor) -> Callable:
@@ -213,7 +210,7 @@ def source_states(model: PreTrainedModel, layer: int, batch: dict[str, torch.Ten
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, layer output at each row's ``digit_1_0`` token) of a forward on ``batch``."""
     kept: list[torch.Tensor] = []
-    with layer_output_hook(model, layer, lambda out: kept.append(out)):
+    with layer_output_edit(model, layer, lambda out: kept.append(out)):
         loss = model(**batch).loss
     rows = torch.arange(len(widths))
     return loss, kept[0][rows, digit_1_0_columns(batch["attention_mask"], widths)]
@@ -223,7 +220,7 @@ def patched_forward(model: PreTrainedModel, layer: int, batch: dict[str, torch.T
                     source: torch.Tensor, basis: torch.Tensor):
     """Forward on ``batch`` with the ``digit_1_0`` cell's span(``basis``) taken from ``source`` (one row each)."""
     columns = digit_1_0_columns(batch["attention_mask"], widths)
-    with layer_output_hook(model, layer, patch_columns(columns, source, basis)):
+    with layer_output_edit(model, layer, patch_columns(columns, source, basis)):
         return model(**batch)
 
 
