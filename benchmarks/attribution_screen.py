@@ -14,7 +14,7 @@ per site group, as before), so (A) is the fastest exact sweep the engine has.
 (A) full exact sweep: the engine's interchange of every cell (`InterventionExperiment.perform_interventions`,
     greedy answers into a results folder) once, then per variable scored (`compute_interchange_scores`) and
     judged (`causal.verdicts`, Holm over all cells);
-(B) screen then verify, per variable (`experiments.attribution_screen.screen_and_verify`): estimates of every
+(B) screen then verify, per variable (`experiments.attribution.screen.screen_and_verify`): estimates of every
     cell, then the engine's interchange of the top ``--top`` fraction by ``--score`` only (no random sample),
     scored and judged (Holm over the verified cells); with ``--exact-metric`` also the verified cells' exact
     effect on the metric (not needed for the verdicts).
@@ -42,9 +42,9 @@ import torch
 from causal.interchange_scores import compute_interchange_scores
 from causal.results import RawResults
 from causal.verdicts import POOLED
-from experiments.attribution_screen import Score, ScreenConfig, screen_and_verify
-from experiments.attribution_units import UNIT_KINDS, UnitAttribution, sweep_cells
-from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment
+from experiments.attribution.screen import Score, ScreenConfig, screen_and_verify
+from experiments.attribution.units import UNIT_KINDS, UnitAttribution, sweep_cells
+from experiments.engine.intervention_experiment import ExperimentConfig, InterventionExperiment
 from experiments.pipeline import LMPipeline
 from tasks.general_addition.task import TASK, AdditionSettings
 

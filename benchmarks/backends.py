@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream
+from experiments.engine.intervention_experiment import PatchAttentionHeads, PatchResidualStream
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 from patching_sweep import word_tokenizer

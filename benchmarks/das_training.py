@@ -58,11 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.attribution import ResidualAttribution, ResidualCell  # noqa: E402
-from experiments.featurizer_training import LabelledPairs  # noqa: E402
-from experiments.learned_featurizers import LowRankSubspace, OrthogonalSubspace  # noqa: E402
+from experiments.featurizers.training import LabelledPairs  # noqa: E402
+from experiments.featurizers.learned import LowRankSubspace, OrthogonalSubspace  # noqa: E402
 from experiments.pipeline import LMPipeline  # noqa: E402
-from experiments.pyvene_backend import pyvene_config_fixes, register_model_class  # noqa: E402
-from experiments.residual_das import ResidualDAS  # noqa: E402
+from experiments.backends.pyvene_backend import pyvene_config_fixes, register_model_class  # noqa: E402
+from experiments.featurizers.das import ResidualDAS  # noqa: E402
 from tasks.general_addition.task import TASK, AdditionSettings  # noqa: E402
 
 

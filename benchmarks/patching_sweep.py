@@ -37,7 +37,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     import pyvene
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from experiments.intervention_experiment import PatchResidualStream
+from experiments.engine.intervention_experiment import PatchResidualStream
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 

@@ -17,11 +17,11 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from experiments.backend import PromptPass
+from experiments.backends import PromptPass
 from experiments.model_identity import weight_files
 from experiments.top_k import top_k
-from experiments.attention_control import register_attention
-from experiments.transformers_adapter import attention_implementation, with_cache
+from experiments.backends.attention_control import register_attention
+from experiments.backends.transformers_adapter import attention_implementation, with_cache
 
 PromptLike = str | dict[str, Any]
 

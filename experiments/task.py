@@ -67,7 +67,7 @@ def exact_match(output_text: str, expected: Any) -> bool:
 def residual_stream_sweep(pipeline: Any, s: Any, positions: list[Any], config: dict[str, Any],
                           layers: list[int] | None = None, heads: bool = True) -> list[Any]:
     """The default sweep: the residual stream at every layer (-1 = embeddings) × every token position."""
-    from experiments.intervention_experiment import PatchResidualStream
+    from experiments.engine.intervention_experiment import PatchResidualStream
 
     layers = list(range(-1, pipeline.num_layers)) if layers is None else list(layers)
     return [PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})]

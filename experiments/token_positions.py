@@ -97,7 +97,7 @@ class TokenPosition:
 
 def joint_position(positions: Sequence[TokenPosition]) -> TokenPosition:
     """Several positions as one unit (id ``a+b``): their tokens in this order, on both sides. A featurizer
-    trained on the joint unit (`experiments.residual_das.JointResidualCell`) acts on their vectors
+    trained on the joint unit (`experiments.featurizers.das.JointResidualCell`) acts on their vectors
     concatenated."""
     positions = list(positions)
     if len(positions) < 2 or len({p.id for p in positions}) != len(positions):

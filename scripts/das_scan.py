@@ -1,6 +1,6 @@
 """A learned-featurizer scan over the cells of an addition organism (residual stream by default; attention
 output, MLP output or every head with ``--component``): at each cell, train a
-featurizer for one variable (`experiments.featurizer_training.train_featurizer`), judge it on held-out pairs
+featurizer for one variable (`experiments.featurizers.training.train_featurizer`), judge it on held-out pairs
 next to full-vector patching and the controls, and correct across cells.
 
     .venv/bin/python scripts/das_scan.py [--model organism|planted-aligned|planted-rotated|PATH]
@@ -13,7 +13,7 @@ next to full-vector patching and the controls, and correct across cells.
 Cells: every layer × position (``--layers``/``--positions`` narrow them), then the joint units of ``--joint``
 (``LAYER:POS+POS…``: the positions' residual vectors at that layer learned together, in their concatenated
 space; default: the two ones digits at layers 0 and 1; ``--joint`` with nothing after it: none). Residual cells
-train through the layers above them only (`experiments.suffix_training`); the other components through the full
+train through the layers above them only (`experiments.featurizers.suffix_training`); the other components through the full
 forward.
 
 Per cell: held-out test IIA and informative IIA (pairs whose label differs from the unpatched output), the
@@ -23,7 +23,7 @@ unpatched run and against each control (intersection-union: the cell counts only
 Holm-adjusted over every cell of the scan. **found** = adjusted p < 0.05.
 
 ``--save DIR`` writes each single-position cell's featurizer to ``DIR/<cell id>/`` (the folder
-`experiments.featurizer_store.load_featurizers` reads for a featurized sweep) and joint units to
+`experiments.featurizers.store.load_featurizers` reads for a featurized sweep) and joint units to
 ``DIR/joint/<cell id>/``.
 """
 
@@ -37,11 +37,11 @@ import torch
 from tqdm import tqdm
 
 from causal.verdicts import adjust_p_values
-from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
+from experiments.featurizers.training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
                                              random_weight_pipeline, train_featurizer)
 from experiments.model_identity import weights_identity
 from experiments.pipeline import LMPipeline
-from experiments.residual_das import UnitCell
+from experiments.featurizers.das import UnitCell
 from tasks.general_addition.organism import PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR
 from tasks.general_addition.task import TASK, AdditionSettings
 

@@ -18,7 +18,7 @@ every head): the mean estimated and the mean exact effect on the metric log p(cf
 and the time of estimates (with GradDrop) vs exact patching. ``pattern`` cells (attention transplant, keys aligned
 by unpadded index) need base and source prompts of the same layout.
 
-``--screen``: how well each screening score (`experiments.attribution_screen.SCORES`) predicts the verdicts. The
+``--screen``: how well each screening score (`experiments.attribution.screen.SCORES`) predicts the verdicts. The
 ground truth is one full exact sweep through the engine (every cell, greedy answers), judged per variable by the
 verdict rule (Holm over all cells of that variable). Per variable and score: how many of the located cells the
 top ``--fractions`` of the ranking hold (recall), the rank of the verdict's best cell, the smallest top fraction
@@ -39,7 +39,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from experiments.attribution_units import UNIT_KINDS, UnitAttribution, sweep_cells
+from experiments.attribution.units import UNIT_KINDS, UnitAttribution, sweep_cells
 from experiments.pipeline import LMPipeline
 from experiments.task import get_task
 
@@ -216,8 +216,8 @@ def screen_comparison(args: argparse.Namespace) -> dict[str, Any]:
 
     from causal.interchange_scores import compute_interchange_scores
     from causal.verdicts import POOLED
-    from experiments.attribution_screen import SCORES, estimate_study
-    from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment
+    from experiments.attribution.screen import SCORES, estimate_study
+    from experiments.engine.intervention_experiment import ExperimentConfig, InterventionExperiment
 
     task, settings, pipeline, positions, cells, families, datasets, model, variables = study_setup(args)
     kinds = np.array([c.kind for c in cells])

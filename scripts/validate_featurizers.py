@@ -24,7 +24,7 @@ residual stream.
 Each entry: held-out test IIA (all n test pairs; the first row gives the unpatched network's IIA on the same
 pairs, and the control rows each control's IIA, trained and judged like the method) and whether the method *finds* carry_0 there (beats the
 unpatched network and every control: untrained subspace of the same size, permuted labels, the same training on
-a random-weight network; `experiments.featurizer_training`). For the planted cell the largest cosine
+a random-weight network; `experiments.featurizers.training`). For the planted cell the largest cosine
 between the learned span and the planted one are reported too (``cos``: the largest; carry_0 is binary, so one
 planted direction suffices). Nothing here is fixed in advance: the table is
 what the methods do.
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from experiments.featurizer_training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
+from experiments.featurizers.training import (CONTROLS, LabelledPairs, TrainedFeaturizer, TrainingSettings,
                                              random_weight_pipeline, train_featurizer)
 from experiments.pipeline import LMPipeline
-from experiments.residual_das import UnitCell
+from experiments.featurizers.das import UnitCell
 from experiments.steps.common import device_name
 from tasks.general_addition.organism import (ORGANISM_DIR, PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR,
                                              load_planted_spec)

@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class RefUnit:
-    """Where to patch: component as in ``experiments.model_units`` (layer -1 = embeddings)."""
+    """Where to patch: component as in ``experiments.engine.model_units`` (layer -1 = embeddings)."""
 
     layer: int
     component: str

@@ -13,7 +13,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from causal.results import RawResults
-from experiments.filter_experiment import FilterExperiment
+from experiments.engine.filter_experiment import FilterExperiment
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPositionError
 from tasks.general_addition.causal_models import (

@@ -16,10 +16,10 @@ import torch
 from pyvene.models import intervenable_modelcard as modelcard
 
 from conftest import FAMILIES
-from experiments.backend import BACKENDS
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream, PatchUnits
-from experiments.model_units import (
+from experiments.backends import BACKENDS
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.intervention_experiment import PatchAttentionHeads, PatchResidualStream, PatchUnits
+from experiments.engine.model_units import (
     AttentionHead,
     AttentionOutput,
     MLPOutput,
@@ -28,7 +28,7 @@ from experiments.model_units import (
     UnitError,
 )
 from experiments.pipeline import LMPipeline
-from experiments.architectures import head_width
+from experiments.backends.architectures import head_width
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 

@@ -1,4 +1,4 @@
-"""BlockAttention edge cases of experiments.attention_control, each against an independent computation.
+"""BlockAttention edge cases of experiments.backends.attention_control, each against an independent computation.
 
 1. Fully blocked queries: a query that keeps only itself equals a one-token run of the plain model; a
    query with no visible key left attends to nothing (zero probabilities, zero attention output).
@@ -17,14 +17,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import FAMILIES, make_model  # noqa: E402
-from experiments.attention_control import (  # noqa: E402
+from experiments.backends.attention_control import (  # noqa: E402
     BlockAttention,
     RecordAttention,
     ScaleQK,
     attention_control,
 )
 from experiments.pipeline import LMPipeline, PromptBatch  # noqa: E402
-from experiments.transformers_adapter import output_cache, with_cache  # noqa: E402
+from experiments.backends.transformers_adapter import output_cache, with_cache  # noqa: E402
 
 pytestmark = pytest.mark.exactness  # part of the newest-releases canary
 

@@ -1,4 +1,4 @@
-"""Attention-level interventions (experiments.attention_control) on every tiny model family.
+"""Attention-level interventions (experiments.backends.attention_control) on every tiny model family.
 
 References here are written independently of the module: plain einsum attention with a hand-built
 causal + padding mask, and (llama, gemma2, gpt2) a recomputation of layer-1 queries/keys from the
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import FAMILIES, make_model  # noqa: E402
-from experiments.attention_control import (  # noqa: E402
+from experiments.backends.attention_control import (  # noqa: E402
     ATTENTION_IMPLEMENTATION,
     BlockAttention,
     RecordAttention,

@@ -13,7 +13,7 @@ import torch
 
 from causal.results import RawResults, RawResultsWriter, ResultsError
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.attribution_screen import (
+from experiments.attribution.screen import (
     SCORES,
     AttributionEstimates,
     ScreenConfig,
@@ -21,7 +21,7 @@ from experiments.attribution_screen import (
     pair_scores,
     screen_and_verify,
 )
-from experiments.attribution_units import AttributionCell, AttributionResult, UnitAttribution, sweep_cells
+from experiments.attribution.units import AttributionCell, AttributionResult, UnitAttribution, sweep_cells
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 

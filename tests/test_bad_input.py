@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
-from experiments.intervention_experiment import PatchResidualStream
+from experiments.engine.intervention_experiment import PatchResidualStream
 from experiments.pipeline import LMPipeline, ModelLoadError, PromptError
 from experiments.token_positions import TokenPosition, TokenPositionError, last_token_position
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from experiments.attention_control import RecordAttention
-from experiments.codi import CODISpec, lora_targets, load_codi, save_codi_checkpoint, split_state_dict
-from experiments.error_taxonomy import classify, paired_bootstrap_diff, reversal_results, taxonomy_report
-from experiments.transformers_adapter import output_cache, with_cache
-from experiments.latent_reasoning import (
+from experiments.backends.attention_control import RecordAttention
+from tasks.ct_positions.codi import CODISpec, lora_targets, load_codi, save_codi_checkpoint, split_state_dict
+from tasks.ct_positions.error_taxonomy import classify, paired_bootstrap_diff, reversal_results, taxonomy_report
+from experiments.backends.transformers_adapter import output_cache, with_cache
+from tasks.ct_positions.latent_reasoning import (
     CODIProjection,
     ExplicitCoTRunner,
     LatentConfig,
@@ -24,7 +24,7 @@ from experiments.latent_reasoning import (
     block_thoughts,
     last_number,
 )
-from experiments.problem_sensitivity import correlation, problem_features, sensitivity_report
+from tasks.ct_positions.problem_sensitivity import correlation, problem_features, sensitivity_report
 from tasks.ct_positions.data import chain, generate_problems, gsm8k_problem, load_gsm8k, render_compact
 from tasks.ct_positions.organism import build_tokenizer
 

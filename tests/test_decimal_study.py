@@ -166,8 +166,8 @@ def test_self_transplant_is_identity_and_cross_transplant_moves_answers(organism
     """Transplanting a run's own attention with every key aligned changes nothing; transplanting the
     simple format's pattern (keys aligned by role) into the Q&A run changes answers."""
     from causal.results import RawResults
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import AttentionPattern
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import AttentionPattern
     from tasks.decimal_comparison.analyses import cross_format_dataset, run_cells, transplant_cells
     from tasks.decimal_comparison.token_positions import role_position
 
@@ -226,7 +226,7 @@ def test_head_and_neuron_ablation(organism, tmp_path):
 def test_success_rows_name_cells_per_sweep_and_read_the_study_format(organism, tmp_path):
     """The metric of the runner's ``patching`` step: one sweep per component, cells named ``<component>.<cell>`` (the
     old study's ids), Holm across every cell of a dataset; datasets named ``fix`` / ``break`` take the study's format."""
-    from experiments.intervention_experiment import PatchUnits
+    from experiments.engine.intervention_experiment import PatchUnits
     from tasks.decimal_comparison.analyses import cross_format_dataset, success_rows
     from tasks.decimal_comparison.token_positions import role_positions
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from experiments.attention_control import RecordAttention, TransplantAttention, attention_control
-from experiments.backend import BACKENDS
+from experiments.backends.attention_control import RecordAttention, TransplantAttention, attention_control
+from experiments.backends import BACKENDS
 from experiments.featurizers import Featurizer, LinearFeaturizer
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.model_units import AttentionHead, AttentionPattern, MLPOutput, ResidualStream
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.model_units import AttentionHead, AttentionPattern, MLPOutput, ResidualStream
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 
@@ -144,7 +144,7 @@ def test_mean_ablation_with_the_base_own_value_changes_nothing(family, pipelines
     pipeline = pipelines[family]
     pos = last_token_position(pipeline)
     one = [BASES[0]]
-    from experiments.hooks_backend import HooksBackend
+    from experiments.backends.hooks_backend import HooksBackend
 
     batch = pipeline.load(one)
     unit = ResidualStream(0, pos)
@@ -282,7 +282,7 @@ def test_kinds_sharing_a_position_read_their_own_sides(pipelines):
 
 def test_transplanted_attention_stays_causal(pipelines, monkeypatch):
     """Prompts of different lengths: aligned source probabilities never put mass on a key after the query."""
-    import experiments.intervention_engine as engine_module
+    import experiments.engine.intervention_engine as engine_module
 
     captured = []
     original = engine_module.TransplantAttention
@@ -330,8 +330,8 @@ def test_bad_kind_parameters_are_refused(pipelines):
 def test_packed_sites_share_forwards_and_match_the_independent_reference(family, pipelines):
     """With pack_sites, cells of different sites and kinds run in shared forwards (each patch on its own rows):
     fewer prompt passes, and every cell still equals the independent hook reference (unpacked forwards)."""
-    from experiments.backend import make_backend
-    from experiments.model_units import AttentionOutput
+    from experiments.backends import make_backend
+    from experiments.engine.model_units import AttentionOutput
 
     pipeline = pipelines[family]
     pos = last_token_position(pipeline)

@@ -10,9 +10,9 @@ import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.results import RawResults, ResultsError
-from experiments.backend import BACKENDS
-from experiments.intervention_engine import InterventionEngine
-from experiments.intervention_experiment import PatchResidualStream
+from experiments.backends import BACKENDS
+from experiments.engine.intervention_engine import InterventionEngine
+from experiments.engine.intervention_experiment import PatchResidualStream
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
@@ -307,8 +307,8 @@ def test_counterfactual_index_selects_the_source(pipelines, tmp_path):
 def test_positions_sharing_an_id_are_not_confused(pipelines):
     """The engine keys positions by object, not by id: each cell patches at its own position's tokens.
     (The experiment refuses such ids: see test_experiment_refuses_two_positions_with_one_id.)"""
-    from experiments.intervention_engine import Cell, group_cells
-    from experiments.model_units import ResidualStream
+    from experiments.engine.intervention_engine import Cell, group_cells
+    from experiments.engine.model_units import ResidualStream
 
     pipeline = pipelines["llama"]
     first = TokenPosition(lambda s: [1], pipeline, id="p")
@@ -324,8 +324,8 @@ def test_positions_sharing_an_id_are_not_confused(pipelines):
 
 
 def test_unequal_base_and_source_position_counts_are_refused(pipelines):
-    from experiments.intervention_engine import Cell, group_cells
-    from experiments.model_units import ResidualStream
+    from experiments.engine.intervention_engine import Cell, group_cells
+    from experiments.engine.model_units import ResidualStream
     from experiments.token_positions import TokenPositionError, substring_position
 
     pipeline = pipelines["gpt2"]
@@ -340,9 +340,9 @@ def test_experiment_refuses_two_positions_with_one_id(pipelines):
     pipeline = pipelines["llama"]
     first = TokenPosition(lambda s: [1], pipeline, id="p")
     second = TokenPosition(lambda s: [-1], pipeline, id="p")
-    from experiments.intervention_engine import Cell
-    from experiments.intervention_experiment import InterventionExperiment
-    from experiments.model_units import ResidualStream
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.intervention_experiment import InterventionExperiment
+    from experiments.engine.model_units import ResidualStream
 
     with pytest.raises(ValueError, match="share the id 'p'"):
         InterventionExperiment(pipeline, [Cell("a", [ResidualStream(0, first)]), Cell("b", [ResidualStream(0, second)])])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from causal.results import ResultsError
-from experiments.featurizer_store import load_featurizers, save_featurizer
+from experiments.featurizers.store import load_featurizers, save_featurizer
 from experiments.featurizers import LinearFeaturizer
-from experiments.intervention_experiment import MissingFeaturizerError, PatchResidualStream
+from experiments.engine.intervention_experiment import MissingFeaturizerError, PatchResidualStream
 from test_engine_reference import as_python_table, dataset, sweep_positions
 
 LAYERS = [0, 1]
@@ -81,7 +81,7 @@ def test_a_cell_without_a_featurizer_is_refused_and_featurizers_never_mix(pipeli
 
 
 def _units_sweep(pipeline, folder, component, featurizers=None, backend="hooks", positions=None):
-    from experiments.intervention_experiment import PatchUnits
+    from experiments.engine.intervention_experiment import PatchUnits
 
     exp = PatchUnits(pipeline, LAYERS, positions or sweep_positions(pipeline), component,
                      config={"id": "units", "batch_size": 2, "backend": backend}, featurizers=featurizers)
@@ -90,7 +90,7 @@ def _units_sweep(pipeline, folder, component, featurizers=None, backend="hooks",
 
 
 def _heads_sweep(pipeline, folder, featurizers=None, backend="hooks"):
-    from experiments.intervention_experiment import PatchAttentionHeads
+    from experiments.engine.intervention_experiment import PatchAttentionHeads
 
     exp = PatchAttentionHeads(pipeline, [[(0, 0)], [(1, 1)]], sweep_positions(pipeline),
                               config={"id": "heads", "batch_size": 2, "backend": backend}, featurizers=featurizers)
@@ -118,7 +118,7 @@ def test_featurized_head_sweeps_agree_across_backends_and_a_full_rotation_is_the
     assert_same_outputs(hooks, pyvene)
     assert_same_outputs(_heads_sweep(pipeline, tmp_path / "rotated", random_subspaces(d_head, d_head, ids)),
                         _heads_sweep(pipeline, tmp_path / "full"))
-    from experiments.intervention_experiment import PatchAttentionHeads
+    from experiments.engine.intervention_experiment import PatchAttentionHeads
 
     with pytest.raises(ValueError, match="single heads"):
         PatchAttentionHeads(pipeline, [[(0, 0), (1, 1)]], sweep_positions(pipeline), featurizers=subspaces)

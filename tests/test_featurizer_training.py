@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from experiments.attribution import ResidualCell
-from experiments.featurizer_store import load_featurizer
-from experiments.featurizer_training import LabelledPairs, TrainingSettings, train_featurizer
+from experiments.featurizers.store import load_featurizer
+from experiments.featurizers.training import LabelledPairs, TrainingSettings, train_featurizer
 from experiments.pipeline import LMPipeline
 from tasks.general_addition.organism import PLANTED_ALIGNED_DIR, PLANTED_ROTATED_DIR, load_planted_spec
 from tasks.general_addition.task import TASK, AdditionSettings

@@ -13,7 +13,7 @@ import pytest
 
 from causal.counterfactual_dataset import CounterfactualDataset
 from causal.results import ResultsError, part_path
-from experiments.fleet import merge_shards, parse_shard, shard_dir, shard_items
+from experiments.engine.fleet import merge_shards, parse_shard, shard_dir, shard_items
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [("12+34=", "98+76="), ("5+6=", "7+1="), ("123+45=", "300+99="), ("1+2=", "3+4="),
@@ -29,7 +29,7 @@ def make_dataset(pairs=PAIRS) -> CounterfactualDataset:
 
 def build(model_dir: str, config_overrides: dict | None = None):
     """(experiment, datasets) for a small residual-stream + head sweep; importable by Ray workers."""
-    from experiments.intervention_experiment import PatchResidualStream
+    from experiments.engine.intervention_experiment import PatchResidualStream
     from experiments.pipeline import LMPipeline
     from experiments.token_positions import TokenPosition
 
@@ -107,7 +107,7 @@ def test_a_shard_resumes_its_own_parts(model_dirs, tmp_path, single):
 def test_shards_on_a_local_ray_cluster(model_dirs, tmp_path, single):
     """Parts split into cell ranges, spread over a local Ray cluster: the same results as one process."""
     ray = pytest.importorskip("ray")
-    from experiments.fleet import run_shards_on_ray
+    from experiments.engine.fleet import run_shards_on_ray
 
     paths = os.pathsep.join([str(REPO), str(REPO / "tests")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

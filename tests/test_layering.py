@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("causal", "experiments", "tasks", "scripts", "demos", "benchmarks")
-BACKENDS = {"experiments/hooks_backend.py", "experiments/pyvene_backend.py"}
+BACKENDS = {"experiments/backends/hooks_backend.py", "experiments/backends/pyvene_backend.py"}
 HOOK_CALLS = re.compile(r"\.(register_forward_hook|register_forward_pre_hook|register_full_backward_hook|"
                         r"register_full_backward_pre_hook|register_hook)\(|\bregister_site_hook\b")
 #: The plain-hook baseline a speed ratio is measured against (an honest reference, on purpose outside the engine).
@@ -68,6 +68,22 @@ def test_arrows_point_one_way():
 
 
 def test_only_the_backends_run_attention_operations():
-    offenders = [f"{rel}:{i + 1}" for rel, text in sources() if rel not in BACKENDS | {"experiments/attention_control.py"}
+    offenders = [f"{rel}:{i + 1}" for rel, text in sources() if rel not in BACKENDS | {"experiments/backends/attention_control.py"}
                  for i, line in enumerate(text.splitlines()) if re.search(r"\battention_control\(", line)]
     assert not offenders, f"use the backend's attention operation: {offenders}"
+
+
+def test_old_import_paths_warn_and_give_the_moved_module():
+    import importlib
+    import sys
+
+    import pytest
+
+    from experiments import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new) and module.__spec__.name == new
+    assert not any((ROOT / (old.replace(".", "/") + ".py")).exists() for old in MOVED), "no file left at an old path"

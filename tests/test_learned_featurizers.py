@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.featurizer_store import FeaturizerLoadError, load_featurizer, load_sae, save_featurizer
+from experiments.featurizers.store import FeaturizerLoadError, load_featurizer, load_sae, save_featurizer
 from experiments.featurizers import LinearFeaturizer, SAEFeaturizer
-from experiments.learned_featurizers import (
+from experiments.featurizers.learned import (
     BoundlessSubspace,
     DimensionMask,
     OrthogonalSubspace,
@@ -17,7 +17,7 @@ from experiments.learned_featurizers import (
     train_das,
     train_interchange,
 )
-from experiments.sites import featurized_swap
+from experiments.backends.sites import featurized_swap
 
 
 def planted_model(d: int = 16, values: int = 4, seed: int = 0, aligned: bool = False):
@@ -81,7 +81,7 @@ def test_das_recovers_a_planted_subspace(orthogonal_map):
 
 def test_residual_das_on_a_network_trains_only_the_subspace_and_judges_held_out_pairs(pipelines):
     from experiments.attribution import ResidualCell
-    from experiments.residual_das import ResidualDAS
+    from experiments.featurizers.das import ResidualDAS
     from experiments.token_positions import TokenPosition
 
     pipeline = pipelines["llama"]

@@ -9,8 +9,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells, is_out_of_memory
-from experiments.model_units import ResidualStream
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells, is_out_of_memory
+from experiments.engine.model_units import ResidualStream
 from experiments.token_positions import TokenPosition
 
 BASES = [{"raw_input": s} for s in ("12+34=", "5+6=", "123+45=")]

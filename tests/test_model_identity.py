@@ -11,7 +11,7 @@ import torch
 
 from causal.results import ResultsError
 from conftest import make_model
-from experiments.intervention_experiment import PatchResidualStream, model_fingerprint
+from experiments.engine.intervention_experiment import PatchResidualStream, model_fingerprint
 from experiments.model_identity import cache_dir, file_sha256, tensors_sha256, weight_files, weights_probe
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import last_token_position

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import BOS_ID, EOS_ID, FAMILIES, PAD_ID
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.model_units import ResidualStream
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.model_units import ResidualStream
 from experiments.pipeline import LMPipeline, ModelLoadError
 from experiments.token_positions import (
     TokenPosition,

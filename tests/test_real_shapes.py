@@ -26,14 +26,14 @@ import pytest
 import torch
 
 from conftest import make_tokenizer
-from experiments.architectures import head_width
-from experiments.attention_control import RecordAttention, TransplantAttention, attention_control
-from experiments.backend import BACKENDS
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream
-from experiments.model_units import AttentionHead, AttentionPattern, ModelUnit, ResidualStream
+from experiments.backends.architectures import head_width
+from experiments.backends.attention_control import RecordAttention, TransplantAttention, attention_control
+from experiments.backends import BACKENDS
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.intervention_experiment import PatchAttentionHeads, PatchResidualStream
+from experiments.engine.model_units import AttentionHead, AttentionPattern, ModelUnit, ResidualStream
 from experiments.pipeline import LMPipeline
-from experiments.suffix_reuse import SuffixReuse
+from experiments.backends.suffix_reuse import SuffixReuse
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 from real_shapes import CUT_VOCAB, SHAPES, Shape, build_model

@@ -356,7 +356,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
 
 
 def _experiment(pipeline, exp_id: str = "sweep"):
-    from experiments.intervention_experiment import PatchResidualStream
+    from experiments.engine.intervention_experiment import PatchResidualStream
     from experiments.token_positions import TokenPosition, last_token_position
 
     positions = [last_token_position(pipeline), TokenPosition(lambda s: [1], pipeline, id="first_digit")]
@@ -420,7 +420,7 @@ def test_resume_after_kill_is_byte_identical(family, model_dirs, tmp_path, monke
 
 
 def test_step2_recomputes_damaged_parts_and_says_which(pipelines, tmp_path, monkeypatch, capsys):
-    from experiments.intervention_engine import InterventionEngine
+    from experiments.engine.intervention_engine import InterventionEngine
 
     pipeline = pipelines["gpt2"]
     root = tmp_path / "r"

@@ -11,9 +11,9 @@ import torch
 
 from conftest import FAMILIES
 from experiments.featurizers import LinearFeaturizer
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.model_units import ModelUnit, ResidualStream
-from experiments.suffix_reuse import SuffixReuse
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.model_units import ModelUnit, ResidualStream
+from experiments.backends.suffix_reuse import SuffixReuse
 from experiments.token_positions import TokenPosition
 
 pytestmark = pytest.mark.exactness  # part of the newest-releases canary
@@ -156,7 +156,7 @@ def test_packed_pass_restores_attention_after_an_error(pipelines, monkeypatch):
 
 
 def test_packed_attention_outside_a_pass_is_refused(pipelines):
-    from experiments.suffix_reuse import packed_attention
+    from experiments.backends.suffix_reuse import packed_attention
 
     q = torch.zeros(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="outside a suffix-reuse pass"):
@@ -175,7 +175,7 @@ def test_fast_path_declines_gpt2_reordered_eager_attention(model_dirs):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_rows_split_over_several_layer_calls_match(family, pipelines, monkeypatch):
     """With a tiny token budget per layer call (rows spread over many calls) the results are unchanged."""
-    import experiments.suffix_reuse as suffix_reuse
+    import experiments.backends.suffix_reuse as suffix_reuse
 
     pipeline = pipelines[family]
     cells = residual_cells(pipeline)
@@ -188,7 +188,7 @@ def test_rows_split_over_several_layer_calls_match(family, pipelines, monkeypatc
 
 
 def test_row_chunks():
-    from experiments.suffix_reuse import _row_chunks
+    from experiments.backends.suffix_reuse import _row_chunks
 
     assert _row_chunks([3, 3, 3, 10, 1], 6) == [(0, 2, 0, 6), (2, 3, 6, 9), (3, 4, 9, 19), (4, 5, 19, 20)]
     assert _row_chunks([], 6) == []

@@ -11,11 +11,11 @@ import torch
 
 from conftest import FAMILIES, _single_thread
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.learned_featurizers import OrthogonalSubspace
+from experiments.featurizers.learned import OrthogonalSubspace
 from experiments.pipeline import LMPipeline
-from experiments.learned_featurizers import LowRankSubspace
-from experiments.residual_das import JointResidualCell, ResidualDAS
-from experiments.suffix_training import SuffixForward, TeacherForcedBase
+from experiments.featurizers.learned import LowRankSubspace
+from experiments.featurizers.das import JointResidualCell, ResidualDAS
+from experiments.featurizers.suffix_training import SuffixForward, TeacherForcedBase
 
 PROMPTS = [{"raw_input": s} for s in ("12+34=", "5+6=", "77+8=", "40+41=", "3+90=", "66+6=")]
 LABELS = ["46", "11", "85", "81", "93", "72"]

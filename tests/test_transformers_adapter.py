@@ -14,11 +14,11 @@ import torch
 import transformers
 
 from conftest import FAMILIES
-from experiments.attention_control import BlockAttention, attention_control
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.model_units import ResidualStream
+from experiments.backends.attention_control import BlockAttention, attention_control
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.model_units import ResidualStream
 from experiments.token_positions import TokenPosition
-from experiments.transformers_adapter import (
+from experiments.backends.transformers_adapter import (
     LOWEST_TESTED,
     NEWEST_TESTED,
     CacheStandIn,

@@ -11,11 +11,11 @@ import torch
 
 from conftest import FAMILIES
 from experiments.attribution import ResidualAttribution
-from experiments.backend import backend_with
-from experiments.featurizer_training import LabelledPairs, TrainingSettings, train_featurizer
-from experiments.residual_das import ResidualDAS, UnitCell
-from experiments.sites import Site
-from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
+from experiments.backends import backend_with
+from experiments.featurizers.training import LabelledPairs, TrainingSettings, train_featurizer
+from experiments.featurizers.das import ResidualDAS, UnitCell
+from experiments.backends.sites import Site
+from experiments.featurizers.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
 from experiments.token_positions import TokenPosition
 
 PROMPTS = [{"raw_input": s} for s in ("12+34=", "5+6=", "77+8=", "40+41=")]
@@ -129,7 +129,7 @@ def test_unit_cells_name_the_sweep_cells_and_refuse_what_does_not_exist(pipeline
 
 
 def test_das_at_an_mlp_unit_of_the_planted_organism_finds_carry_0(tmp_path):
-    from experiments.featurizer_store import FeaturizerLoadError, load_featurizers
+    from experiments.featurizers.store import FeaturizerLoadError, load_featurizers
 
     from experiments.pipeline import LMPipeline
     from tasks.general_addition.organism import PLANTED_ROTATED_DIR, load_planted_spec

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from experiments.visualizations import (
+from experiments.analysis.visualizations import (
     draw_layer_head_heatmap,
     draw_layer_position_heatmap,
     plot_layer_head_heatmap,
@@ -108,6 +108,6 @@ def test_importing_does_not_switch_the_matplotlib_backend():
     import subprocess
     import sys
 
-    code = ("import matplotlib; before = matplotlib.rcParams['backend']; import experiments.visualizations; "
+    code = ("import matplotlib; before = matplotlib.rcParams['backend']; import experiments.analysis.visualizations; "
             "assert matplotlib.rcParams['backend'] == before, (before, matplotlib.rcParams['backend'])")
     subprocess.run([sys.executable, "-c", code], check=True)

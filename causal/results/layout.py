@@ -12,7 +12,7 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 #: Cell-range shards write a part's cell blocks here (``blocks/<dataset_id>/part_NNNNN.block_B-of-M.*``);
-#: ``experiments.fleet.merge_shards`` assembles them into ordinary parts.
+#: ``experiments.engine.fleet.merge_shards`` assembles them into ordinary parts.
 BLOCKS_DIR = "blocks"
 PARTS_FORMAT_NAME = "format.json"
 LOCK_NAME = ".lock"

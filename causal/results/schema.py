@@ -49,7 +49,7 @@ class CellSpec(BaseModel):
     """One intervention site: the units acted on together, the intervention ``kind`` and its parameters.
 
     Kinds: ``interchange`` (patch from the counterfactual input; the default), ``zero_ablation``,
-    ``mean_ablation``, and the attention-level kinds of ``experiments.attention_control``.
+    ``mean_ablation``, and the attention-level kinds of ``experiments.backends.attention_control``.
     """
 
     cell_id: str

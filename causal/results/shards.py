@@ -3,7 +3,7 @@
 A shard of a sweep with M cell blocks per part writes block B of M of a part as its own base and cells files
 under ``blocks/<dataset_id>/`` and, last, a ``BlockRecord`` (``RawResultsWriter.write_block``).
 ``load_block`` (also ``RawResults.load_block``) reads one back after every check;
-``experiments.fleet.merge_shards`` assembles verified blocks into ordinary parts.
+``experiments.engine.fleet.merge_shards`` assembles verified blocks into ordinary parts.
 """
 
 from __future__ import annotations

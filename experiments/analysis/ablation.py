@@ -24,9 +24,9 @@ from experiments.analysis.model_access import (
     check_layer,
     teacher_forced,
 )
-from experiments.backend import DEFAULT_BACKEND, backend_with, make_backend
+from experiments.backends import DEFAULT_BACKEND, backend_with, make_backend
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site, SiteEdit
+from experiments.backends.sites import Site, SiteEdit
 
 Target = tuple
 Kind = Literal["zero", "mean"]

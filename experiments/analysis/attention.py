@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import batches, check_head, check_layer
-from experiments.attention_control import RecordAttention
-from experiments.backend import backend_with
+from experiments.backends.attention_control import RecordAttention
+from experiments.backends import backend_with
 from experiments.pipeline import LMPipeline
 
 STAT_COLUMNS = ("entropy", "max_attention", "k_eff", "perplexity", "sink_mass", "query_norm", "key_norm",

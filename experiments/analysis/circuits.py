@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import batches, neuron_activations, teacher_forced
-from experiments.attention_control import RecordAttention
-from experiments.backend import backend_with
+from experiments.backends.attention_control import RecordAttention
+from experiments.backends import backend_with
 from experiments.pipeline import LMPipeline
 
 Roles = Callable[[LMPipeline, dict[str, Any]], dict[str, list[int]]]

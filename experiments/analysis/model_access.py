@@ -1,6 +1,6 @@
 """What the analyses need to reach inside a model: residual stream, final norm, unembedding, neurons.
 
-Built on the component map of ``experiments.architectures`` (no per-model code elsewhere). The
+Built on the component map of ``experiments.backends.architectures`` (no per-model code elsewhere). The
 residual stream has ``L + 1`` layers here: index 0 is the embeddings (the input of block 0) and
 index ``l + 1`` the output of block ``l``; public functions name them by *block* index
 ``-1 .. L-1`` (``-1`` = embeddings), as the rest of the project does.
@@ -13,10 +13,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from experiments.architectures import family_of, get_module
-from experiments.backend import DEFAULT_BACKEND, make_backend
+from experiments.backends.architectures import family_of, get_module
+from experiments.backends import DEFAULT_BACKEND, make_backend
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.sites import Site
+from experiments.backends.sites import Site
 
 def check_layer(pipeline: LMPipeline, layer: int, allow_embeddings: bool = False) -> int:
     """``layer`` if it is a block index of the model (or -1 for the embeddings when allowed), else ValueError."""

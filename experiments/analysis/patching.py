@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.analysis.model_access import residual_stream
-from experiments.backend import DEFAULT_BACKEND, make_backend
+from experiments.backends import DEFAULT_BACKEND, make_backend
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site, SitePatch
+from experiments.backends.sites import Site, SitePatch
 
 
 def _site(layer: int) -> Site:

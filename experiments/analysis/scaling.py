@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from experiments.analysis.attention import row_statistics
 from experiments.analysis.model_access import batches, check_head, check_layer
 from experiments.analysis.stats import ols_slope
-from experiments.attention_control import RecordAttention, ScaleQK
-from experiments.backend import backend_with
+from experiments.backends.attention_control import RecordAttention, ScaleQK
+from experiments.backends import backend_with
 from experiments.pipeline import LMPipeline
 
 Head = tuple[int, int]

@@ -126,7 +126,7 @@ def study_parser(task: Task, description: str | None, step: int | None = None,
 
 def _shard(text: str) -> tuple[int, int]:
     """``--shard I/N`` (the fleet module is imported lazily: parsing stays torch-free)."""
-    from experiments.fleet import parse_shard
+    from experiments.engine.fleet import parse_shard
 
     return parse_shard(text)
 

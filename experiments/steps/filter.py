@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     args = study_parser(chosen, __doc__, step=1).parse_args(rest)
     settings = task_settings(chosen, args)
     if chosen.filter_pairs:
-        from experiments.filter_experiment import FilterExperiment  # torch: after parsing, so --help is instant
+        from experiments.engine.filter_experiment import FilterExperiment  # torch: after parsing, so --help is instant
 
     size = min(args.size, TEST_PAIRS) if args.test else args.size
     out = study_dir(chosen, args)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, task: str | None = None) -> Path:
     for experiment in chosen.sweeps(pipeline, settings, positions, config, layers=args.layers, heads=not args.no_heads):
         name = experiment.config.id
         if args.shard is not None:  # a shard writes its own folder; --merge-shards assembles and records them
-            from experiments.fleet import shard_dir
+            from experiments.engine.fleet import shard_dir
 
             folder = shard_dir(out / "raw" / "shards" / name, args.shard)
             experiment.perform_interventions(datasets, results_dir=folder, shard=args.shard, cell_blocks=args.cell_blocks,
@@ -87,7 +87,7 @@ def write_shard_note(out: Path, name: str, experiment_type: str) -> None:
 
 def merge(out: Path, count: int) -> Path:
     """Merge the ``count`` shards of every sharded sweep into ``raw/<sweep>`` and record it (no model needed)."""
-    from experiments.fleet import merge_shards, shard_dir
+    from experiments.engine.fleet import merge_shards, shard_dir
 
     sharded = read_metadata(out).get("sharded", {})
     if not sharded:

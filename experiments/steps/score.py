@@ -42,7 +42,7 @@ from causal.verdicts import (POOLED, VerdictRule, Verdicts, compare_hypotheses, 
 from experiments.steps.common import (add_debug_option, load_datasets, model_path, read_metadata, run_step, split_task,
                                       study_dir, study_parser)
 from experiments.task import Task, computed_variables
-from experiments.visualizations import save_heatmaps
+from experiments.analysis.visualizations import save_heatmaps
 
 
 class StudyRecordError(SystemExit):

@@ -1,4 +1,4 @@
-"""The continuous-thought study's analyses on a latent-reasoning model (`experiments.latent_reasoning`):
+"""The continuous-thought study's analyses on a latent-reasoning model (`tasks.ct_positions.latent_reasoning`):
 predictions under blocking each thought, accuracy, error taxonomy, problem sensitivity, and whole-position patching
 of each thought written in the project's results format so that step 3 scores it against the CT graphs.
 
@@ -28,8 +28,8 @@ from causal.results import (
     atomic_write_parquet,
 )
 from causal.verdicts import POOLED, test_summary
-from experiments.error_taxonomy import classify, reversal_results
-from experiments.problem_sensitivity import FEATURES, plot_sensitivity, problem_features, sensitivity_report
+from tasks.ct_positions.error_taxonomy import classify, reversal_results
+from tasks.ct_positions.problem_sensitivity import FEATURES, plot_sensitivity, problem_features, sensitivity_report
 from tasks.ct_positions.causal_models import CT_SLOTS, arg_var, op_var
 from tasks.ct_positions.checker import ct_checker
 from tasks.ct_positions.data import Problem, generate_problems, load_gsm8k, render
@@ -43,7 +43,7 @@ def load_reasoner(model_path: str | Path, codi_base: str | None = None, codi_mas
     """A ``LatentReasoner``: a CODI checkpoint folder when ``codi_base`` names its base model, else an organism
     folder (``latent_config.json`` + ``latent.safetensors``, `tasks.ct_positions.organism.load_organism`)."""
     if codi_base:
-        from experiments.codi import CODISpec, load_codi
+        from tasks.ct_positions.codi import CODISpec, load_codi
 
         import torch
 
@@ -152,7 +152,7 @@ def ct_patching(reasoner: Any, datasets: dict[str, Any], n_ops: int, style: str,
     The unit is recorded as ``layer=-1, component="ct_block_outputs", position_id="ct_<j>"``: the engine has no
     latent-reasoning forward, so these results come from `LatentReasoner` edits (``ThoughtEdit``), not from
     `InterventionEngine`."""
-    from experiments.latent_reasoning import ThoughtEdit
+    from tasks.ct_positions.latent_reasoning import ThoughtEdit
 
     k = reasoner.config.num_thoughts
     size = max(len(ds) for ds in datasets.values())
@@ -225,8 +225,8 @@ def blocking_study(reasoner: Any, problems: Sequence[Problem], out: Path, batch_
                    seed: int = 0) -> dict[str, Any]:
     """Baseline and blocking of each thought on every problem: predictions, accuracy, taxonomy, sensitivity,
     written to ``out``; returns the accuracy table, taxonomy summary and sensitivity report."""
-    from experiments.error_taxonomy import plot_taxonomy, taxonomy_report, taxonomy_summary
-    from experiments.latent_reasoning import block_thoughts
+    from tasks.ct_positions.error_taxonomy import plot_taxonomy, taxonomy_report, taxonomy_summary
+    from tasks.ct_positions.latent_reasoning import block_thoughts
 
     rows = run_condition(reasoner, problems, "baseline", batch_size)
     for j in range(reasoner.config.num_thoughts):

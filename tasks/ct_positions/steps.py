@@ -3,7 +3,7 @@
     python -m experiments.study --task ct_positions [--n-ops 3] [--test] [--model DIR [--codi-base NAME]]
 
 The engine runs prompt passes and token generation of an ``LMPipeline``; a latent-reasoning model needs a loop that
-feeds each thought's last hidden state back as the next input embedding (`experiments.latent_reasoning`), so this
+feeds each thought's last hidden state back as the next input embedding (`tasks.ct_positions.latent_reasoning`), so this
 task declares no sweeps and its interventions are extra steps on a ``LatentReasoner``:
 
 - ``ct_patching`` (after intervene): the whole residual stream at CT_j patched from the counterfactual run, for each

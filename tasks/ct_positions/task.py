@@ -3,7 +3,7 @@
     python -m experiments.study --task ct_positions [--n-ops 3] [--test] [--model DIR [--codi-base NAME]]
 
 The network side of this task is not a token-position sweep of an ``LMPipeline``: thoughts are fed
-embeddings, so interventions run through :mod:`experiments.latent_reasoning` in the task's extra steps
+embeddings, so interventions run through :mod:`tasks.ct_positions.latent_reasoning` in the task's extra steps
 (:mod:`tasks.ct_positions.steps`: whole-position patching of each thought, recorded as raw results that step 3
 scores against both CT graphs; blocking each thought with the error taxonomy and problem sensitivity).
 ``sweeps`` is None and ``token_positions`` returns nothing; step 1 keeps every pair (the organism is not an

@@ -131,7 +131,7 @@ def run_cells(pipeline, cells, datasets: dict[str, Any], folder: Path, exp_id: s
               max_rows: int = 2048, restart: bool = False) -> list[dict]:
     """Run ``cells`` on ``datasets`` through the engine (resumable in ``folder``; ``restart`` discards what it
     holds first); `success_rows` of the results."""
-    from experiments.intervention_experiment import InterventionExperiment
+    from experiments.engine.intervention_experiment import InterventionExperiment
 
     experiment = InterventionExperiment(pipeline, cells, {"id": exp_id, "batch_size": batch_size,
                                                           "max_rows_per_forward": max_rows})
@@ -197,8 +197,8 @@ def best_rows(rows: list[dict], direction: str = "fix", key: Callable[[dict], An
 
 # ---------------------------------------------------------------------------------------- 2-3. patching
 def patching_cells(pipeline, layers: Sequence[int], roles: Sequence[str]):
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import ModelUnit
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import ModelUnit
     from tasks.decimal_comparison.token_positions import role_positions
 
     positions = role_positions(pipeline, roles)
@@ -219,8 +219,8 @@ def attention_analysis(pipeline, pairs: Sequence[DecimalPair], formats: Sequence
     decimal mass differs most from the correct format; token-level maps for 9.8 vs 9.11."""
     import torch
 
-    from experiments.attention_control import RecordAttention
-    from experiments.backend import backend_with
+    from experiments.backends.attention_control import RecordAttention
+    from experiments.backends import backend_with
     from tasks.decimal_comparison.token_positions import adds_bos, role_indices
 
     layers = list(range(pipeline.num_layers))
@@ -292,8 +292,8 @@ def _question_token_range(pipeline, s: dict[str, Any]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------- 5. transplant
 def transplant_cells(pipeline, layers: Sequence[int], per_head: bool = True):
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import AttentionPattern
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import AttentionPattern
     from tasks.decimal_comparison.token_positions import key_roles, role_position
 
     queries = role_position(pipeline, "matched")
@@ -312,8 +312,8 @@ def transplant_cells(pipeline, layers: Sequence[int], per_head: bool = True):
 def blocking_cells(pipeline, layers: Sequence[int], per_head: bool = True):
     """Block attention to the format's own tokens (``format`` role) from every later query, in the prompt
     and every decoding step, at one layer (all heads, or one head)."""
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import AttentionPattern
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import AttentionPattern
     from tasks.decimal_comparison.token_positions import role_position
 
     keys = role_position(pipeline, "format")
@@ -331,8 +331,8 @@ def subset_cells(pipeline, layer: int, draws: int, seed: int, mode: str,
     """Head subsets of ``layer``: ``draws`` random k-subsets per k (all of them when fewer exist) from
     each pool of heads (``all``, ``even``-indexed, ``odd``-indexed); ``mode`` "transplant" (attention
     patterns at the matched queries) or "patch" (head outputs at the matched positions)."""
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import AttentionHead, AttentionPattern
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import AttentionHead, AttentionPattern
     from tasks.decimal_comparison.token_positions import key_roles, role_position
 
     queries = role_position(pipeline, "matched")
@@ -404,8 +404,8 @@ def head_means(pipeline, layers: Sequence[int], prompts: list[dict[str, Any]]) -
     """Per layer: (H, d_head) mean head output over every real token of ``prompts``."""
     import torch
 
-    from experiments.intervention_engine import InterventionEngine
-    from experiments.sites import Site
+    from experiments.engine.intervention_engine import InterventionEngine
+    from experiments.backends.sites import Site
 
     engine = InterventionEngine(pipeline)
     batch = pipeline.load(prompts)
@@ -417,8 +417,8 @@ def head_means(pipeline, layers: Sequence[int], prompts: list[dict[str, Any]]) -
 
 
 def ablation_cells(pipeline, layers: Sequence[int], means: dict[int, Any]):
-    from experiments.intervention_engine import Cell
-    from experiments.model_units import AttentionHead
+    from experiments.engine.intervention_engine import Cell
+    from experiments.engine.model_units import AttentionHead
     from tasks.decimal_comparison.token_positions import role_position
 
     everywhere = role_position(pipeline, "all")

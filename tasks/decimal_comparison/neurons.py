@@ -12,9 +12,9 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from experiments.architectures import site_width
-from experiments.backend import DEFAULT_BACKEND, backend_with, make_backend
-from experiments.sites import Site, SiteEdit
+from experiments.backends.architectures import site_width
+from experiments.backends import DEFAULT_BACKEND, backend_with, make_backend
+from experiments.backends.sites import Site, SiteEdit
 
 
 def mlp_width(model: torch.nn.Module, layer: int) -> int:

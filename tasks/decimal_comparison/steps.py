@@ -195,7 +195,7 @@ def run_transplant(context: StudyContext) -> None:
     engine = _engine_options(context)
 
     def run(cells: list[Any], name: str) -> list[dict]:
-        from experiments.intervention_experiment import InterventionExperiment
+        from experiments.engine.intervention_experiment import InterventionExperiment
 
         raw = InterventionExperiment(pipeline, cells, {"id": name, "batch_size": engine["batch_size"],
                                                        "max_rows_per_forward": engine["max_rows"]}

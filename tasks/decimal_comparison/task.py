@@ -108,7 +108,7 @@ def _token_positions(pipeline: Any, s: DecimalSettings) -> list[Any]:
 def _sweeps(pipeline: Any, s: DecimalSettings, positions: list[Any], config: dict[str, Any],
             layers: list[int] | None = None, heads: bool = True) -> list[Any]:
     """Layer × component patching (attention output, MLP output, block output) at every role-matched position."""
-    from experiments.intervention_experiment import PatchUnits
+    from experiments.engine.intervention_experiment import PatchUnits
 
     layers = [layer for layer in (range(pipeline.num_layers) if layers is None else layers) if layer >= 0]
     return [PatchUnits(pipeline, layers, positions, component, config={**config, "id": component})

@@ -117,7 +117,7 @@ def variable_descriptions(s: AdditionSettings) -> dict[str, str]:
 def sweeps(pipeline: Any, s: AdditionSettings, positions: list[Any], config: dict[str, Any],
            layers: list[int] | None = None, heads: bool = True) -> list[Any]:
     """Residual stream at every layer (incl. embeddings) × position; every single head at the last position."""
-    from experiments.intervention_experiment import PatchAttentionHeads, PatchResidualStream
+    from experiments.engine.intervention_experiment import PatchAttentionHeads, PatchResidualStream
 
     layers = list(range(-1, pipeline.num_layers)) if layers is None else layers
     out = [PatchResidualStream(pipeline, layers, positions, config={**config, "id": "residual_stream"})]

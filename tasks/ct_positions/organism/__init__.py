@@ -4,7 +4,7 @@ after six continuous thoughts (``python -m tasks.ct_positions.organism.train_org
 Folder layout (:data:`ORGANISM_DIR`): the HF model and char-level tokenizer (``save_pretrained``),
 ``latent.safetensors`` (projection ``prj.1.*``, ``prj.3.*``, ``prj.ln.*`` as in CODI checkpoints, and
 the thought read-out ``readout.*``: a Linear(d, 100) that decodes the value a thought holds),
-``latent_config.json`` (:class:`experiments.latent_reasoning.LatentConfig`), ``training_report.json``.
+``latent_config.json`` (:class:`tasks.ct_positions.latent_reasoning.LatentConfig`), ``training_report.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
+from tasks.ct_positions.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
 
 ORGANISM_DIR: Path = Path(__file__).resolve().parent / "ct-llama"
 

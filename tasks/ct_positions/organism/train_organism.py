@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
+from tasks.ct_positions.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
 from experiments.organism_training import adamw_with_warmup_cosine, seed_training
-from experiments.transformers_adapter import output_cache, with_cache
+from experiments.backends.transformers_adapter import output_cache, with_cache
 from tasks.ct_positions.causal_models import CT_SLOTS, default_assignment
 from tasks.ct_positions.data import Problem, generate_problems, is_heldout, problem_from_structure, sample_structure
 from tasks.ct_positions.organism import BOT, EOT, N_VALUES, ORGANISM_DIR, build_tokenizer

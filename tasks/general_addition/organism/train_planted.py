@@ -45,9 +45,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
-from experiments.backend import backend_with
+from experiments.backends import backend_with
 from experiments.organism_training import adamw_with_warmup_cosine, seed_training
-from experiments.sites import Site, SiteEdit
+from experiments.backends.sites import Site, SiteEdit
 from tasks.general_addition.causal_models import build_addition_model, carries_of, setting_from_addends
 from tasks.general_addition.organism import (
     ORGANISM_DIR,

@@ -1,11 +1,11 @@
 """`train_featurizer`: learn a featurizer for one causal variable at one unit of a network (residual stream,
-attention output, MLP output or one head; one position or several jointly: `experiments.residual_das.UnitCell`),
+attention output, MLP output or one head; one position or several jointly: `experiments.featurizers.das.UnitCell`),
 with early stopping, a held-out verdict and the controls a learned map needs, and save it for sweeps.
 
 Data: labelled counterfactual pairs (base prompt, source prompt, the causal model's counterfactual label when the
 variable takes the source's value); pairs are split into train / validation / test **by base example** (pairs
 sharing a base prompt stay together; seeded). The loss is the label's summed answer log-probability,
-teacher-forced (`experiments.residual_das`; residual units train through the layers above them only).
+teacher-forced (`experiments.featurizers.das`; residual units train through the layers above them only).
 
 Methods (``TrainingSettings.method``): ``das`` (k-dim orthogonal subspace), ``boundless_das`` (learned size),
 ``dbm`` (sigmoid mask over dimensions or groups), ``dbm_hard_concrete``, ``pca`` (top-k principal directions of
@@ -37,13 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from causal.verdicts import paired_test
-from experiments.featurizer_store import FeaturizerRecord, save_featurizer
+from experiments.featurizers.store import FeaturizerRecord, save_featurizer
 from experiments.featurizers import Featurizer, LinearFeaturizer
-from experiments.learned_featurizers import (BoundlessSubspace, DimensionMask, LowRankSubspace, OrthogonalMap,
+from experiments.featurizers.learned import (BoundlessSubspace, DimensionMask, LowRankSubspace, OrthogonalMap,
                                              OrthogonalSubspace, fit_pca)
 from experiments.pipeline import LMPipeline
-from experiments.residual_das import Cell, HeldOut, PreparedCell, ResidualDAS
-from experiments.sites import featurized_swap
+from experiments.featurizers.das import Cell, HeldOut, PreparedCell, ResidualDAS
+from experiments.backends.sites import featurized_swap
 
 Method = Literal["das", "boundless_das", "dbm", "dbm_hard_concrete", "pca"]
 Control = Literal["untrained", "permuted_labels", "random_weights"]
@@ -162,7 +162,7 @@ class TrainedFeaturizer:
         return int(basis.shape[1]) if basis is not None else -1
 
     def save(self, folder: str | Path, model_sha256: str = "") -> FeaturizerRecord:
-        """Save the featurizer with a record of how it was made (`experiments.featurizer_store`)."""
+        """Save the featurizer with a record of how it was made (`experiments.featurizers.store`)."""
         return save_featurizer(self.featurizer, folder, method=self.settings.method, unit=self.cell_id,
                                component=self.component, k=self.size,
                                seed=self.settings.seed, data_fingerprint=self.data_fingerprint,

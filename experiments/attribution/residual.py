@@ -1,7 +1,7 @@
 """Attribution patching (AtP) of residual-stream cells: every (layer, position) cell's interchange effect
 estimated from one source pass and one base forward/backward, checked against exact patching. The general
 machinery (attention, MLP, head and attention-pattern units; the AtP* corrections) is
-`experiments.attribution_units`; screening then verifying is `experiments.attribution_screen`.
+`experiments.attribution.units`; screening then verifying is `experiments.attribution.screen`.
 
 Metric (defined by a hypothesis's labels, multi-token answers scored whole, teacher-forced):
 ``M(x) = log p(cf_label | x) - log p(base_label | x)`` summed over each label's tokens, for the base prompt x.
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from experiments.attribution_units import (
+from experiments.attribution.units import (
     AttributionCell,
     AttributionResult,
     PreparedPairs,
@@ -33,8 +33,8 @@ from experiments.attribution_units import (
     UnitAttribution,
 )
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site, SiteEdit
-from experiments.suffix_reuse import residual_site
+from experiments.backends.sites import Site, SiteEdit
+from experiments.backends.suffix_reuse import residual_site
 from experiments.token_positions import TokenPosition
 
 __all__ = ["AttributionCell", "AttributionResult", "ResidualAttribution", "ResidualCell", "TeacherForcedMetric",

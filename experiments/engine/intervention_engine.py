@@ -5,7 +5,7 @@ For one *part* (a fixed batch of B base/counterfactual pairs) the engine:
 2. collects every needed source activation in ONE forward of the counterfactuals;
 3. for each cell group (cells of the same kind sharing the same sites, e.g. one layer × many
    positions), folds cells × pairs into the batch (row = cell-major), builds one
-   ``experiments.sites.SitePatch`` per site (columns and new values per row), runs the backend's
+   ``experiments.backends.sites.SitePatch`` per site (columns and new values per row), runs the backend's
    intervened prompt pass and decodes greedily from its KV cache (the intervention touches the
    prompt only).
 Speed work (suffix-only recomputation, cached base prefixes …) belongs here and nowhere else.
@@ -20,25 +20,25 @@ from typing import Any, Callable, Sequence
 import torch
 
 from causal.results import CellSpec
-from experiments.architectures import site_width
-from experiments.backend import DEFAULT_BACKEND, Backend, make_backend
-from experiments.attention_control import (
+from experiments.backends.architectures import site_width
+from experiments.backends import DEFAULT_BACKEND, Backend, make_backend
+from experiments.backends.attention_control import (
     BlockAttention,
     RecordAttention,
     ScaleQK,
     TransplantAttention,
     align_source_probs,
 )
-from experiments.model_units import ATTENTION_PATTERN, ModelUnit
+from experiments.engine.model_units import ATTENTION_PATTERN, ModelUnit
 from experiments.pipeline import GenerationOutput, LMPipeline, PromptBatch
-from experiments.sites import Site, SitePatch
-from experiments.suffix_reuse import RESIDUAL_COMPONENTS, BaseRun, ResidualPatch, SuffixReuse, residual_index
+from experiments.backends.sites import Site, SitePatch
+from experiments.backends.suffix_reuse import RESIDUAL_COMPONENTS, BaseRun, ResidualPatch, SuffixReuse, residual_index
 from experiments.token_positions import TokenPositionError
 
 #: Intervention kinds on activations. ``interchange``: the value of the counterfactual run;
 #: ``zero_ablation``: zeros; ``mean_ablation``: ``Cell.ablation_values`` (a mean over a reference dataset).
 SITE_KINDS = ("interchange", "zero_ablation", "mean_ablation")
-#: Attention-level kinds (units are ``AttentionPattern``s; see ``experiments.attention_control``):
+#: Attention-level kinds (units are ``AttentionPattern``s; see ``experiments.backends.attention_control``):
 #: ``attention_block``: keys at the unit's position get zero probability from every later query, in the
 #: prompt pass and every decoding step; ``attention_transplant``: the probabilities of the unit's query
 #: positions come from the counterfactual run, keys aligned by unpadded index or by ``key_roles``
@@ -168,7 +168,7 @@ class InterventionEngine:
     """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene").
 
     ``suffix_reuse`` (hooks backend): residual-stream cells take the exact fast path of
-    ``experiments.suffix_reuse`` where the model supports it (else the generic path);
+    ``experiments.backends.suffix_reuse`` where the model supports it (else the generic path);
     ``max_rows_per_forward``: the row budget: at most this many cells × pairs per forward (groups are split
     to fit; residual-stream groups are merged up to it for the fast path); halved on out-of-memory.
     """
@@ -420,10 +420,15 @@ class InterventionEngine:
                 patches.append(patch)
             offset += n
         generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
+        return self._group_rows(generation, groups, example_indices)
+
+    def _group_rows(self, generation: GenerationOutput, groups: list[list[Cell]], example_indices: list[int]
+                    ) -> list[dict[str, Any]]:
+        """The output rows of a generation whose rows are each group's cells × pairs, groups in order."""
         out: list[dict[str, Any]] = []
         offset = 0
         for group in groups:
-            n = len(group) * n_pairs
+            n = len(group) * len(example_indices)
             out.extend(self._rows(slice_generation(generation, offset, offset + n), group, example_indices))
             offset += n
         return out
@@ -457,13 +462,7 @@ class InterventionEngine:
         rows = base_run.batch.select(rows_patch.pairs)
         generation = self.pipeline.greedy_decode(
             rows, lambda inputs: self.suffix.prompt_pass(base_run, rows_patch, want_cache=bool(inputs["use_cache"])))
-        out: list[dict[str, Any]] = []
-        offset = 0
-        for group in groups:
-            n = len(group) * n_pairs
-            out.extend(self._rows(slice_generation(generation, offset, offset + n), group, example_indices))
-            offset += n
-        return out
+        return self._group_rows(generation, groups, example_indices)
 
     def _rows(self, generation: Any, group: list[Cell], example_indices: list[int]) -> list[dict[str, Any]]:
         n_pairs = len(example_indices)

@@ -13,11 +13,11 @@ learned map is interchanged, fingerprinted and stored like any other featurizer.
 - `train_interchange` / `train_das`: learn any of them so that the interchange (base with the learned part
   replaced by the source's) makes a differentiable downstream map produce the counterfactual labels.
   ``downstream(x) -> logits`` is whatever lies above the unit (a readout in the synthetic tests; the
-  network's layers above the unit in `experiments.residual_das`).
+  network's layers above the unit in `experiments.featurizers.das`).
 
 Trainable interchanges share one protocol: ``interchange(base, source)`` on (n, D); optional ``penalty()``
 (added to the loss) and ``set_progress(fraction)`` (temperature schedules); ``to_featurizer()`` gives the
-hard map (a `LinearFeaturizer`) that sweeps use and `experiments.featurizer_store` saves.
+hard map (a `LinearFeaturizer`) that sweeps use and `experiments.featurizers.store` saves.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from experiments.featurizers import Featurizer, LinearFeaturizer
-from experiments.sites import featurized_swap
+from experiments.backends.sites import featurized_swap
 
 OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
 

@@ -9,7 +9,7 @@
 
 Every unit carries a featurizer (``experiments.featurizers``; identity by default) and optionally the
 indices of the features to swap (``feature_indices``; None = all). Units speak the backend-neutral
-vocabulary of ``experiments.sites``; no backend appears here.
+vocabulary of ``experiments.backends.sites``; no backend appears here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from causal.results import UnitAddress
 from experiments.featurizers import Featurizer
 from experiments.pipeline import LMPipeline
-from experiments.sites import COMPONENTS as _COMPONENT_HEADS
-from experiments.sites import Site
+from experiments.backends.sites import COMPONENTS as _COMPONENT_HEADS
+from experiments.backends.sites import Site
 from experiments.token_positions import TokenPosition
 
 

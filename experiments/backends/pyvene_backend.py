@@ -1,13 +1,13 @@
 """The pyvene backend, and the only module that touches pyvene: registration, intervenable models.
 
-``PyveneBackend`` implements the backend protocol (``experiments/backend.py``) on
+``PyveneBackend`` implements the backend protocol (``experiments/backends/__init__.py``) on
 ``pyvene.IntervenableModel``: collection through ``CollectIntervention``, patches through
 ``VanillaIntervention`` with precomputed ``source_representations`` (or a featurized swap, or any
 pyvene intervention type the user hands it).
 
 pyvene 0.1.8 on transformers 5 has measured traps; each is handled here:
 - its registry is exact-type and misses classes (OLMo 2, Qwen3, Gemma 3 …): every model class is
-  registered with our own component map (``experiments/architectures.py``), found by layout, so
+  registered with our own component map (``experiments/backends/architectures.py``), found by layout, so
   pyvene and the hooks backend hook the very same modules;
 - configs without ``head_dim`` (Qwen2, OLMo, OLMo 2) crash its head components: ``head_dim`` is set
   while pyvene builds its wrapper, then removed again (the user's config, and with it the model
@@ -34,17 +34,17 @@ from pyvene.models.llama.modelings_intervenable_llama import (
 )
 from transformers import PreTrainedModel
 
-from experiments.architectures import UnsupportedModelError, family_of, head_width  # noqa: E402
-from experiments.attention_control import AttentionController, AttentionOp, attention_control  # noqa: E402
-from experiments.backend import PromptPass  # noqa: E402
-from experiments.sites import Site, SitePatch  # noqa: E402
+from experiments.backends.architectures import UnsupportedModelError, family_of, head_width  # noqa: E402
+from experiments.backends.attention_control import AttentionController, AttentionOp, attention_control  # noqa: E402
+from experiments.backends import PromptPass  # noqa: E402
+from experiments.backends.sites import Site, SitePatch  # noqa: E402
 
 #: pyvene's unit kind per head-ness of a component.
 _UNIT = {False: "pos", True: "h.pos"}
 
 
 def pyvene_module_mapping(model: PreTrainedModel) -> dict[str, tuple]:
-    """Our component map (``experiments.architectures``) in pyvene's format: path with ``%s``, hook side, head split."""
+    """Our component map (``experiments.backends.architectures``) in pyvene's format: path with ``%s``, hook side, head split."""
     family = family_of(model)
     mapping: dict[str, tuple] = {}
     for component, hook in family.components.items():

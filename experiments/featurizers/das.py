@@ -8,7 +8,7 @@ the loss. The network is frozen; gradients reach the trainable interchange only.
 What does not change during training is computed once per dataset: the source residuals (one forward of the
 sources), the teacher-forced base pass (every layer's residual and keys/values); per cell, the residual entering
 the intervened layer. Each training step then runs only the layers above the cell on the columns from the first
-intervened one, and the output head on the answer columns (`experiments.suffix_training.SuffixForward`; where
+intervened one, and the output head on the answer columns (`experiments.featurizers.suffix_training.SuffixForward`; where
 that path is not exact for a model it runs the full hooked forward instead and says so in ``forward_mode``).
 
 A cell is a `UnitCell` (any trainable component: residual stream, attention output, MLP output, one head's
@@ -21,7 +21,7 @@ construction.
 
 The trainable interchange is any module following `TrainableInterchange` (`OrthogonalSubspace` by default;
 `LowRankSubspace`, pyvene's low-rank parametrisation; Boundless DAS and DBM masks of
-`experiments.learned_featurizers`); the held-out judgement uses its hard featurizer (``to_featurizer()``), the map
+`experiments.featurizers.learned`); the held-out judgement uses its hard featurizer (``to_featurizer()``), the map
 a sweep would use.
 """
 
@@ -35,12 +35,12 @@ import torch
 
 from causal.verdicts import paired_test
 from experiments.attribution import ResidualAttribution, ResidualCell
-from experiments.backend import backend_with
+from experiments.backends import backend_with
 from experiments.featurizers import Featurizer
-from experiments.learned_featurizers import OrthogonalMap, OrthogonalSubspace, optimise_interchange
+from experiments.featurizers.learned import OrthogonalMap, OrthogonalSubspace, optimise_interchange
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site, featurized_swap
-from experiments.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
+from experiments.backends.sites import Site, featurized_swap
+from experiments.featurizers.suffix_training import SiteForward, SuffixForward, TeacherForcedBase
 from experiments.token_positions import TokenPosition
 
 
@@ -71,7 +71,7 @@ class JointResidualCell:
         return f"L{self.layer}@{'+'.join(p.id for p in self.positions)}"
 
 
-#: Components a featurizer can be trained at (the activation sites of `experiments.model_units`).
+#: Components a featurizer can be trained at (the activation sites of `experiments.engine.model_units`).
 TRAINABLE_COMPONENTS = ("block_output", "attention_output", "mlp_output", "head_attention_value_output")
 
 
@@ -80,7 +80,7 @@ class UnitCell:
     """One unit of any trainable component: ``component`` of ``layer`` (block_output: -1 = embeddings; a head
     component names its query ``head``) at the tokens of all ``positions`` together (one position, or several
     for a joint unit; vectors concatenated in this order). Its id is the sweep's: ``L{layer}@{positions}``
-    (`experiments.intervention_experiment.PatchUnits`) or ``L{layer}H{head}@{positions}``
+    (`experiments.engine.intervention_experiment.PatchUnits`) or ``L{layer}H{head}@{positions}``
     (`PatchAttentionHeads`), positions joined by ``+`` (`experiments.token_positions.joint_position`)."""
 
     layer: int

@@ -5,14 +5,14 @@ A patch of the residual stream entering layer r (r = 0: the embeddings' output; 
 at token columns ≥ c of a causal model cannot change anything below layer r, nor any column before c. For a
 fixed set of base rows and intervened columns (one DAS cell on one dataset) that part is computed once, under
 no_grad, by `TeacherForcedBase` (one plain forward of the teacher-forced base sequences keeping every layer's
-residual input and post-rotary keys/values, `experiments.suffix_reuse.SuffixReuse.base_pass`), and every
+residual input and post-rotary keys/values, `experiments.backends.suffix_reuse.SuffixReuse.base_pass`), and every
 training step of `SuffixForward` runs:
 
 - only the decoder layers ≥ r, the model's own modules, on the columns c0 .. T-2 of the rows of the step
   (c0: the first intervened column over the dataset, or the first answer-predicting column when that is
   earlier; the last column, the final answer token, predicts nothing and is attended by nothing), each layer
   handed the base run's keys/values of columns < c0 through a cache stand-in
-  (`experiments.transformers_adapter.CacheStandIn`, the layer's own ``update`` call) and an explicit
+  (`experiments.backends.transformers_adapter.CacheStandIn`, the layer's own ``update`` call) and an explicit
   causal, left-padding-aware 4-D mask, so attention is the model's own implementation (sdpa or eager);
 - the final norm and the output head on the answer-predicting columns only.
 
@@ -23,8 +23,8 @@ says so (``mode == "full"``, ``reason``) and runs the full teacher-forced forwar
 explicitly; both modes give the same outputs (tests/test_suffix_training.py).
 
 `SiteForward` is that full forward for any backend site (residual, attention output, MLP output, one head's
-output): the prompt pass of a backend declaring ``"gradients"`` (`experiments.backend.backend_with`) with a
-`experiments.sites.SitePatch` whose values carry gradients. The first suffix forward of a
+output): the prompt pass of a backend declaring ``"gradients"`` (`experiments.backends.backend_with`) with a
+`experiments.backends.sites.SitePatch` whose values carry gradients. The first suffix forward of a
 layer class in a process checks itself against the plain forward (`transformers_adapter.verify_once`).
 
 Columns are padded columns of the left-padded teacher-forced sequences of
@@ -39,12 +39,12 @@ from typing import Any, Sequence
 
 import torch
 
-from experiments.architectures import family_of, get_module
-from experiments.backend import backend_with
+from experiments.backends.architectures import family_of, get_module
+from experiments.backends import backend_with
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.sites import Site, SitePatch
-from experiments.suffix_reuse import SuffixReuse, residual_site
-from experiments.transformers_adapter import CacheStandIn, verify_once, with_cache
+from experiments.backends.sites import Site, SitePatch
+from experiments.backends.suffix_reuse import SuffixReuse, residual_site
+from experiments.backends.transformers_adapter import CacheStandIn, verify_once, with_cache
 
 
 class _KeysKnown(Exception):

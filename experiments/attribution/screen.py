@@ -1,4 +1,4 @@
-"""Screen, then verify: estimate every cell's interchange effect at once (`experiments.attribution_units`), run
+"""Screen, then verify: estimate every cell's interchange effect at once (`experiments.attribution.units`), run
 exact interchange on the top of the ranking plus a seeded random sample of the rest, and judge the verified cells
 with the project's verdict rule.
 
@@ -54,8 +54,8 @@ from causal.interchange_scores import compute_interchange_scores
 from causal.json_records import json_records
 from causal.results import MANIFEST_NAME, CellSpec, DatasetRecord, atomic_write_json
 from causal.verdicts import POOLED, VerdictRule, clopper_pearson
-from experiments.attribution_units import AttributionCell, AttributionResult, UnitAttribution
-from experiments.intervention_experiment import ExperimentConfig, InterventionExperiment, model_fingerprint
+from experiments.attribution.units import AttributionCell, AttributionResult, UnitAttribution
+from experiments.engine.intervention_experiment import ExperimentConfig, InterventionExperiment, model_fingerprint
 
 ESTIMATES_KIND = "attribution_estimates"
 METHOD = ("AtP: (a_source - a_base) . dM/da at the base run; attention-pattern cells: AtP* QK fix (exact softmax "
@@ -367,7 +367,7 @@ def screen_and_verify(
     datasets): the exact effect on the metric and the engine's interchange (greedy answers, written to
     ``results_dir``; a temporary folder when None) scored by ``checker`` and judged by ``rule`` (Holm over the
     verified cells by default). ``pack_sites``: the verified cells of different sites share forwards
-    (`experiments.intervention_engine`; needs the hooks backend)."""
+    (`experiments.engine.intervention_engine`; needs the hooks backend)."""
     config = config or ScreenConfig()
     rule = rule or VerdictRule()
     seconds: dict[str, float] = {}

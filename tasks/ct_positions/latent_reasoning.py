@@ -1,6 +1,6 @@
 """Continuous-thought (latent reasoning) decoding for HF causal LMs, with edits at thought positions.
 
-Layout of one run (cache coordinates, as :mod:`experiments.attention_control` counts them): the
+Layout of one run (cache coordinates, as :mod:`experiments.backends.attention_control` counts them): the
 left-padded prompt ``question + bot_ids`` fills columns ``0 .. T-1``; thought ``CT_j`` is fed at
 ``T + j`` (j = 0 .. k-1) as ``inputs_embeds = projection(h)``, where ``h`` is the last-layer hidden
 state of the previous position (the bot token for CT0); then ``eot_ids`` are fed, and the answer is
@@ -32,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from experiments.architectures import family_of, get_module
-from experiments.attention_control import AttentionOp, BlockAttention
-from experiments.backend import backend_with
-from experiments.sites import Site as BackendSite
-from experiments.sites import SiteEdit
-from experiments.transformers_adapter import output_cache, with_cache
+from experiments.backends.architectures import family_of, get_module
+from experiments.backends.attention_control import AttentionOp, BlockAttention
+from experiments.backends import backend_with
+from experiments.backends.sites import Site as BackendSite
+from experiments.backends.sites import SiteEdit
+from experiments.backends.transformers_adapter import output_cache, with_cache
 
 Site = Literal["embedding", "hidden", "residual"]
 Mode = Literal["zero", "mean", "patch"]

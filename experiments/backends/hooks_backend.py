@@ -1,6 +1,6 @@
 """Plain torch forward hooks: the backend with no wrapper objects (the default; see ``backend.py``).
 
-Sites are found through ``experiments.architectures`` (the same component map pyvene is given).
+Sites are found through ``experiments.backends.architectures`` (the same component map pyvene is given).
 Collection runs the base model without its vocabulary projection and stops as soon as the last
 needed site has fired; the intervened prompt pass installs one hook per site for that pass only.
 """
@@ -12,10 +12,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from experiments.architectures import ArchitectureFamily, family_of, get_module, head_width
-from experiments.attention_control import AttentionController, AttentionOp, attention_control
-from experiments.backend import PromptPass
-from experiments.sites import Site, SiteEdit, SitePatch
+from experiments.backends.architectures import ArchitectureFamily, family_of, get_module, head_width
+from experiments.backends.attention_control import AttentionController, AttentionOp, attention_control
+from experiments.backends import PromptPass
+from experiments.backends.sites import Site, SiteEdit, SitePatch
 
 
 class _CollectedEverything(Exception):

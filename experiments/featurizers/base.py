@@ -4,7 +4,7 @@ Contract (as in causalab): ``featurize(x) -> (features, error)`` and ``inverse(f
 acting on the last dimension; ``inverse(*featurize(x)) == x`` exactly. The error term is what the
 features do not capture, so a lossy map (a sparse autoencoder, a low-rank projection) stays exact on
 the part that is not swapped. An interchange through a featurizer swaps chosen features only
-(``experiments.sites.featurized_swap``). A learned featurizer (DAS rotation, mask, PCA, SAE) only adds
+(``experiments.backends.sites.featurized_swap``). A learned featurizer (DAS rotation, mask, PCA, SAE) only adds
 a subclass: ``id`` names it, ``weights_sha256()`` fingerprints its parameters for the results manifest.
 """
 
@@ -44,7 +44,7 @@ class Featurizer:
         return list(self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The defining tensors by name, as saved by `experiments.featurizer_store` (none for the identity)."""
+        """The defining tensors by name, as saved by `experiments.featurizers.store` (none for the identity)."""
         return {}
 
     def weights_sha256(self) -> str:

@@ -36,11 +36,11 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from experiments.architectures import family_of, get_module
-from experiments.backend import PromptPass, backend_with
+from experiments.backends.architectures import family_of, get_module
+from experiments.backends import PromptPass, backend_with
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.sites import Site, SiteEdit
-from experiments.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
+from experiments.backends.sites import Site, SiteEdit
+from experiments.backends.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
                                               cache_layer_states,
                                               output_cache, verify_once, with_cache)
 

@@ -39,21 +39,21 @@ Estimates (all from one source pass and one base forward/backward):
 
 The metric's parts: the cf rows' term alone is the estimated change of log p(cf label) (``toward``); the result
 also keeps the unpatched log-probabilities of both labels and whether the unpatched teacher-forced argmax spells
-each label, for rankings that target the verdict (`experiments.attribution_screen`). `exact_rows` gives the exact
+each label, for rankings that target the verdict (`experiments.attribution.screen`). `exact_rows` gives the exact
 patched log-probabilities of both labels, `effects` turns them into exact effects on the metric or its cf part.
 
 Gradients flow only where needed: the parameters never require grad during the pass, and the gradient starts
 at the earliest activation any cell reads (a leaf there), so nothing below it is differentiated.
 
 Exact effects patch the cells (many cells × 2N rows per forward, ``max_rows_per_forward``) and rerun the same
-teacher-forced rows; pattern cells run under `experiments.attention_control` (controlled eager attention).
+teacher-forced rows; pattern cells run under `experiments.backends.attention_control` (controlled eager attention).
 
 Known failures of the estimate: a patch that moves an activation far from the base (whole input-token vectors
 at the embeddings, several answer flips) leaves the region where the first-order term describes the change; when
 the answer flips, the log-probability metric saturates and the estimate is typically many times too small (or
 of the wrong sign); softmaxes downstream of the patched unit are linearised; effects through different paths
 can cancel in the sum (GradDrop exposes those). Rank with the estimate, decide with exact patching
-(`experiments.attribution_screen`).
+(`experiments.attribution.screen`).
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from experiments.architectures import family_of, get_module, head_width
-from experiments.attention_control import RecordAttention, TransplantAttention, align_source_probs
-from experiments.backend import backend_with
-from experiments.intervention_engine import Cell
-from experiments.model_units import (
+from experiments.backends.architectures import family_of, get_module, head_width
+from experiments.backends.attention_control import RecordAttention, TransplantAttention, align_source_probs
+from experiments.backends import backend_with
+from experiments.engine.intervention_engine import Cell
+from experiments.engine.model_units import (
     AttentionHead,
     AttentionOutput,
     AttentionPattern,
@@ -79,7 +79,7 @@ from experiments.model_units import (
     ResidualStream,
 )
 from experiments.pipeline import LMPipeline
-from experiments.sites import Site, SiteEdit
+from experiments.backends.sites import Site, SiteEdit
 from experiments.token_positions import TokenPosition, TokenPositionError
 
 UnitKind = Literal["residual", "attention", "mlp", "head", "pattern"]
@@ -161,7 +161,7 @@ class AttributionResult:
     linearised through the softmax (differs from ``estimates`` for pattern cells only). ``graddrop`` (L, C, N):
     the estimates with layer l's gradient dropped.
 
-    The metric's two parts, for rankings that target the verdict (`experiments.attribution_screen`): ``toward``
+    The metric's two parts, for rankings that target the verdict (`experiments.attribution.screen`): ``toward``
     (C, N) the estimated change of log p(cf label) alone (the cf rows' term; ``estimates - toward`` is the
     estimated change of -log p(base label)); ``logp_cf`` / ``logp_base`` (N,) the unpatched log-probabilities of
     the two labels (``metric_base = logp_cf - logp_base``); ``greedy_cf`` / ``greedy_base`` (N,) whether the

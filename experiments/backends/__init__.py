@@ -3,7 +3,7 @@
 - ``collect(sites, inputs) -> {site: activations}``: one forward; (B, T, d), or (B, T, H, d_head)
   for head sites (columns are padded-batch columns).
 - ``prompt_pass(inputs, patches) -> PromptPass``: the prompt forward with every
-  ``experiments.sites.SitePatch`` applied: the KV cache, for greedy decoding to continue from, and the
+  ``experiments.backends.sites.SitePatch`` applied: the KV cache, for greedy decoding to continue from, and the
   last column's state (the base model's final hidden state or, when ``inputs`` has ``logits_to_keep``,
   the full model's logits; see ``LMPipeline.greedy_decode``).
 
@@ -11,7 +11,7 @@ Two implementations, tested against the same independent hook reference and agai
 ``"hooks"`` (plain torch forward hooks, no wrapper objects; the default: faster at identical
 outputs, see ``benchmarks/backends.py``) and ``"pyvene"`` (``pyvene.IntervenableModel``).
 Attention-level interventions (record, transplant, block, scale) are the ``attention`` operation: both
-backends run them inside transformers' attention function (``experiments/attention_control.py``).
+backends run them inside transformers' attention function (``experiments/backends/attention_control.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Literal, Protocol, Sequence
 import torch
 from transformers.utils import ModelOutput
 
-from experiments.attention_control import AttentionController, AttentionOp
-from experiments.sites import Site, SiteEdit, SitePatch
-from experiments.transformers_adapter import output_cache
+from experiments.backends.attention_control import AttentionController, AttentionOp
+from experiments.backends.sites import Site, SiteEdit, SitePatch
+from experiments.backends.transformers_adapter import output_cache
 
 BackendName = Literal["hooks", "pyvene"]
 BACKENDS: tuple[str, ...] = ("hooks", "pyvene")
@@ -33,13 +33,13 @@ DEFAULT_BACKEND: BackendName = "hooks"
 
 
 #: Operations a backend may declare beyond ``collect`` and ``prompt_pass``: ``"suffix_reuse"`` — residual-stream
-#: patches may be run by recomputing only what they can change (`experiments.suffix_reuse`), because the
+#: patches may be run by recomputing only what they can change (`experiments.backends.suffix_reuse`), because the
 #: backend's prompt pass is the model's own forward with plain patches (no wrapper that the fast path would skip).
 #: ``"gradients"`` — the prompt pass is differentiable in the patch values (training a featurizer through it).
-#: ``"edits"`` — ``edits(site_edits)``: a context in which every forward runs each `experiments.sites.SiteEdit`
+#: ``"edits"`` — ``edits(site_edits)``: a context in which every forward runs each `experiments.backends.sites.SiteEdit`
 #: (reads with gradients, ablations on every decoding step, edits that depend on the run).
 #: ``"attention"`` — ``attention(ops)``: a context in which every forward runs the attention operations ``ops``
-#: (`experiments.attention_control`), yielding their controller (records).
+#: (`experiments.backends.attention_control`), yielding their controller (records).
 #: ``"row_patches"`` — a `SitePatch` may name the batch rows it writes (``rows``): cells of different sites share
 #: one forward.
 OPTIONAL_OPERATIONS = ("suffix_reuse", "gradients", "edits", "attention", "row_patches")
@@ -102,11 +102,11 @@ def backend_with(operation: str, model: torch.nn.Module) -> Backend:
 def make_backend(name: str, model: torch.nn.Module) -> Backend:
     """The backend called ``name`` ("hooks" or "pyvene") on ``model``."""
     if name == "hooks":
-        from experiments.hooks_backend import HooksBackend
+        from experiments.backends.hooks_backend import HooksBackend
 
         return HooksBackend(model)
     if name == "pyvene":
-        from experiments.pyvene_backend import PyveneBackend
+        from experiments.backends.pyvene_backend import PyveneBackend
 
         return PyveneBackend(model)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

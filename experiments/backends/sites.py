@@ -7,7 +7,7 @@ MLP's hidden activation, the input of its output projection). A ``SitePatch`` sa
 batch rows and padded token columns of a site get which values. A ``SiteEdit`` is a function run on a
 site's activation in every forward while it is active (a backend's ``edits`` operation: reading
 activations with gradients, ablations on every decoding step, edits that depend on the run). Backends
-take these and nothing else; ``experiments/model_units.py``, the engine and the toolkit speak only this
+take these and nothing else; ``experiments/engine/model_units.py``, the engine and the toolkit speak only this
 vocabulary, never module paths or hooks.
 """
 

@@ -51,7 +51,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from experiments.transformers_adapter import attention_implementation
+from experiments.backends.transformers_adapter import attention_implementation
 
 ATTENTION_IMPLEMENTATION = "controlled_eager_attention"
 """Name under which the controllable attention function is registered (both registries)."""

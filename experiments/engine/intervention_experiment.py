@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from causal.counterfactual_dataset import CounterfactualDataset, as_dataset_dict
 from causal.results import DatasetRecord, RawResults, RawResultsWriter, ResultsManifest
-from experiments.backend import DEFAULT_BACKEND
+from experiments.backends import DEFAULT_BACKEND
 from experiments.featurizers import Featurizer
-from experiments.fleet import check_shard, shard_items
-from experiments.intervention_engine import Cell, InterventionEngine, group_cells
+from experiments.engine.fleet import check_shard, shard_items
+from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
 from experiments.model_identity import weights_identity
-from experiments.model_units import ModelUnit
+from experiments.engine.model_units import ModelUnit
 from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 
@@ -36,7 +36,7 @@ class ExperimentConfig(BaseModel):
     halved automatically on out-of-memory (the failed forward is redone in halves, nothing finished is lost).
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
     ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
-    (``experiments.suffix_reuse``; exact, so not part of the experiment's identity).
+    (``experiments.backends.suffix_reuse``; exact, so not part of the experiment's identity).
     ``pack_sites``: cells of different activation sites share forwards (up to ``max_rows_per_forward`` rows;
     hooks backend). Fewer forwards, the same answers; the logits can differ at float rounding from unpacked
     forwards, so it is part of the experiment's identity (recorded when on).
@@ -167,8 +167,8 @@ class InterventionExperiment:
         on stderr and recomputed. ``restart=True`` first discards the folder's results (its manifest, base,
         cells, parts and blocks), e.g. after the manifest was deleted or damaged. The folder is locked while this runs: a second writer raises
         ``ResultsLockedError`` unless ``wait_for_lock`` (waits up to ``lock_timeout`` seconds if given).
-        ``shard=(i, n)``: only every n-th unit of work from the i-th (``experiments.fleet``); the folder then
-        holds that shard's work, to be combined with ``experiments.fleet.merge_shards``. A unit is a part, or
+        ``shard=(i, n)``: only every n-th unit of work from the i-th (``experiments.engine.fleet``); the folder then
+        holds that shard's work, to be combined with ``experiments.engine.fleet.merge_shards``. A unit is a part, or
         with ``cell_blocks=M`` > 1 one of M contiguous cell ranges of a part (ranges of the part's forward
         batches, ``InterventionEngine.plan``, so each cell runs exactly as in one process). Default M: just
         enough that every shard gets work, ceil(n / number of parts).

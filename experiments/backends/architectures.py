@@ -1,6 +1,6 @@
 """The component map of each architecture family, declared once as data and read by both backends.
 
-A family says where each component of ``experiments.sites.COMPONENTS`` lives: a module path
+A family says where each component of ``experiments.backends.sites.COMPONENTS`` lives: a module path
 (``{layer}`` is the block index), whether the activation is that module's input or output, and
 whether it is split into heads ((B, T, H·d) ↔ (B, T, H, d)); plus the final norm before the
 unembedding. ``mlp_neurons`` is the input of the MLP's output projection (the post-activation neurons). Families are found by layout, so

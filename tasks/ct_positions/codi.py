@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from experiments.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
+from tasks.ct_positions.latent_reasoning import CODIProjection, LatentConfig, LatentReasoner
 
 LORA_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
