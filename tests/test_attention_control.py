@@ -339,10 +339,11 @@ def test_transplanting_own_pattern_changes_nothing(pipe, batch):
         clean = logits_of(pipe.model, batch)
     B, T = batch.input_ids.shape
     everywhere = torch.arange(T).expand(B, T)
-    ops = [TransplantAttention(layer, list(range(pipe.num_heads)), torch.arange(B), everywhere, ctl.get(layer).probs)
-           for layer in (0, 1)]
-    with attention_control(pipe.model, ops):
-        assert torch.equal(logits_of(pipe.model, batch), clean)
+    for rows in (torch.arange(B), None):  # rows=None: every row, as the other operations read it
+        ops = [TransplantAttention(layer, list(range(pipe.num_heads)), rows, everywhere, ctl.get(layer).probs)
+               for layer in (0, 1)]
+        with attention_control(pipe.model, ops):
+            assert torch.equal(logits_of(pipe.model, batch), clean)
 
 
 def test_transplant_from_another_run_equals_hand_written_attention(pipe):
@@ -436,6 +437,40 @@ def test_blocked_key_gets_zero_probability_in_prompt_and_decoding(pipe, batch):
     with attention_control(pipe.model, []) as _:
         clean = pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=3)
     assert not torch.allclose(blocked.topk_logits, clean.topk_logits, atol=1e-4)
+
+
+def test_block_and_record_take_the_same_steps_option(pipe, batch):
+    """steps="prompt" blocks the key in the prompt pass only: decoding queries read it again."""
+    key_cols = torch.tensor([[off + 2] for off in batch.pad_offsets])
+    for steps in ("all", "prompt"):
+        ops = [BlockAttention(key_cols, steps=steps), RecordAttention(layers=[1], steps="all")]
+        with attention_control(pipe.model, ops) as ctl:
+            pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=2)
+        decoding = [r for r in ctl.records if not r.prompt]
+        prompt = [r for r in ctl.records if r.prompt]
+        read = torch.stack([r.probs[b, :, :, int(key_cols[b, 0])] for r in decoding for b in range(len(key_cols))])
+        assert (read == 0).all() if steps == "all" else (read > 0).all()
+        later = prompt[0].probs[0, :, int(key_cols[0, 0]) + 1:, int(key_cols[0, 0])]
+        assert (later == 0).all()
+    with pytest.raises(ValueError, match="steps must be"):
+        BlockAttention(key_cols, steps="decoding")
+    with pytest.raises(ValueError, match="prompt pass only"):
+        TransplantAttention(1, [0], [0], [[1]], torch.zeros(1, 1, 1, 4), steps="all")
+
+
+def test_record_query_positions_take_the_padding_the_other_operations_take(pipelines):
+    pipe = pipelines["llama"]
+    batch = pipe.load(PROMPTS)
+    padded = torch.tensor([[5, -1], [4, 6], [-1, -1], [3, 6]])
+    ops = [RecordAttention(layers=[1]), RecordAttention(layers=[1], query_positions=padded)]
+    with attention_control(pipe.model, ops) as ctl:
+        logits_of(pipe.model, batch)
+    full, got = ctl.get(1, op_index=0).probs, ctl.get(1, op_index=1).probs
+    for b in range(len(PROMPTS)):
+        for j, q in enumerate(padded[b].tolist()):
+            assert torch.equal(got[b, :, j], full[b, :, q] if q >= 0 else torch.zeros_like(full[b, :, 0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        RecordAttention(layers=[1], query_positions=[-1, 2])
 
 
 def test_block_with_rows_heads_layers_and_query_positions(pipelines):

@@ -4,7 +4,9 @@ in the answer's log-probability; cumulative ablation curves.
 A target is ``("attention", layer)``, ``("mlp", layer)`` or ``("head", layer, head)``. ``zero`` writes
 zeros, ``mean`` writes the component's mean over the real tokens of reference prompts. Ablations act at
 every position of every forward inside :func:`ablated` (the prompt pass and each decoding step), as site
-edits of the backend (heads: the head's slice of the output projection's input).
+edits of the backend (heads: the head's slice of the output projection's input). This is the engine's meaning of
+an ablation (the value is written at the unit's token positions whenever they are computed) with every token as
+the position: an engine cell names prompt tokens, so its ablation acts in the prompt pass only.
 """
 
 from __future__ import annotations

@@ -125,7 +125,8 @@ class RecordAttention:
 
     ``heads`` selects query heads for probs and queries (None: all). ``query_positions`` selects the
     prompt-pass query columns of ``probs``: a list shared by all rows, or a (B, n) per-row tensor
-    (None: all); decoding steps always record their new queries. Padding key columns get
+    (None: all; -1 pads a row of the (B, n) form, as in the other operations, and records zeros); decoding steps
+    always record their new queries. Padding key columns get
     probability 0 (masked) for every real query; a padding query (every key masked) holds eager
     attention's uniform spread. ``steps="prompt"`` records the prompt pass only, ``"all"`` every forward.
 
@@ -152,34 +153,41 @@ class RecordAttention:
         qp = self.query_positions
         if qp is not None:
             tensor = torch.as_tensor(qp, dtype=torch.long)
-            if tensor.ndim not in (1, 2) or (tensor < 0).any():
-                raise ValueError("query_positions must be a list of non-negative columns or a (B, n) tensor of them")
+            if tensor.ndim not in (1, 2) or (tensor < (0 if tensor.ndim == 1 else -1)).any():
+                raise ValueError("query_positions must be a list of non-negative columns or a (B, n) tensor of them "
+                                 "(-1 = padding: that slot records zeros)")
             object.__setattr__(self, "query_positions", tensor)
 
 
 @dataclass(frozen=True, eq=False)
 class TransplantAttention:
     """Replace probabilities in the prompt pass: ``probs`` (R, len(heads), n, K) is written to batch rows
-    ``rows`` (R,), query columns ``query_positions`` (R, n; -1 = skip) and query ``heads`` of
-    ``layer``, before multiplying by V. ``K`` must equal the prompt width.
+    ``rows`` (R,; None: every row, R = the batch size, as in the other operations), query columns
+    ``query_positions`` (R, n; -1 = skip) and query ``heads`` of ``layer``, before multiplying by V. ``K`` must equal the prompt width. ``steps`` is ``"prompt"``, the
+    only pass whose keys the probabilities describe (the option exists so every operation reads alike).
     """
 
     layer: int
     heads: int | Sequence[int]
-    rows: IndexLike
+    rows: IndexLike | None
     query_positions: IndexLike
     probs: torch.Tensor
+    steps: Steps = "prompt"
 
     def __post_init__(self) -> None:
+        if self.steps != "prompt":
+            raise ValueError("TransplantAttention acts on the prompt pass only (its probabilities span the prompt's "
+                             f"keys): steps must be 'prompt', got {self.steps!r}")
         if int(self.layer) < 0:
             raise ValueError(f"layer must be non-negative, got {self.layer}")
         object.__setattr__(self, "heads", _as_heads(self.heads))
         rows = _as_index_vector(self.rows, "rows")
         qpos = _as_index_matrix(self.query_positions, "query_positions")
         probs = torch.as_tensor(self.probs)
-        expected = (len(rows), len(self.heads), qpos.shape[1])
-        if qpos.shape[0] != len(rows):
-            raise ValueError(f"query_positions has {qpos.shape[0]} rows but rows has {len(rows)}")
+        n_rows = qpos.shape[0] if rows is None else len(rows)
+        expected = (n_rows, len(self.heads), qpos.shape[1])
+        if qpos.shape[0] != n_rows:
+            raise ValueError(f"query_positions has {qpos.shape[0]} rows but rows has {n_rows}")
         if probs.ndim != 4 or tuple(probs.shape[:3]) != expected:
             raise ValueError(
                 f"probs must have shape (rows, heads, n, K) = ({expected[0]}, {expected[1]}, {expected[2]}, K), "
@@ -201,7 +209,8 @@ class BlockAttention:
     (key coordinate < query coordinate). A query is never blocked from itself or from a later key
     (those pairs are silently ignored, with or without ``query_positions``). ``query_positions``
     (R, n; -1 padding; cache coordinates) restricts *which* queries lose the keys; None means every
-    query, in the prompt pass and in every decoding step.
+    query, in the prompt pass and in every decoding step (``steps="all"``, the default) or in the prompt pass
+    only (``steps="prompt"``).
 
     Blocking a key that a query cannot see anyway (padding, future, outside its sliding window,
     dropped from a sliding-window cache) changes nothing. A query whose every visible key ends up
@@ -215,8 +224,10 @@ class BlockAttention:
     query_positions: IndexLike | None = None
     layers: int | Sequence[int] | None = None
     heads: int | Sequence[int] | None = None
+    steps: Steps = "all"
 
     def __post_init__(self) -> None:
+        _check_steps(self.steps)
         keys = _as_index_matrix(self.key_positions, "key_positions")
         rows = _as_index_vector(self.rows, "rows")
         qpos = _as_index_matrix(self.query_positions, "query_positions")
@@ -550,7 +561,7 @@ def controlled_attention_forward(
             elif isinstance(op, TransplantAttention):
                 hit = layer == op.layer and prompt
             elif isinstance(op, BlockAttention):
-                hit = op.layers is None or layer in op.layers
+                hit = (op.layers is None or layer in op.layers) and (prompt or op.steps == "all")
             else:
                 hit = layer == op.layer and (prompt or op.steps == "all")
             if hit:
@@ -613,14 +624,18 @@ def _transplant(probs: torch.Tensor, op: TransplantAttention, layer: int) -> tor
     if op.probs.shape[-1] != k_len:
         raise ValueError(f"TransplantAttention at layer {layer}: probs have {op.probs.shape[-1]} keys, "
                          f"the prompt pass has {k_len}")
-    _check_rows(op.rows, batch, f"TransplantAttention at layer {layer}")
+    if op.rows is None and op.query_positions.shape[0] != batch:
+        raise ValueError(f"TransplantAttention at layer {layer}: {op.query_positions.shape[0]} rows of positions for "
+                         f"a batch of {batch} (give rows= to patch some rows only)")
+    op_rows = torch.arange(batch) if op.rows is None else op.rows
+    _check_rows(op_rows, batch, f"TransplantAttention at layer {layer}")
     if int(op.query_positions.max()) >= q_len:
         raise ValueError(f"TransplantAttention at layer {layer}: query position {int(op.query_positions.max())} "
                          f"out of range for a prompt of {q_len} columns")
     device = probs.device
     qpos = op.query_positions.to(device)
     valid = (qpos >= 0)[:, None, :].expand(-1, len(op.heads), -1)  # (R, h, n)
-    rows = op.rows.to(device)[:, None, None].expand_as(valid)
+    rows = op_rows.to(device)[:, None, None].expand_as(valid)
     heads = torch.tensor(op.heads, device=device)[None, :, None].expand_as(valid)
     cols = qpos[:, None, :].expand_as(valid)
     probs = probs.clone()
@@ -648,8 +663,8 @@ def _record(controller: AttentionController, index: int, op: RecordAttention, la
             else:
                 if pos.shape[0] != batch:
                     raise ValueError(f"RecordAttention: query_positions has {pos.shape[0]} rows for a batch of {batch}")
-                idx = pos[:, None, :, None].expand(-1, len(heads), -1, selected.shape[-1])
-                selected = selected.gather(2, idx)
+                idx = pos.clamp(min=0)[:, None, :, None].expand(-1, len(heads), -1, selected.shape[-1])
+                selected = selected.gather(2, idx).masked_fill((pos < 0)[:, None, :, None], 0.0)
         record.probs = selected.detach()
     if "query" in op.what:
         record.query = query.index_select(1, head_index).detach()
