@@ -156,6 +156,29 @@ def _feature_mask(unit: ModelUnit, width: int, device: torch.device) -> torch.Te
     return mask
 
 
+@dataclass
+class Part:
+    """One part of a dataset as the engine runs it: the left-padded base and counterfactual batches, the
+    examples' indices, the counterfactual run's activations per site (and, under ``("probs", layer)``, its
+    attention probabilities), and each token position's padded columns on the base and source side
+    (keyed by ``id(position)``, one list per pair)."""
+
+    base_batch: PromptBatch
+    cf_batch: PromptBatch
+    example_indices: list[int]
+    sources: dict[Any, torch.Tensor]
+    base_cols: dict[int, list[list[int]]]
+    source_cols: dict[int, list[list[int]]]
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.example_indices)
+
+    def rows_of(self, groups: list[list[Cell]]) -> PromptBatch:
+        """The base batch repeated for each group's cells × pairs (cell-major), groups in order."""
+        return self.base_batch.select([b for group in groups for _ in group for b in range(self.n_pairs)])
+
+
 def _check_joint(unit: ModelUnit, n: int, indices: list[list[int]]) -> None:
     """A joint featurizer (n·d wide) needs exactly n distinct tokens at its unit in every prompt."""
     for ix in indices:
@@ -248,30 +271,26 @@ class InterventionEngine:
                             )
                         source_cols[id(pos)].append([i + cf_batch.pad_offsets[b] for i in on_source])
 
+        part = Part(base_batch, cf_batch, example_indices, sources, base_cols, source_cols)
         cell_rows: list[dict[str, Any]] = []
-        n_pairs = len(example_indices)
+        n_pairs = part.n_pairs
         order = {cell.cell_id: k for k, cell in enumerate(c for group in groups for c in group)}
 
         def run_slow(gs: list[list[Cell]]) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
             for group in gs:
                 if group[0].kind in ATTENTION_KINDS:
-                    out.extend(self._run_attention_group(group, base_batch, cf_batch, sources, base_cols,
-                                                         source_cols, example_indices))
+                    out.extend(self._run_attention_group(group, part))
                 else:
-                    out.extend(self._run_group(group, base_batch, sources, base_cols, source_cols, example_indices))
+                    out.extend(self._run_packed([group], part))
             return out
-
-        def run_packed(gs: list[list[Cell]]) -> list[dict[str, Any]]:
-            return self._run_packed(gs, base_batch, sources, base_cols, source_cols, example_indices)
 
         for batch in (self.plan(groups, n_pairs) if batches is None else batches):
             if base_run is not None and self._suffix_eligible(batch[0]):
-                run_fast = lambda gs: self._run_suffix_groups(gs, base_run, sources, base_cols,  # noqa: E731
-                                                              source_cols, example_indices)
+                run_fast = lambda gs: self._run_suffix_groups(gs, base_run, part)  # noqa: E731
                 cell_rows.extend(self._within_budget(run_fast, batch, n_pairs))
             elif self._packable(batch[0]):
-                cell_rows.extend(self._within_budget(run_packed, batch, n_pairs))
+                cell_rows.extend(self._within_budget(lambda gs: self._run_packed(gs, part), batch, n_pairs))
             else:
                 for group in batch:
                     cell_rows.extend(self._within_budget(run_slow, [group], n_pairs))
@@ -331,15 +350,9 @@ class InterventionEngine:
     def _site_width(self, site: Site, sources: dict[Site, torch.Tensor]) -> int:
         return sources[site].shape[-1] if site in sources else site_width(self.pipeline.model, site.component)
 
-    def _site_patches(
-        self,
-        group: list[Cell],
-        sources: dict[Site, torch.Tensor],
-        base_cols: dict[int, list[list[int]]],
-        source_cols: dict[int, list[list[int]]],
-        n_pairs: int,
-    ) -> list[SitePatch]:
+    def _site_patches(self, group: list[Cell], part: Part) -> list[SitePatch]:
         """One ``SitePatch`` per unit slot for rows = cells × pairs (cell-major)."""
+        sources, base_cols, source_cols, n_pairs = part.sources, part.base_cols, part.source_cols, part.n_pairs
         pipeline = self.pipeline
         kind = group[0].kind
         device = pipeline.device
@@ -382,45 +395,21 @@ class InterventionEngine:
             patches.append(SitePatch(site, columns, values, heads, featurizer, mask))
         return patches
 
-    def _run_group(
-        self,
-        group: list[Cell],
-        base_batch: PromptBatch,
-        sources: dict[Site, torch.Tensor],
-        base_cols: dict[int, list[list[int]]],
-        source_cols: dict[int, list[list[int]]],
-        example_indices: list[int],
-    ) -> list[dict[str, Any]]:
-        n_pairs = len(example_indices)
-        rows = base_batch.select([b for _ in group for b in range(n_pairs)])  # row = cell-major
-        patches = self._site_patches(group, sources, base_cols, source_cols, n_pairs)
-        generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
-        return self._rows(generation, group, example_indices)
-
-    def _run_packed(
-        self,
-        groups: list[list[Cell]],
-        base_batch: PromptBatch,
-        sources: dict[Site, torch.Tensor],
-        base_cols: dict[int, list[list[int]]],
-        source_cols: dict[int, list[list[int]]],
-        example_indices: list[int],
-    ) -> list[dict[str, Any]]:
-        """Several activation-site groups in one prompt pass: rows = each group's cells × pairs, in order; each
-        group's patches write its own rows only (`SitePatch.rows`)."""
-        n_pairs = len(example_indices)
-        device = self.pipeline.device
-        rows = base_batch.select([b for group in groups for _ in group for b in range(n_pairs)])
+    def _run_packed(self, groups: list[list[Cell]], part: Part) -> list[dict[str, Any]]:
+        """Activation-site groups in one prompt pass: rows = each group's cells × pairs, in order. A single group
+        patches every row; with several, each group's patches write its own rows only (`SitePatch.rows`)."""
         patches: list[SitePatch] = []
         offset = 0
         for group in groups:
-            n = len(group) * n_pairs
-            for patch in self._site_patches(group, sources, base_cols, source_cols, n_pairs):
-                patch.rows = torch.arange(offset, offset + n, device=device)
+            n = len(group) * part.n_pairs
+            for patch in self._site_patches(group, part):
+                if len(groups) > 1:
+                    patch.rows = torch.arange(offset, offset + n, device=self.pipeline.device)
                 patches.append(patch)
             offset += n
-        generation = self.pipeline.greedy_decode(rows, lambda inputs: self.backend.prompt_pass(inputs, patches))
-        return self._group_rows(generation, groups, example_indices)
+        generation = self.pipeline.greedy_decode(part.rows_of(groups),
+                                                 lambda inputs: self.backend.prompt_pass(inputs, patches))
+        return self._group_rows(generation, groups, part.example_indices)
 
     def _group_rows(self, generation: GenerationOutput, groups: list[list[Cell]], example_indices: list[int]
                     ) -> list[dict[str, Any]]:
@@ -439,21 +428,13 @@ class InterventionEngine:
                 and all(len(cell.units) == 1 and cell.units[0].site.component in RESIDUAL_COMPONENTS
                         for cell in group))
 
-    def _run_suffix_groups(
-        self,
-        groups: list[list[Cell]],
-        base_run: BaseRun,
-        sources: dict[Site, torch.Tensor],
-        base_cols: dict[int, list[list[int]]],
-        source_cols: dict[int, list[list[int]]],
-        example_indices: list[int],
-    ) -> list[dict[str, Any]]:
+    def _run_suffix_groups(self, groups: list[list[Cell]], base_run: BaseRun, part: Part) -> list[dict[str, Any]]:
         """Several residual-stream groups in one suffix-reuse prompt pass (rows = groups' cells × pairs)."""
-        n_pairs = len(example_indices)
+        n_pairs = part.n_pairs
         device = self.pipeline.device
         parts = []
         for group in groups:
-            (patch,) = self._site_patches(group, sources, base_cols, source_cols, n_pairs)
+            (patch,) = self._site_patches(group, part)
             pairs = torch.arange(n_pairs, device=device).repeat(len(group))
             r = residual_index(patch.site)
             base_values = base_run.residual[r][pairs[:, None].expand_as(patch.columns), patch.columns]
@@ -462,7 +443,7 @@ class InterventionEngine:
         rows = base_run.batch.select(rows_patch.pairs)
         generation = self.pipeline.greedy_decode(
             rows, lambda inputs: self.suffix.prompt_pass(base_run, rows_patch, want_cache=bool(inputs["use_cache"])))
-        return self._group_rows(generation, groups, example_indices)
+        return self._group_rows(generation, groups, part.example_indices)
 
     def _rows(self, generation: Any, group: list[Cell], example_indices: list[int]) -> list[dict[str, Any]]:
         n_pairs = len(example_indices)
@@ -471,9 +452,9 @@ class InterventionEngine:
             row["cell_id"] = group[r // n_pairs].cell_id
         return out_rows
 
-    def _key_map(self, cell: Cell, base_batch: PromptBatch, cf_batch: PromptBatch, b: int,
-                 base_cols: dict[int, list[list[int]]], source_cols: dict[int, list[list[int]]]) -> list[int]:
+    def _key_map(self, cell: Cell, part: Part, b: int) -> list[int]:
         """For base row b: the source column each base column's key reads (-1 = unmatched)."""
+        base_batch, cf_batch, base_cols, source_cols = part.base_batch, part.cf_batch, part.base_cols, part.source_cols
         width = base_batch.input_ids.shape[1]
         mapping = [-1] * width
         if cell.key_roles:
@@ -487,22 +468,13 @@ class InterventionEngine:
                 mapping[j] = j - pad_b + pad_s
         return mapping
 
-    def _run_attention_group(
-        self,
-        group: list[Cell],
-        base_batch: PromptBatch,
-        cf_batch: PromptBatch,
-        sources: dict[Any, Any],
-        base_cols: dict[int, list[list[int]]],
-        source_cols: dict[int, list[list[int]]],
-        example_indices: list[int],
-    ) -> list[dict[str, Any]]:
+    def _run_attention_group(self, group: list[Cell], part: Part) -> list[dict[str, Any]]:
         """Attention-level cells: build the ops for cells × pairs rows, decode under the backend's attention
         operation."""
         pipeline = self.pipeline
-        n_pairs = len(example_indices)
+        sources, base_cols, source_cols, n_pairs = part.sources, part.base_cols, part.source_cols, part.n_pairs
         kind = group[0].kind
-        rows = base_batch.select([b for _ in group for b in range(n_pairs)])
+        rows = part.rows_of([group])
         device = pipeline.device
         n_rows = len(group) * n_pairs
         pair_of_row = [b for _ in group for b in range(n_pairs)]
@@ -528,8 +500,7 @@ class InterventionEngine:
                 picked = probs[pair][:, head_list]  # (R, h, Ts, Ts)
                 picked = picked.gather(2, src[:, None, :, None].expand(-1, len(head_list), -1, picked.shape[-1]))
                 key_map = torch.tensor(
-                    [self._key_map(group[r // n_pairs], base_batch, cf_batch, pair_of_row[r], base_cols, source_cols)
-                     for r in range(n_rows)], device=device)
+                    [self._key_map(group[r // n_pairs], part, pair_of_row[r]) for r in range(n_rows)], device=device)
                 aligned = align_source_probs(picked, key_map)
                 # a query never reads a key after itself: drop such keys, renormalise what is left
                 keys = torch.arange(aligned.shape[-1], device=device)
@@ -541,4 +512,4 @@ class InterventionEngine:
                                                columns, aligned.to(probs.dtype)))
         with self.backend.attention(ops):
             generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.body(**inputs))
-        return self._rows(generation, group, example_indices)
+        return self._rows(generation, group, part.example_indices)
