@@ -58,6 +58,25 @@ class PromptBatch:
         """Kwargs for the model forward (``input_ids`` first: pyvene reads the batch size from it)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
+    def cache_columns(self, token_indices: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, n) cache columns of per-row token indices of the unpadded prompts (negative: from the end), -1
+        padding the shorter rows: the positions the attention operations take (``attention_control``).
+        An index outside its prompt is an error naming the row."""
+        if len(token_indices) != len(self.lengths):
+            raise ValueError(f"{len(token_indices)} rows of token indices for a batch of {len(self.lengths)}")
+        rows = []
+        for b, indices in enumerate(token_indices):
+            row = []
+            for i in indices:
+                j = int(i) + self.lengths[b] if int(i) < 0 else int(i)
+                if not 0 <= j < self.lengths[b]:
+                    raise ValueError(f"token index {i} is outside row {b}'s prompt of {self.lengths[b]} tokens")
+                row.append(self.pad_offsets[b] + j)
+            rows.append(row)
+        width = max((len(r) for r in rows), default=0)
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long,
+                            device=self.input_ids.device).reshape(len(rows), width)
+
     def select(self, rows: torch.Tensor | Sequence[int]) -> "PromptBatch":
         index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         idx = index.tolist()

@@ -439,9 +439,20 @@ def test_blocked_key_gets_zero_probability_in_prompt_and_decoding(pipe, batch):
     assert not torch.allclose(blocked.topk_logits, clean.topk_logits, atol=1e-4)
 
 
+def test_cache_columns_convert_token_positions_of_the_unpadded_prompts(pipe, batch):
+    assert torch.equal(batch.cache_columns([[2]] * len(PROMPTS)),
+                       torch.tensor([[off + 2] for off in batch.pad_offsets]))
+    ragged = batch.cache_columns([[0, -1], [1], [], [2, 0]])
+    assert ragged.tolist() == [[batch.pad_offsets[0], batch.pad_offsets[0] + batch.lengths[0] - 1],
+                               [batch.pad_offsets[1] + 1, -1], [-1, -1],
+                               [batch.pad_offsets[3] + 2, batch.pad_offsets[3]]]
+    with pytest.raises(ValueError, match="outside row 2"):
+        batch.cache_columns([[0], [0], [99], [0]])
+
+
 def test_block_and_record_take_the_same_steps_option(pipe, batch):
     """steps="prompt" blocks the key in the prompt pass only: decoding queries read it again."""
-    key_cols = torch.tensor([[off + 2] for off in batch.pad_offsets])
+    key_cols = batch.cache_columns([[2]] * len(PROMPTS))
     for steps in ("all", "prompt"):
         ops = [BlockAttention(key_cols, steps=steps), RecordAttention(layers=[1], steps="all")]
         with attention_control(pipe.model, ops) as ctl:
