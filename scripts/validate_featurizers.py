@@ -101,8 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     pairs = labelled_pairs(args.pairs, args.seed)
     start = time.perf_counter()
-    columns: list[str] = []
-    rows: dict[str, list[str]] = {"unpatched (floor), n": [], "full-vector": []}
+    floor, full_row = "unpatched (floor), n", "full-vector"
+    table: dict[str, dict[str, str]] = {}  # column -> row -> entry; a row missing from a column reads "n/a"
     for organism in args.organisms:
         pipeline = LMPipeline(str(ORGANISMS[organism]), device=args.device)
         randomised = random_weight_pipeline(pipeline, args.seed) if "random_weights" in args.controls else None
@@ -110,40 +110,29 @@ def main() -> None:
         positions = {p.id: p for p in TASK.token_positions(pipeline, AdditionSettings())}
         for layer, position in tqdm(CELLS, desc=organism, leave=False):
             planted = spec is not None and (layer, position) == (spec.layer, spec.position)
-            columns.append(f"{organism} `L{layer}@{position}`{' (planted)' if planted else ''}")
-            full = judged = None
-            filled = set()
+            column = table.setdefault(f"{organism} `L{layer}@{position}`{' (planted)' if planted else ''}", {})
             for component in args.components:
+                residual = component == "residual"
                 for suffix, cell in units(layer, positions[position], component, pipeline.num_heads):
                     for method in args.methods:
                         settings = TrainingSettings(method=method, steps=args.steps, seed=args.seed,
                                                     controls=tuple(args.controls))
                         result = train_featurizer(pipeline, pairs, cell, settings, random_pipeline=randomised)
-                        residual = component == "residual"
+                        column.setdefault(floor, f"{result.test.floor:.2f}, n = {result.test.n}")
+                        if residual:  # full-vector patching is judged at residual cells
+                            column.setdefault(full_row, f"{result.full_vector.iia:.2f}")
                         row = method + suffix
-                        rows.setdefault(row, [""] * (len(columns) - 1)).append(
-                            entry(result, spec.basis_matrix() if planted and residual else None))
-                        filled.add(row)
+                        column[row] = entry(result, spec.basis_matrix() if planted and residual else None)
                         for name in args.controls:
-                            rows.setdefault(f"{row} control: {name}", [""] * (len(columns) - 1)).append(
-                                f"{result.controls[name].held_out.iia:.2f}")
-                            filled.add(f"{row} control: {name}")
-                        judged = judged or result.test
-                        if residual:
-                            full = full or result.full_vector
-            for row, values in rows.items():  # rows without a unit at this cell (a sublayer of the embeddings)
-                if row not in filled and len(values) < len(columns) and row not in ("full-vector",
-                                                                                    "unpatched (floor), n"):
-                    values.append("n/a")
-            rows["full-vector"].append(f"{full.iia:.2f}" if full else "n/a")
-            rows["unpatched (floor), n"].append(f"{judged.floor:.2f}, n = {judged.n}" if judged else "n/a")
-    if "residual" not in args.components:
-        del rows["full-vector"]  # full-vector patching is judged at residual cells
+                            column[f"{row} control: {name}"] = f"{result.controls[name].held_out.iia:.2f}"
+    columns = list(table)
+    rows = list(dict.fromkeys([floor, full_row] + [r for c in table.values() for r in c]))
+    rows = [r for r in rows if any(r in c for c in table.values())]
     lines = [f"carry_0, {len(pairs.bases)} pairs (random + flip_carry_0), {args.steps} steps, controls: "
              f"{', '.join(args.controls) or 'none'}; test IIA, **found** = beats the unpatched network and every "
              f"control (one-sided exact paired tests, alpha 0.05)", "",
              "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {m} | " + " | ".join(v) + " |" for m, v in rows.items()]
+    lines += [f"| {row} | " + " | ".join(table[c].get(row, "n/a") for c in columns) + " |" for row in rows]
     lines.append(f"\n{time.perf_counter() - start:.0f} s")
     text = "\n".join(lines)
     print(text)

@@ -16,6 +16,8 @@ from experiments.pipeline import LMPipeline
 from experiments.featurizers.learned import LowRankSubspace
 from experiments.featurizers.das import JointResidualCell, ResidualDAS
 from experiments.featurizers.suffix_training import SuffixForward, TeacherForcedBase
+from experiments.backends.sites import SiteEdit
+from experiments.backends.suffix_reuse import residual_site
 
 PROMPTS = [{"raw_input": s} for s in ("12+34=", "5+6=", "77+8=", "40+41=", "3+90=", "66+6=")]
 LABELS = ["46", "11", "85", "81", "93", "72"]
@@ -38,9 +40,14 @@ def teacher_forced(pipeline, prompts=PROMPTS, labels=LABELS):
 def hooked_reference(pipeline, access, inputs, lengths, r, columns, values):
     """Answer-predicting logits of the full teacher-forced forward with ``values`` written into residual r."""
     n, m = columns.shape
-    patch = (r, torch.arange(n).repeat_interleave(m), columns.flatten(), values.flatten(0, 1))
-    store = [None] * (access.n_layers + 1)
-    with torch.no_grad(), access.backend.edits(access.residual_edits(store, leaf=False, patch=patch)):
+    rows, cols = torch.arange(n).repeat_interleave(m), columns.flatten()
+
+    def write(t):
+        t = t.clone()
+        t[rows, cols] = values.flatten(0, 1).to(t.dtype)
+        return t
+
+    with torch.no_grad(), access.backend.edits([SiteEdit(residual_site(r), write)]):
         logits = pipeline.model(**inputs, use_cache=False).logits.float()
     width, M = inputs["input_ids"].shape[1], max(lengths)
     return logits[:, width - 1 - M: width - 1]

@@ -43,7 +43,7 @@ def residual_stream(pipeline: LMPipeline, batch: PromptBatch | dict[str, torch.T
                     layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """Residual stream ``{block index (-1 = embeddings): (B, T, d)}`` for ``layers`` (None: all, -1 included)."""
     wanted = list(range(-1, pipeline.num_layers)) if layers is None else [check_layer(pipeline, l, True) for l in layers]
-    sites = {layer: Site(0, "block_input") if layer < 0 else Site(layer, "block_output") for layer in wanted}
+    sites = {layer: Site.of_unit(layer, "block_output") for layer in wanted}
     inputs = batch.model_inputs() if isinstance(batch, PromptBatch) else batch
     states = make_backend(DEFAULT_BACKEND, pipeline.model).collect(list(sites.values()), inputs)
     return {layer: states[site] for layer, site in sites.items()}

@@ -32,9 +32,9 @@ from experiments.attribution.units import (
     TeacherForcedMetric,
     UnitAttribution,
 )
-from experiments.pipeline import LMPipeline
-from experiments.backends.sites import Site, SiteEdit
+from experiments.backends.sites import Site
 from experiments.backends.suffix_reuse import residual_site
+from experiments.pipeline import LMPipeline
 from experiments.token_positions import TokenPosition
 
 __all__ = ["AttributionCell", "AttributionResult", "ResidualAttribution", "ResidualCell", "TeacherForcedMetric",
@@ -54,9 +54,9 @@ class ResidualCell:
 
 
 class ResidualAttribution(UnitAttribution):
-    """AtP estimates and exact effects for residual-stream cells of one pipeline (plain torch hooks): the residual
-    cells of `UnitAttribution`, plus access to every residual state of a run (``residual_edits``,
-    ``residual_states``) for code that trains at residual cells."""
+    """AtP estimates and exact effects for residual-stream cells of one pipeline: the residual cells of
+    `UnitAttribution`, plus every residual state of a run (``residual_states``) for code that trains at residual
+    cells."""
 
     def __init__(self, pipeline: LMPipeline, cells: Sequence[ResidualCell]):
         n_layers = pipeline.num_layers
@@ -66,38 +66,13 @@ class ResidualAttribution(UnitAttribution):
         self.residual_cells = list(cells)
         super().__init__(pipeline, [AttributionCell("residual", c.layer, c.position) for c in cells])
 
-    def residual_edits(self, store: list[torch.Tensor | None], leaf: bool,
-                       patch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[SiteEdit]:
-        """Backend site edits keeping the residual entering every layer and the last layer's output in ``store``
-        (index r); with ``leaf`` the embeddings' output becomes a leaf that requires grad and every state keeps
-        its grad; ``patch = (r, rows, cols, values)`` writes ``values`` into residual r first."""
-
-        def keeper(r: int):
-            def keep(t: torch.Tensor) -> torch.Tensor | None:
-                new = None
-                if patch is not None and patch[0] == r:
-                    new = t.clone()
-                    new[patch[1], patch[2]] = patch[3].to(t.dtype)
-                    t = new
-                if leaf and r == 0:
-                    t = t.detach().requires_grad_(True)
-                    new = t
-                elif leaf:
-                    t.retain_grad()
-                store[r] = t
-                return new
-            return keep
-
-        return [SiteEdit(residual_site(r), keeper(r)) for r in range(self.n_layers + 1)]
-
     def residual_states(self, prompts: Sequence[dict[str, Any]]) -> tuple[list[torch.Tensor], list[int]]:
         """The residual entering every layer and the last layer's output, (B, T, d) each (index r), of a
         left-padded batch of ``prompts``, with each row's pad offset (column of its token 0)."""
-        store: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
         batch = self.pipeline.load(prompts)
-        with torch.no_grad(), self.backend.edits(self.residual_edits(store, leaf=False)):
-            self.pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
-        return [t.detach() for t in store], list(batch.pad_offsets)  # type: ignore[union-attr]
+        sites = [residual_site(r) for r in range(self.n_layers + 1)]
+        states = self.backend.collect(sites, batch.model_inputs())
+        return [states[site] for site in sites], list(batch.pad_offsets)
 
     @torch.no_grad()
     def exact_effects(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],

@@ -69,41 +69,34 @@ class HooksBackend:
         """Full activations of ``sites`` on one forward: (B, T, d), or (B, T, H, d_head) for head sites."""
         store: dict[Site, torch.Tensor] = {}
         wanted = set(sites)
-        handles = []
 
-        def grabber(site: Site, split: bool) -> Callable[[torch.Tensor], None]:
+        def grabber(site: Site) -> Callable[[torch.Tensor], None]:
             def grab(t: torch.Tensor) -> None:
-                store[site] = (self._split(t) if split else t).detach().clone()
+                store[site] = t.detach().clone()
                 if wanted.issubset(store):
                     raise _CollectedEverything
             return grab
 
-        for site in wanted:
-            module, side, split = self._module(site)
-            handles.append(register_site_hook(module, side, grabber(site, split)))
+        base_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         try:
-            base_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            self.model.base_model(**base_inputs, use_cache=False)
+            with self.edits([SiteEdit(site, grabber(site)) for site in wanted]):
+                self.model.base_model(**base_inputs, use_cache=False)
         except _CollectedEverything:
             pass
-        finally:
-            for handle in handles:
-                handle.remove()
         missing = wanted - set(store)
         if missing:
             raise RuntimeError(f"sites {sorted(missing, key=str)} never fired during the forward")
         return store
 
-    def _patcher(self, patches: list[SitePatch], split: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        def patch(t: torch.Tensor) -> torch.Tensor:
+    def _patcher(self, patches: list[SitePatch]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def patch(view: torch.Tensor) -> torch.Tensor:
             # in place (inference only): the patched tensor is exactly what the rest of the forward reads
-            view = self._split(t) if split else t
             for p in patches:
-                rows = (torch.arange(p.columns.shape[0], device=t.device) if p.rows is None else p.rows)[:, None]
-                index = (rows, p.columns, p.heads[:, None].expand_as(p.columns)) if split else (rows, p.columns)
-                values = p.values.to(t.dtype) if p.featurizer is None else p.new_values(view[index])
-                view[index] = values
-            return t
+                rows = (torch.arange(p.columns.shape[0], device=view.device) if p.rows is None else p.rows)[:, None]
+                index = ((rows, p.columns, p.heads[:, None].expand_as(p.columns)) if p.site.per_head
+                         else (rows, p.columns))
+                view[index] = p.values.to(view.dtype) if p.featurizer is None else p.new_values(view[index])
+            return view
         return patch
 
     @contextmanager
@@ -143,12 +136,5 @@ class HooksBackend:
         by_site: dict[Site, list[SitePatch]] = {}
         for p in patches:
             by_site.setdefault(p.site, []).append(p)
-        handles = []
-        try:
-            for site, site_patches in by_site.items():
-                module, side, split = self._module(site)
-                handles.append(register_site_hook(module, side, self._patcher(site_patches, split)))
+        with self.edits([SiteEdit(site, self._patcher(site_patches)) for site, site_patches in by_site.items()]):
             return PromptPass.of((self.model if "logits_to_keep" in inputs else self.model.base_model)(**inputs))
-        finally:
-            for handle in handles:
-                handle.remove()

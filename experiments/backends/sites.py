@@ -47,6 +47,16 @@ class Site:
         """True for head components: activations are (B, T, H, d_head) and a patch names one head per row."""
         return COMPONENTS[self.component]
 
+    @classmethod
+    def of_unit(cls, layer: int, component: str) -> "Site":
+        """The site of a unit at ``layer`` in the project's layer numbering: ``-1`` is the embeddings (the
+        residual stream only), the input of block 0."""
+        if layer == -1:
+            if component != "block_output":
+                raise ValueError(f"layer -1 (the embeddings) has no {component}")
+            return cls(0, "block_input")
+        return cls(layer, component)
+
 
 @dataclass(frozen=True)
 class SiteEdit:

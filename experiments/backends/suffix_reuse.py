@@ -61,7 +61,7 @@ def residual_index(site: Site) -> int:
 
 def residual_site(r: int) -> Site:
     """The site of residual index r: the embeddings' output (r = 0) or layer r - 1's output."""
-    return Site(0, "block_input") if r == 0 else Site(r - 1, "block_output")
+    return Site.of_unit(r - 1, "block_output")
 
 
 class _StopLayer(Exception):

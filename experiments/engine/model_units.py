@@ -84,9 +84,7 @@ class ModelUnit:
         """The backend-neutral site: layer -1 of the residual stream is the input of block 0."""
         if self.component == ATTENTION_PATTERN:
             raise UnitError("an attention_pattern unit acts inside the attention function, not at a backend site")
-        if self.layer == -1:
-            return Site(0, "block_input")
-        return Site(self.layer, self.component)
+        return Site.of_unit(self.layer, self.component)
 
     def validate(self, pipeline: LMPipeline) -> None:
         """Raise ``UnitError`` if the layer or head does not exist in ``pipeline``'s model."""

@@ -95,8 +95,7 @@ class UnitCell:
             raise ValueError("a head index is required for head units and only for them")
         if len(self.positions) < 1:
             raise ValueError("a unit needs at least one position")
-        if self.layer == -1 and self.component != "block_output":
-            raise ValueError(f"layer -1 (the embeddings) has no {self.component}")
+        Site.of_unit(self.layer, self.component)  # refuses a sublayer of the embeddings (layer -1)
 
     @property
     def cell_id(self) -> str:
@@ -105,7 +104,7 @@ class UnitCell:
 
     @property
     def site(self) -> Site:
-        return Site(0, "block_input") if self.layer == -1 else Site(self.layer, self.component)
+        return Site.of_unit(self.layer, self.component)
 
 
 Cell = Union[ResidualCell, JointResidualCell, UnitCell]
