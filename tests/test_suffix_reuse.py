@@ -12,7 +12,8 @@ import torch
 from conftest import FAMILIES
 from experiments.featurizers import LinearFeaturizer
 from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.engine.model_units import ModelUnit, ResidualStream
+from experiments.engine.model_units import AttentionHead, AttentionOutput, MLPOutput, ModelUnit, ResidualStream
+from experiments.backends.sites import Site, SitePatch
 from experiments.backends.suffix_reuse import SuffixReuse
 from experiments.token_positions import TokenPosition
 
@@ -105,6 +106,51 @@ def test_suffix_reuse_ablations_featurizers_and_small_batches(family, pipelines)
     _, fast = run(pipeline, cells, True, max_rows=3)
     _, slow = run(pipeline, cells, False)
     assert_same(fast, slow)
+
+
+def in_layer_cells(pipeline, featurizers: bool = False) -> list[Cell]:
+    """Attention output, MLP output, MLP neurons and two heads at every layer × position (the two-token one
+    included); interchanges, zero ablations and (``featurizers``) rotated subspace interchanges."""
+    g = torch.Generator().manual_seed(1)
+    d = pipeline.hidden_size
+    rotation = LinearFeaturizer(torch.linalg.qr(torch.randn(d, d, generator=g))[0], id="rotation")
+    cells = []
+    for layer in range(pipeline.num_layers):
+        for p in positions(pipeline):
+            units = [AttentionOutput(layer, p), MLPOutput(layer, p), ModelUnit(layer, "mlp_neurons", p),
+                     AttentionHead(layer, 0, p), AttentionHead(layer, pipeline.num_heads - 1, p)]
+            for unit in units:
+                cells.append(Cell(unit.id, [unit]))
+            cells.append(Cell(f"zero.{units[0].id}", [units[0]], kind="zero_ablation"))
+            if featurizers:
+                unit = ModelUnit(layer, "mlp_output", p, featurizer=rotation, feature_indices=tuple(range(0, d, 3)))
+                cells.append(Cell(f"feat.{unit.id}", [unit]))
+    return cells
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_new_tokens", [1, 3])
+def test_in_layer_cells_take_the_suffix_path_exactly(family, max_new_tokens, pipelines):
+    """A patch inside layer j becomes the residual patch of layer j's output: same answers and logits as the
+    generic path for attention/MLP outputs, neurons, heads, ablations and featurizers, on every family."""
+    pipeline = pipelines[family]
+    cells = in_layer_cells(pipeline, featurizers=max_new_tokens == 1)
+    engine = InterventionEngine(pipeline, "hooks")
+    assert all(engine._suffix_eligible([cell]) for cell in cells), "every in-layer cell must take the fast path"
+    base_fast, fast = run(pipeline, cells, True, max_new_tokens)
+    base_slow, slow = run(pipeline, cells, False, max_new_tokens)
+    assert base_fast == base_slow
+    assert_same(fast, slow)
+    assert changed_share(base_slow, slow) > 0.05, "patching must change some answers for the check to bite"
+
+
+def test_layer_outputs_refuses_residual_sites(pipelines):
+    pipeline = pipelines["llama"]
+    reuse = SuffixReuse(pipeline)
+    base = reuse.base_pass(pipeline.load(BASES))
+    patch = SitePatch(Site(0, "block_output"), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 64))
+    with pytest.raises(ValueError, match="not inside a layer"):
+        reuse.layer_outputs(base, patch, torch.zeros(1, dtype=torch.long))
 
 
 def test_last_layer_output_before_read_needs_no_compute(pipelines):

@@ -92,10 +92,7 @@ class HooksBackend:
         def patch(view: torch.Tensor) -> torch.Tensor:
             # in place (inference only): the patched tensor is exactly what the rest of the forward reads
             for p in patches:
-                rows = (torch.arange(p.columns.shape[0], device=view.device) if p.rows is None else p.rows)[:, None]
-                index = ((rows, p.columns, p.heads[:, None].expand_as(p.columns)) if p.site.per_head
-                         else (rows, p.columns))
-                view[index] = p.values.to(view.dtype) if p.featurizer is None else p.new_values(view[index])
+                p.apply(view)
             return view
         return patch
 

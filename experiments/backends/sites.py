@@ -95,6 +95,16 @@ class SitePatch:
     extra: dict[str, Any] = field(default_factory=dict)
     rows: "torch.Tensor | None" = None
 
+    def apply(self, view: "torch.Tensor") -> None:
+        """Write the patch into ``view`` in place: the site's activation (B, T, d), or (B, T, H, d_head) for head
+        sites, of the batch the patch names rows and columns of."""
+        import torch
+
+        rows = (torch.arange(self.columns.shape[0], device=view.device) if self.rows is None else self.rows)[:, None]
+        index = ((rows, self.columns, self.heads[:, None].expand_as(self.columns)) if self.site.per_head
+                 else (rows, self.columns))
+        view[index] = self.values.to(view.dtype) if self.featurizer is None else self.new_values(view[index])
+
     def new_values(self, base_values: "torch.Tensor") -> "torch.Tensor":
         """The values to write, given the base run's values (R, n, d) at the same columns."""
         if self.featurizer is None:

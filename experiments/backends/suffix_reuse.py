@@ -1,4 +1,4 @@
-"""Suffix reuse: residual-stream patches recompute only what a patch can change (hooks backend fast path).
+"""Suffix reuse: residual-stream and in-layer patches recompute only what a patch can change (hooks backend fast path).
 
 A patch of the residual stream entering layer r (``block_input`` of layer r, or ``block_output`` of
 layer r - 1) at token columns starting at p cannot change anything at positions < p (causal
@@ -16,6 +16,11 @@ attention) nor below layer r. So, per part:
 5. for whole-answer generation the full KV cache of every patched row (base keys/values below layer r
    and at columns < p, recomputed ones elsewhere) is handed to decoding.
 
+A patch inside layer j (attention or MLP output, a head, the MLP neurons) at columns c changes nothing
+but layer j's output at c: the layer's keys/values come from its input. ``layer_outputs`` runs layer j
+on those tokens alone (base keys/values for the rest) with the patch applied, which gives the equal
+residual patch of layer j's output (residual index j + 1); the steps above take it from there.
+
 Decoder layers are the model's own modules, called with packed rotary embeddings and a stand-in cache;
 their attention dispatches through transformers' attention registry to ``packed_attention``, which
 unpacks to padded rows and calls the model's own attention function (sdpa or the modeling file's
@@ -29,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -39,7 +44,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from experiments.backends.architectures import family_of, get_module
 from experiments.backends import PromptPass, backend_with
 from experiments.pipeline import LMPipeline, PromptBatch
-from experiments.backends.sites import Site, SiteEdit
+from experiments.backends.sites import Site, SiteEdit, SitePatch
 from experiments.backends.transformers_adapter import (CacheStandIn, attention_implementation, attention_implementation_set,
                                               cache_layer_states,
                                               output_cache, verify_once, with_cache)
@@ -50,6 +55,9 @@ from experiments.backends.transformers_adapter import (CacheStandIn, attention_i
 SUPPORTED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
                               "Olmo2DecoderLayer", "Gemma2DecoderLayer", "GPT2Block"})
 RESIDUAL_COMPONENTS = ("block_input", "block_output")
+#: Components inside a layer: a patch there at token columns c changes that layer's output at c only (the
+#: layer's keys and values are computed from its input), so the suffix resumes at the next residual index.
+IN_LAYER_COMPONENTS = ("attention_output", "mlp_output", "head_attention_value_output", "mlp_neurons")
 
 
 def residual_index(site: Site) -> int:
@@ -57,6 +65,14 @@ def residual_index(site: Site) -> int:
     if site.component not in RESIDUAL_COMPONENTS:
         raise ValueError(f"{site} is not a residual-stream site")
     return site.layer + (site.component == "block_output")
+
+
+def resume_index(site: Site) -> int:
+    """The residual index a patch at ``site`` writes into: ``residual_index`` for residual sites, the output of
+    the site's layer (``site.layer + 1``) for the components inside a layer."""
+    if site.component in IN_LAYER_COMPONENTS:
+        return site.layer + 1
+    return residual_index(site)
 
 
 def residual_site(r: int) -> Site:
@@ -273,6 +289,34 @@ class SuffixReuse:
         finally:
             _PACKING.reset(token)
         return (out[0] if isinstance(out, tuple) else out)[0]
+
+    @torch.no_grad()
+    def layer_outputs(self, base: BaseRun, patch: SitePatch, pairs: torch.Tensor) -> torch.Tensor:
+        """Layer j = ``patch.site.layer``'s output (R, n, d) at the patch's columns (R, n), row i being base pair
+        ``pairs[i]`` with ``patch`` applied inside the layer (an in-layer site): the layer runs on those tokens
+        alone, reading the base run's keys/values for every other column. With ``resume_index`` this turns an
+        in-layer patch into the equal ``ResidualPatch`` at the layer's output."""
+        site = patch.site
+        if site.component not in IN_LAYER_COMPONENTS:
+            raise ValueError(f"{site} is not inside a layer")
+        j, (n_rows, n) = site.layer, patch.columns.shape
+        device = patch.columns.device
+        slot = torch.arange(n_rows, device=device).repeat_interleave(n)
+        col = patch.columns.flatten()
+        x = base.residual[j][pairs[slot], col]
+        # the packed tokens are row-major (row, k): the patch acts on them as a batch of R rows × n columns
+        local = replace(patch, columns=torch.arange(n, device=device).expand(n_rows, n), rows=None)
+
+        def edit(t: torch.Tensor) -> torch.Tensor:
+            view = t[0].reshape(n_rows, n, *t.shape[2:])
+            local.apply(view)
+            return view.reshape(t.shape)
+
+        keys, values = base.keys[j].index_select(0, pairs), base.values[j].index_select(0, pairs)
+        mask = base.batch.attention_mask.index_select(0, pairs)
+        with self._packed() as implementation, backend_with("edits", self.pipeline.model).edits([SiteEdit(site, edit)]):
+            out = self._layer(j, x, _Packing(keys, values, slot, col, mask, implementation), pairs, base)
+        return out.reshape(n_rows, n, -1)
 
     @torch.no_grad()
     def _self_check(self, base: BaseRun) -> str | None:

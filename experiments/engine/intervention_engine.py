@@ -32,7 +32,8 @@ from experiments.backends.attention_control import (
 from experiments.engine.model_units import ATTENTION_PATTERN, ModelUnit
 from experiments.pipeline import GenerationOutput, LMPipeline, PromptBatch
 from experiments.backends.sites import Site, SitePatch
-from experiments.backends.suffix_reuse import RESIDUAL_COMPONENTS, BaseRun, ResidualPatch, SuffixReuse, residual_index
+from experiments.backends.suffix_reuse import (IN_LAYER_COMPONENTS, RESIDUAL_COMPONENTS, BaseRun, ResidualPatch,
+                                                SuffixReuse, resume_index)
 from experiments.token_positions import TokenPositionError
 
 #: Intervention kinds on activations. ``interchange``: the value of the counterfactual run;
@@ -190,8 +191,9 @@ def _check_joint(unit: ModelUnit, n: int, indices: list[list[int]]) -> None:
 class InterventionEngine:
     """Runs cells over parts of a dataset on one pipeline through one backend ("hooks" or "pyvene").
 
-    ``suffix_reuse`` (hooks backend): residual-stream cells take the exact fast path of
-    ``experiments.backends.suffix_reuse`` where the model supports it (else the generic path);
+    ``suffix_reuse`` (hooks backend): single-unit site cells (residual stream, attention and MLP outputs,
+    heads, neurons) take the exact fast path of ``experiments.backends.suffix_reuse`` where the model supports
+    it (else the generic path);
     ``max_rows_per_forward``: the row budget: at most this many cells × pairs per forward (groups are split
     to fit; residual-stream groups are merged up to it for the fast path); halved on out-of-memory.
     """
@@ -423,22 +425,28 @@ class InterventionEngine:
         return out
 
     def _suffix_eligible(self, group: list[Cell]) -> bool:
-        """Residual-stream site cells (one unit each) on a backend declaring suffix reuse: the fast path applies."""
+        """Site cells of one unit each, in the residual stream or inside a layer (attention or MLP output, heads,
+        neurons), on a backend declaring suffix reuse: the fast path applies."""
         return (self.suffix is not None and group[0].kind in SITE_KINDS
-                and all(len(cell.units) == 1 and cell.units[0].site.component in RESIDUAL_COMPONENTS
+                and all(len(cell.units) == 1
+                        and cell.units[0].site.component in RESIDUAL_COMPONENTS + IN_LAYER_COMPONENTS
                         for cell in group))
 
     def _run_suffix_groups(self, groups: list[list[Cell]], base_run: BaseRun, part: Part) -> list[dict[str, Any]]:
-        """Several residual-stream groups in one suffix-reuse prompt pass (rows = groups' cells × pairs)."""
+        """Several site groups in one suffix-reuse prompt pass (rows = groups' cells × pairs). A group inside a layer
+        first becomes the equal residual patch at that layer's output (`SuffixReuse.layer_outputs`)."""
         n_pairs = part.n_pairs
         device = self.pipeline.device
         parts = []
         for group in groups:
             (patch,) = self._site_patches(group, part)
             pairs = torch.arange(n_pairs, device=device).repeat(len(group))
-            r = residual_index(patch.site)
-            base_values = base_run.residual[r][pairs[:, None].expand_as(patch.columns), patch.columns]
-            parts.append(ResidualPatch(pairs, torch.full_like(pairs, r), patch.columns, patch.new_values(base_values)))
+            r = resume_index(patch.site)
+            if patch.site.component in IN_LAYER_COMPONENTS:
+                values = self.suffix.layer_outputs(base_run, patch, pairs)
+            else:
+                values = patch.new_values(base_run.residual[r][pairs[:, None].expand_as(patch.columns), patch.columns])
+            parts.append(ResidualPatch(pairs, torch.full_like(pairs, r), patch.columns, values))
         rows_patch = ResidualPatch.concat(parts)
         rows = base_run.batch.select(rows_patch.pairs)
         generation = self.pipeline.greedy_decode(

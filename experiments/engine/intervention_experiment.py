@@ -35,7 +35,7 @@ class ExperimentConfig(BaseModel):
     ``max_rows_per_forward``: cells × pairs folded into one forward (memory knob; on a GPU raise it);
     halved automatically on out-of-memory (the failed forward is redone in halves, nothing finished is lost).
     ``backend``: "hooks" (plain torch hooks, the default) or "pyvene"; recorded in the manifest.
-    ``suffix_reuse``: on the hooks backend, residual-stream cells recompute only what a patch can change
+    ``suffix_reuse``: on the hooks backend, single-unit site cells recompute only what a patch can change
     (``experiments.backends.suffix_reuse``; exact, so not part of the experiment's identity).
     ``pack_sites``: cells of different activation sites share forwards (up to ``max_rows_per_forward`` rows;
     hooks backend). Fewer forwards, the same answers; the logits can differ at float rounding from unpacked
