@@ -1,7 +1,7 @@
 """Screen-then-verify vs the full exact sweep, on the same study, in one run.
 
     .venv/bin/python benchmarks/attribution_screen.py [--pairs 24] [--variables carry_0 | all] [--top 0.1]
-        [--score prob] [--exact-metric] [--kinds residual attention mlp head] [--repeats 2] [--threads 1]
+        [--score prob] [--exact-metric] [--path-steps 0] [--kinds residual attention mlp head] [--repeats 2] [--threads 1]
         [--json out.json] [--no-pack]
 
 The study: the addition organism, every cell of ``--kinds`` (every layer × position; every head), the families
@@ -95,6 +95,8 @@ def main() -> dict[str, Any]:
     parser.add_argument("--top", type=float, default=ScreenConfig().top_fraction, help="fraction of the cells verified")
     parser.add_argument("--score", default=ScreenConfig().score, choices=get_args(Score))
     parser.add_argument("--exact-metric", action="store_true", help="(B) also computes the exact metric")
+    parser.add_argument("--path-steps", type=int, default=0, help="(B) estimates with gradients averaged over this "
+                        "many points of the path from base to source (0: plain AtP)")
     parser.add_argument("--kinds", nargs="+", default=["residual", "attention", "mlp", "head"], choices=UNIT_KINDS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -114,7 +116,7 @@ def main() -> dict[str, Any]:
                  else args.variables)
     batch_size = args.pairs  # one part per family
     config = ScreenConfig(top_fraction=args.top, random_fraction=0.0, seed=args.seed, score=args.score,
-                          exact_metric=args.exact_metric)
+                          exact_metric=args.exact_metric, path_steps=args.path_steps)
 
     sweep_best: tuple[float, Path, Any] | None = None
     verdict_best: dict[str, tuple[float, Any]] = {}

@@ -82,6 +82,9 @@ def main() -> dict[str, Any]:
     parser.add_argument("--families", nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", default=list(UNIT_KINDS), choices=UNIT_KINDS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--path-steps", type=int, default=0,
+                        help="average the activation cells' gradients over this many points of the path from base "
+                             "to source (integrated gradients per site; 0: plain AtP)")
     parser.add_argument("--worst", type=int, default=2, help="most wrong cells listed per unit type")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--json", type=Path, default=None)
@@ -106,7 +109,7 @@ def main() -> dict[str, Any]:
                                         [e["counterfactual_inputs"][0] for e in examples], model.label_data(dataset),
                                         model.label_counterfactual_data(dataset, variable.split("+")))
             start = time.perf_counter()
-            result = attribution.estimate_prepared(pairs, graddrop=True)
+            result = attribution.estimate_prepared(pairs, graddrop=True, path_steps=args.path_steps)
             timing["estimate (with GradDrop)"] += time.perf_counter() - start
             start = time.perf_counter()
             exact = attribution.exact_prepared(pairs, result.metric_base)

@@ -75,7 +75,7 @@ def test_every_earlier_key_blocked_leaves_each_token_alone(family, pipelines):
     batch = pipe.load(PROMPTS)
     B, T = batch.input_ids.shape
     steps = 3
-    everything = BlockAttention([list(range(T + steps))])
+    everything = BlockAttention([list(range(T + steps))], coordinates="cache")
     record = RecordAttention(layers=[0, 1], steps="all")
     with attention_control(pipe.model, [everything, record]) as ctl:
         gen = decode(pipe, batch, steps)
@@ -124,7 +124,7 @@ def test_query_without_a_visible_key_attends_to_nothing(family, pipelines):
     B, T = base.input_ids.shape
     row, hole = 1, base.pad_offsets[1] + 3  # a real, not-first column of a left-padded row
     batch = _holed(base, row, hole)
-    block = BlockAttention([list(range(T + 2))], layers=[layer])
+    block = BlockAttention([list(range(T + 2))], layers=[layer], coordinates="cache")
     seen: list = []
     handle = capture_attention_output(model, layer, seen)
     try:
@@ -167,9 +167,9 @@ def test_float64_left_padded_batch_equals_unpadded_rows(family, ops, char_tokeni
     def ops_for(offsets):
         chosen = []
         if ops.startswith("block"):  # the 3rd real token, hidden from later queries
-            chosen.append(BlockAttention([[o + 2] for o in offsets]))
+            chosen.append(BlockAttention([[o + 2] for o in offsets], coordinates="cache"))
         if ops != "none":  # head 1's query at the 2nd real token, layer 1
-            chosen += [ScaleQK(1, 1, "query", 2.5, positions=[[o + 1] for o in offsets]),
+            chosen += [ScaleQK(1, 1, "query", 2.5, positions=[[o + 1] for o in offsets], coordinates="cache"),
                        RecordAttention(layers=[0, 1], steps="all")]
         return chosen
 
@@ -209,7 +209,7 @@ def test_bfloat16_left_padded_runs_without_nan(family, char_tokenizer):
     B, T = batch.input_ids.shape
     keys = [[o + 2] for o in batch.pad_offsets]
     record = RecordAttention(layers=[0, 1], steps="all")
-    with attention_control(pipe.model, [BlockAttention(keys), record]) as ctl:
+    with attention_control(pipe.model, [BlockAttention(keys, coordinates="cache"), record]) as ctl:
         with torch.no_grad():
             logits = pipe.model(**batch.model_inputs()).logits
         gen = decode(pipe, batch, 3)
@@ -301,7 +301,7 @@ def test_sliding_window_block_matches_hand_masked_reference(sliding, layers):
     B, T = batch.input_ids.shape
     assert T > WINDOW + 2
     coords = [[off + 3, T + 1] for off in batch.pad_offsets]  # a prompt token, the 2nd generated token
-    op = BlockAttention(coords, layers=layers)
+    op = BlockAttention(coords, layers=layers, coordinates="cache")
     with attention_control(pipe.model, [op]):
         gen = pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=steps)
     assert gen.token_ids.shape[1] == steps, "decoding stopped early (EOS): the window is not passed"
@@ -326,7 +326,7 @@ def test_sliding_window_prompt_only_block_passes_the_window(sliding):
     batch = pipe.load(LONG_PROMPTS)
     B, T = batch.input_ids.shape
     coords = [[T - 2] for _ in range(B)]  # seen by the sliding layer from queries T-1 .. T+1 only
-    with attention_control(pipe.model, [BlockAttention(coords, layers=[0]),
+    with attention_control(pipe.model, [BlockAttention(coords, layers=[0], coordinates="cache"),
                                         RecordAttention(layers=[0], steps="all")]) as ctl:
         gen = pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=steps)
     ref = reference_decode(pipe, batch, steps, {"sliding_attention": block_columns(batch, steps, coords)})
@@ -415,7 +415,7 @@ def test_query_positions_never_block_a_query_from_itself(family, pipelines):
     B, T = batch.input_ids.shape
     c = torch.tensor([off + 1 for off in batch.pad_offsets])
     qpos = torch.stack([c - 1, c, c + 1], dim=1)
-    op = BlockAttention(c[:, None], query_positions=qpos, layers=[0])
+    op = BlockAttention(c[:, None], query_positions=qpos, layers=[0], coordinates="cache")
     with attention_control(pipe.model, [RecordAttention(layers=[0])]) as clean:
         with torch.no_grad():
             pipe.model(**batch.model_inputs())
@@ -445,9 +445,9 @@ def test_query_positions_in_decoding_keep_the_causal_rule(pipelines):
     with attention_control(pipe.model, []):
         clean = decode(pipe, batch, 3)
     for keys, queries in (([[T]], [[T]]), ([[T]], [[T - 1]]), ([[T + 1]], [[T]])):
-        with attention_control(pipe.model, [BlockAttention(keys, query_positions=queries)]):
+        with attention_control(pipe.model, [BlockAttention(keys, query_positions=queries, coordinates="cache")]):
             assert torch.equal(decode(pipe, batch, 3).topk_logits, clean.topk_logits), (keys, queries)
-    with attention_control(pipe.model, [BlockAttention([[T]], query_positions=[[T + 1]])]):
+    with attention_control(pipe.model, [BlockAttention([[T]], query_positions=[[T + 1]], coordinates="cache")]):
         blocked = decode(pipe, batch, 3)
     assert torch.equal(blocked.topk_logits[:, :2], clean.topk_logits[:, :2])
     assert not torch.allclose(blocked.topk_logits[:, 2], clean.topk_logits[:, 2], atol=1e-4)

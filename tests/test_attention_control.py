@@ -171,7 +171,7 @@ def test_ops_are_per_model(pipelines):
     batch = qwen.load(PROMPTS)
     reference = logits_of(qwen.model, batch)
     keys = torch.tensor([[1, 2, 3]])
-    with attention_control(llama.model, [BlockAttention(keys)]):
+    with attention_control(llama.model, [BlockAttention(keys, coordinates="cache")]):
         assert torch.equal(logits_of(qwen.model, batch), reference)
 
 
@@ -180,8 +180,8 @@ def test_ops_are_per_model(pipelines):
     [
         (RecordAttention(layers=[5]), "layer 5 out of range"),
         (RecordAttention(layers=[0], heads=[9]), "head 9 out of range"),
-        (ScaleQK(layer=0, head=4, target="query", factor=2.0), "head 4 out of range"),
-        (BlockAttention([[1]], rows=[7]), "row 7 out of range"),
+        (ScaleQK(layer=0, heads=4, target="query", factor=2.0), "head 4 out of range"),
+        (BlockAttention([[1]], rows=[7], coordinates="cache"), "row 7 out of range"),
     ],
 )
 def test_out_of_range_targets_are_named(pipelines, op, message):
@@ -193,11 +193,11 @@ def test_out_of_range_targets_are_named(pipelines, op, message):
 
 def test_op_shape_errors():
     with pytest.raises(ValueError, match="probs must have shape"):
-        TransplantAttention(0, [0, 1], rows=[0], query_positions=[[3]], probs=torch.zeros(1, 1, 1, 5))
+        TransplantAttention(0, [0, 1], rows=[0], query_positions=[[3]], probs=torch.zeros(1, 1, 1, 5), coordinates="cache")
     with pytest.raises(ValueError, match="steps"):
         RecordAttention(layers=[0], steps="decode")
     with pytest.raises(ValueError, match="-1 as padding"):
-        BlockAttention([[-2]])
+        BlockAttention([[-2]], coordinates="cache")
 
 
 # ---------------------------------------------------------------------------- recording
@@ -228,8 +228,8 @@ def test_record_selects_heads_and_query_positions(pipelines):
     pipe = pipelines["qwen2"]
     batch = pipe.load(PROMPTS)
     per_row = torch.tensor([[5, 6], [4, 6], [6, 5], [3, 6]])
-    ops = [RecordAttention(layers=[1]), RecordAttention(layers=[1], heads=[2, 0], query_positions=[6, 4]),
-           RecordAttention(layers=[1], heads=[3], query_positions=per_row)]
+    ops = [RecordAttention(layers=[1]), RecordAttention(layers=[1], heads=[2, 0], query_positions=[6, 4], coordinates="cache"),
+           RecordAttention(layers=[1], heads=[3], query_positions=per_row, coordinates="cache")]
     with attention_control(pipe.model, ops) as ctl:
         logits_of(pipe.model, batch)
     full = ctl.get(1, op_index=0).probs
@@ -340,7 +340,7 @@ def test_transplanting_own_pattern_changes_nothing(pipe, batch):
     B, T = batch.input_ids.shape
     everywhere = torch.arange(T).expand(B, T)
     for rows in (torch.arange(B), None):  # rows=None: every row, as the other operations read it
-        ops = [TransplantAttention(layer, list(range(pipe.num_heads)), rows, everywhere, ctl.get(layer).probs)
+        ops = [TransplantAttention(layer, list(range(pipe.num_heads)), rows, everywhere, ctl.get(layer).probs, coordinates="cache")
                for layer in (0, 1)]
         with attention_control(pipe.model, ops):
             assert torch.equal(logits_of(pipe.model, batch), clean)
@@ -364,7 +364,7 @@ def test_transplant_from_another_run_equals_hand_written_attention(pipe):
         captured["out"] = output[0]
 
     handle = attn.register_forward_hook(keep_output)
-    ops = [TransplantAttention(LAYER, heads, rows, qpos, source),
+    ops = [TransplantAttention(LAYER, heads, rows, qpos, source, coordinates="cache"),
            RecordAttention(layers=[LAYER], what=("probs", "value"))]
     try:
         with attention_control(pipe.model, ops) as ctl2:
@@ -391,7 +391,7 @@ def test_transplant_from_another_run_equals_hand_written_attention(pipe):
 def test_transplant_checks_key_count(pipelines):
     pipe = pipelines["llama"]
     batch = pipe.load(PROMPTS)
-    op = TransplantAttention(0, [0], [0], [[1]], torch.ones(1, 1, 1, 3) / 3)
+    op = TransplantAttention(0, [0], [0], [[1]], torch.ones(1, 1, 1, 3) / 3, coordinates="cache")
     with pytest.raises(ValueError, match="probs have 3 keys"):
         with attention_control(pipe.model, [op]):
             logits_of(pipe.model, batch)
@@ -414,14 +414,14 @@ def test_align_source_probs():
 def test_blocking_nothing_changes_nothing(pipe, batch):
     with attention_control(pipe.model, []):
         clean = logits_of(pipe.model, batch)
-    with attention_control(pipe.model, [BlockAttention(torch.full((len(PROMPTS), 2), -1))]):
+    with attention_control(pipe.model, [BlockAttention(torch.full((len(PROMPTS), 2), -1), coordinates="cache")]):
         assert torch.equal(logits_of(pipe.model, batch), clean)
 
 
 def test_blocked_key_gets_zero_probability_in_prompt_and_decoding(pipe, batch):
     B, T = batch.input_ids.shape
     key_cols = torch.tensor([[off + 2] for off in batch.pad_offsets])  # third real token of every row
-    block = BlockAttention(key_cols)
+    block = BlockAttention(key_cols, coordinates="cache")
     record = RecordAttention(layers=[0, 1], steps="all")
     with attention_control(pipe.model, [block, record]) as ctl:
         blocked = pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=3)
@@ -454,7 +454,7 @@ def test_block_and_record_take_the_same_steps_option(pipe, batch):
     """steps="prompt" blocks the key in the prompt pass only: decoding queries read it again."""
     key_cols = batch.cache_columns([[2]] * len(PROMPTS))
     for steps in ("all", "prompt"):
-        ops = [BlockAttention(key_cols, steps=steps), RecordAttention(layers=[1], steps="all")]
+        ops = [BlockAttention(key_cols, steps=steps, coordinates="cache"), RecordAttention(layers=[1], steps="all")]
         with attention_control(pipe.model, ops) as ctl:
             pipe.greedy_decode(batch, lambda inputs: pipe.model(**inputs), max_new_tokens=2)
         decoding = [r for r in ctl.records if not r.prompt]
@@ -464,16 +464,16 @@ def test_block_and_record_take_the_same_steps_option(pipe, batch):
         later = prompt[0].probs[0, :, int(key_cols[0, 0]) + 1:, int(key_cols[0, 0])]
         assert (later == 0).all()
     with pytest.raises(ValueError, match="steps must be"):
-        BlockAttention(key_cols, steps="decoding")
+        BlockAttention(key_cols, steps="decoding", coordinates="cache")
     with pytest.raises(ValueError, match="prompt pass only"):
-        TransplantAttention(1, [0], [0], [[1]], torch.zeros(1, 1, 1, 4), steps="all")
+        TransplantAttention(1, [0], [0], [[1]], torch.zeros(1, 1, 1, 4), steps="all", coordinates="cache")
 
 
 def test_record_query_positions_take_the_padding_the_other_operations_take(pipelines):
     pipe = pipelines["llama"]
     batch = pipe.load(PROMPTS)
     padded = torch.tensor([[5, -1], [4, 6], [-1, -1], [3, 6]])
-    ops = [RecordAttention(layers=[1]), RecordAttention(layers=[1], query_positions=padded)]
+    ops = [RecordAttention(layers=[1]), RecordAttention(layers=[1], query_positions=padded, coordinates="cache")]
     with attention_control(pipe.model, ops) as ctl:
         logits_of(pipe.model, batch)
     full, got = ctl.get(1, op_index=0).probs, ctl.get(1, op_index=1).probs
@@ -481,14 +481,14 @@ def test_record_query_positions_take_the_padding_the_other_operations_take(pipel
         for j, q in enumerate(padded[b].tolist()):
             assert torch.equal(got[b, :, j], full[b, :, q] if q >= 0 else torch.zeros_like(full[b, :, 0]))
     with pytest.raises(ValueError, match="non-negative"):
-        RecordAttention(layers=[1], query_positions=[-1, 2])
+        RecordAttention(layers=[1], query_positions=[-1, 2], coordinates="cache")
 
 
 def test_block_with_rows_heads_layers_and_query_positions(pipelines):
     pipe = pipelines["llama"]
     batch = pipe.load(PROMPTS)
     T = batch.input_ids.shape[1]
-    op = BlockAttention([[T - 3]], rows=[1], query_positions=[[T - 1]], layers=[1], heads=[2])
+    op = BlockAttention([[T - 3]], rows=[1], query_positions=[[T - 1]], layers=[1], heads=[2], coordinates="cache")
     with attention_control(pipe.model, [RecordAttention(layers=[0, 1])]) as clean:
         logits_of(pipe.model, batch)
     with attention_control(pipe.model, [op, RecordAttention(layers=[0, 1])]) as ctl:
@@ -545,7 +545,7 @@ def test_scale_at_positions_per_row(pipelines):
     T = batch.input_ids.shape[1]
     with attention_control(pipe.model, [RecordAttention(layers=[0])]) as clean:
         logits_of(pipe.model, batch)
-    op = ScaleQK(0, 3, "query", 5.0, positions=[[T - 1]], rows=[0])
+    op = ScaleQK(0, 3, "query", 5.0, positions=[[T - 1]], rows=[0], coordinates="cache")
     with attention_control(pipe.model, [op, RecordAttention(layers=[0])]) as ctl:
         logits_of(pipe.model, batch)
     got, ref = ctl.get(0).probs, clean.get(0).probs
@@ -570,3 +570,96 @@ def test_sliding_layer_records_cover_every_cache_coordinate(char_tokenizer):
         with attention_control(model, [RecordAttention(layers=[layer], steps="all")]) as ctl:
             pipe.greedy_decode(batch, lambda inputs: model(**inputs), max_new_tokens=2)
         assert [r.probs.shape[-1] for r in ctl.records] == [width, width + 1]
+
+
+# ---------------------------------------------------------------------------- prompt coordinates
+def _generated(pipe, batch, ops):
+    """Greedy answers (3 tokens) and their top-k logits under ``ops``: every decoding step runs them too."""
+    with attention_control(pipe.model, ops):
+        out = pipe.generate(batch, max_new_tokens=3)
+    return out.token_ids, out.topk_logits
+
+
+def test_prompt_coordinates_equal_cache_columns_plus_padding(pipe, batch):
+    """Each op in prompt coordinates (token indices of each row's unpadded prompt, then its generated tokens)
+    does exactly what it does in cache coordinates with the row's left padding added, prompt pass and decoding."""
+    offsets, lengths = batch.pad_offsets, batch.lengths
+    T, B = batch.input_ids.shape[1], len(PROMPTS)
+    assert len(set(offsets)) > 1, "rows must be padded differently for the check to bite"
+    last = [[n - 1] for n in lengths]  # each row's last prompt token
+    first = [[0] for _ in lengths]
+    answer = [[n, n + 1] for n in lengths]  # each row's first two generated tokens
+
+    def cache(rows_positions):
+        return [[p + o for p in row] for row, o in zip(rows_positions, offsets)]
+
+    probs = torch.zeros(B, 1, 1, max(lengths))
+    for r, n in enumerate(lengths):
+        probs[r, 0, 0, :n] = 1.0 / n
+    cached_probs = torch.zeros(B, 1, 1, T)
+    for r, (n, o) in enumerate(zip(lengths, offsets)):
+        cached_probs[r, 0, 0, o:] = 1.0 / n
+    pairs = [
+        (lambda c, k: BlockAttention(k(first), query_positions=k(answer), coordinates=c), "block at decoding steps"),
+        (lambda c, k: BlockAttention(k(first), layers=[LAYER], steps="prompt", coordinates=c), "block"),
+        (lambda c, k: ScaleQK(LAYER, [0, 1], "key", 4.0, positions=k(first), coordinates=c), "scale keys"),
+        (lambda c, k: TransplantAttention(LAYER, [0], None, k(last), probs if c == "prompt" else cached_probs,
+                                          coordinates=c), "transplant"),
+    ]
+    with attention_control(pipe.model, []):
+        clean = pipe.generate(batch, max_new_tokens=3).topk_logits
+    for make, what in pairs:
+        by_token = _generated(pipe, batch, [make("prompt", lambda x: x)])
+        by_column = _generated(pipe, batch, [make("cache", cache)])
+        assert torch.equal(by_token[0], by_column[0]), what
+        assert torch.equal(by_token[1], by_column[1]), what
+        assert not torch.allclose(by_token[1], clean, atol=1e-4), f"{what} must change something"
+    with attention_control(pipe.model, [RecordAttention([LAYER], query_positions=[0], coordinates="prompt"),
+                                        RecordAttention([LAYER], query_positions=cache(first), coordinates="cache")]) as ctl:
+        logits_of(pipe.model, batch)
+    assert torch.equal(ctl.get(LAYER, op_index=0).probs, ctl.get(LAYER, op_index=1).probs)
+
+
+def test_scaling_a_head_list_equals_one_op_per_head(pipe, batch):
+    with attention_control(pipe.model, [ScaleQK(LAYER, [0, 2], "query", 2.0)]):
+        together = logits_of(pipe.model, batch)
+    with attention_control(pipe.model, [ScaleQK(LAYER, 0, "query", 2.0), ScaleQK(LAYER, 2, "query", 2.0)]):
+        apart = logits_of(pipe.model, batch)
+    with attention_control(pipe.model, [ScaleQK(LAYER, None, "query", 2.0)]):
+        every = logits_of(pipe.model, batch)
+    with attention_control(pipe.model, [ScaleQK(LAYER, list(range(pipe.num_heads)), "query", 2.0)]):
+        listed = logits_of(pipe.model, batch)
+    assert torch.equal(together, apart)
+    assert torch.equal(every, listed)
+    assert not torch.allclose(together, every, atol=1e-4)
+
+
+def test_prompt_coordinates_refuse_right_padding_and_unknown_names(pipelines):
+    pipe = pipelines["llama"]
+    batch = pipe.load(PROMPTS)
+    right = torch.flip(batch.attention_mask, dims=[1])  # tokens first, padding after
+    op = BlockAttention([[0]], coordinates="prompt")
+    with attention_control(pipe.model, [op]), pytest.raises(ValueError, match="not left-padded"):
+        pipe.model(input_ids=batch.input_ids, attention_mask=right)
+    with pytest.raises(ValueError, match="coordinates must be"):
+        BlockAttention([[0]], coordinates="tokens")
+
+
+def test_unstated_coordinates_read_cache_columns_and_warn_only_where_it_matters(pipelines):
+    """Positions without coordinates= keep the old meaning (cache columns) for this release: a FutureWarning on a
+    padded batch, where the two conventions differ, and none on an unpadded one."""
+    import warnings
+
+    pipe = pipelines["llama"]
+    padded, single = pipe.load(PROMPTS), pipe.load(PROMPTS[:1])
+    keys = [[o] for o in padded.pad_offsets]
+    with attention_control(pipe.model, [BlockAttention(keys, coordinates="cache")]):
+        stated = logits_of(pipe.model, padded)
+    with pytest.warns(FutureWarning, match="without coordinates"):
+        with attention_control(pipe.model, [BlockAttention(keys)]):
+            unstated = logits_of(pipe.model, padded)
+    assert torch.equal(stated, unstated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with attention_control(pipe.model, [BlockAttention([[0]])]):
+            logits_of(pipe.model, single)

@@ -104,6 +104,29 @@ def test_every_activation_kind_estimate_is_the_slope_of_its_exact_effect(family,
         np.testing.assert_allclose(toward, result.toward[c], rtol=0.05, atol=0.05, err_msg=cell.cell_id)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_path_gradients_integrate_to_the_exact_effect(family, pipelines):
+    """One cell per site: the path estimate is the integral of the gradient along base -> source, so it tends to
+    the exact effect as the steps grow (midpoint rule), where the first-order estimate does not."""
+    pipeline = pipelines[family]
+    last = TokenPosition(lambda s: [-1], pipeline, id="last")
+    m3 = TokenPosition(lambda s: [-3], pipeline, id="m3")
+    chosen = ([AttributionCell("residual", layer, m3) for layer in range(-1, pipeline.num_layers)]
+              + [AttributionCell("mlp", 0, last), AttributionCell("head", 1, m3, head=2)])
+    att = UnitAttribution(pipeline, chosen)
+    pairs = att.prepare(BASES, SOURCES, BASE_LABELS, CF_LABELS)
+    plain = att.estimate_prepared(pairs)
+    exact = att.exact_prepared(pairs, plain.metric_base)
+    path = att.estimate_prepared(pairs, path_steps=48)
+    assert np.abs(exact).max() > 0.1, "the patches must move the metric"
+    first_order_error = np.abs(plain.estimates - exact).max()
+    assert first_order_error > 1e-2, "the metric must be nonlinear in the cells for the check to bite"
+    np.testing.assert_allclose(path.estimates, exact, rtol=0.02, atol=2e-3)
+    np.testing.assert_array_equal(path.metric_base, plain.metric_base)
+    with pytest.raises(ValueError, match="path_steps"):
+        att.estimate_prepared(pairs, path_steps=-1)
+
+
 @pytest.fixture(scope="module")
 def linear_readout(char_tokenizer) -> LMPipeline:
     """A 2-layer Llama whose last layer reads out linearly after its attention: no final norm, no norm before
@@ -314,3 +337,18 @@ def test_estimates_never_mix_with_exact_results(addition, tmp_path):
     with pytest.raises(ValueError, match="other cells or another variable"):
         screen_and_verify(att, model, datasets, ["carry_0"], task.checker, estimates=estimates)
 
+
+
+def test_path_steps_are_part_of_the_estimates_identity(addition, tmp_path):
+    task, att, model, datasets = addition
+    small = {"random": datasets["random"]}
+    plain = estimate_study(att, model, small, ["carry_1"])
+    path = estimate_study(att, model, small, ["carry_1"], path_steps=2)
+    assert plain.identity.path_steps == 0 and path.identity.path_steps == 2
+    assert plain.identity != path.identity
+    assert not np.allclose(plain.results["random"].estimates, path.results["random"].estimates)
+    np.testing.assert_array_equal(plain.results["random"].metric_base, path.results["random"].metric_base)
+    assert AttributionEstimates.load(path.save(tmp_path / "path.json")).identity == path.identity
+    with pytest.raises(ValueError, match="path_steps=2"):
+        screen_and_verify(att, model, small, ["carry_1"], task.checker, ScreenConfig(random_fraction=0.0),
+                          results_dir=tmp_path / "exact", estimates=path)

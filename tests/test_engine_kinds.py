@@ -188,7 +188,7 @@ def test_transplant_equals_running_with_the_source_probabilities(family, pipelin
         pipeline.model.base_model(**cf.model_inputs(), use_cache=False)
     probs = control.get(1).probs[:, 2:3, -1:, :]  # (B, 1, 1, T)
     width = base.input_ids.shape[1]
-    op = TransplantAttention(1, [2], torch.arange(3), torch.full((3, 1), width - 1), probs)
+    op = TransplantAttention(1, [2], torch.arange(3), torch.full((3, 1), width - 1), probs, coordinates="cache")
     with attention_control(pipeline.model, [op]):
         expected = pipeline.output_rows(pipeline.greedy_decode(base, lambda inputs: pipeline.model(**inputs)), EXAMPLES)
     assert_same(rows["t"], expected)
@@ -208,10 +208,17 @@ def test_attention_block_and_scale_laws(family, pipelines):
              parameters={"target": "query", "factor": 3.0, "all_positions": True}),
         Cell("k3", [AttentionPattern(1, every, head=1)], kind="qk_scale",
              parameters={"target": "key", "factor": 3.0, "all_positions": True}),
+        # no head: every head of the layer, as the other attention kinds
+        Cell("q_all", [AttentionPattern(1, every)], kind="qk_scale",
+             parameters={"target": "query", "factor": 3.0, "all_positions": True}),
+        Cell("k_all", [AttentionPattern(1, every)], kind="qk_scale",
+             parameters={"target": "key", "factor": 3.0, "all_positions": True}),
     ]
     base_rows, rows = run(pipeline, cells)
     assert_same(rows["scale1"], base_rows)
     assert_same(rows["q3"], rows["k3"])
+    assert_same(rows["q_all"], rows["k_all"])
+    assert any(a["topk_logits"][0] != b["topk_logits"][0] for a, b in zip(rows["q_all"], rows["q3"]))
     assert any(a["topk_logits"][0] != b["topk_logits"][0] for a, b in zip(rows["q3"], base_rows))
     assert any(a["topk_logits"][0] != b["topk_logits"][0] for a, b in zip(rows["block"], base_rows))
 
@@ -311,8 +318,8 @@ def test_transplanted_attention_stays_causal(pipelines, monkeypatch):
 def test_bad_kind_parameters_are_refused(pipelines):
     pipeline = pipelines["llama"]
     pos = last_token_position(pipeline)
-    with pytest.raises(ValueError, match="scales one head"):
-        Cell("q", [AttentionPattern(0, pos)], kind="qk_scale", parameters={"target": "query", "factor": 2.0})
+    with pytest.raises(ValueError, match="needs parameters target"):
+        Cell("q", [AttentionPattern(0, pos)], kind="qk_scale", parameters={"target": "value", "factor": 2.0})
     rotation = LinearFeaturizer(random_rotation(pipeline.hidden_size), id="rotation")
     for bad in ((-1,), (0, 0), (pipeline.hidden_size,)):
         cell = Cell("f", [_with(ResidualStream(0, pos), featurizer=rotation, feature_indices=bad)])

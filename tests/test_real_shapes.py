@@ -311,7 +311,7 @@ def test_transplant_equals_the_recorded_source_probabilities(real):
     probs = control.get(layer).probs[:, head : head + 1, -1:, :]  # (B, 1, 1, T)
     width = base.input_ids.shape[1]
     n = len(BASES)
-    op = TransplantAttention(layer, [head], torch.arange(n), torch.full((n, 1), width - 1), probs)
+    op = TransplantAttention(layer, [head], torch.arange(n), torch.full((n, 1), width - 1), probs, coordinates="cache")
     with torch.no_grad(), attention_control(pipeline.model, [op]):
         expected = pipeline.output_rows(pipeline.greedy_decode(base, lambda inputs: pipeline.body(**inputs)), EXAMPLES)
     assert_same(rows["t"], expected)

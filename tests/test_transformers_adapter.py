@@ -116,7 +116,7 @@ def test_main_paths_raise_no_deprecation_warning(family, pipelines):
                 engine = InterventionEngine(pipeline, backend)
                 _, out = engine.run_part(bases, sources, [0, 1], group_cells(cells, 64))
                 rows[backend] = [(r["cell_id"], r["output_token_ids"]) for r in out]
-            with attention_control(pipeline.model, [BlockAttention([[1]])]):
+            with attention_control(pipeline.model, [BlockAttention([[1]], coordinates="cache")]):
                 pipeline.generate(bases)
     finally:
         pipeline.max_new_tokens = saved

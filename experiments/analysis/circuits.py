@@ -47,7 +47,8 @@ def role_attention(pipeline: LMPipeline, settings: Sequence[dict[str, Any]], rol
             columns = [[batch.input_ids.shape[1] - 1] for _ in chunk]
         width = max(len(c) for c in columns)
         qpos = torch.tensor([c + [c[-1]] * (width - len(c)) for c in columns])
-        with backend_with("attention", pipeline.model).attention([RecordAttention(layers, query_positions=qpos)]) as ctl:
+        with backend_with("attention", pipeline.model).attention([RecordAttention(layers, query_positions=qpos,
+                                                                                     coordinates="cache")]) as ctl:
             pipeline.model.base_model(**batch.model_inputs(), use_cache=False)
         roles = [roles_of(pipeline, s) for s in chunk]
         for layer in layers:

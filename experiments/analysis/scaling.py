@@ -94,29 +94,29 @@ def scaling_sweep(
     for start, chunk in tqdm(list(batches(prompts, max(1, batch_size // len(factors)))), desc=f"scale L{layer}H{head}",
                              disable=not progress):
         batch = pipeline.load(chunk)
-        B, T = batch.input_ids.shape
+        B = batch.input_ids.shape[0]
         F = len(factors)
         rep = batch.select([b for _ in range(F) for b in range(B)])
-        read_cols = [batch.pad_offsets[b] + _read_index(batch.lengths[b], read_position) for b in range(B)]
+        # token indices of each row's unpadded prompt; the attention operations convert them (coordinates="prompt")
+        read = [_read_index(batch.lengths[b], read_position) for b in range(B)]
         ops: list[Any] = []
         for fi, factor in enumerate(factors):
             rows = list(range(fi * B, (fi + 1) * B))
             if where == "all":
                 positions = None
             elif target == "query":
-                positions = [[c] for c in read_cols]
+                positions = [[i] for i in read]
             else:
                 if key_positions is None:
-                    cols = [list(range(batch.pad_offsets[b], T)) for b in range(B)]
+                    tokens = [list(range(batch.lengths[b])) for b in range(B)]
                 else:
-                    cols = [[batch.pad_offsets[b] + (k + batch.lengths[b] if k < 0 else k)
-                             for k in key_positions[start + b]] for b in range(B)]
-                width = max(len(c) for c in cols)
-                positions = [c + [-1] * (width - len(c)) for c in cols]
-            ops.append(ScaleQK(layer, head, target, factor, positions=positions, rows=rows))
+                    tokens = [[k + batch.lengths[b] if k < 0 else k for k in key_positions[start + b]] for b in range(B)]
+                width = max(len(t) for t in tokens)
+                positions = [t + [-1] * (width - len(t)) for t in tokens]
+            ops.append(ScaleQK(layer, head, target, factor, positions=positions, rows=rows, coordinates="prompt"))
         layers = sorted({m[0] for m in measured})
-        qpos = torch.tensor([[c] for _ in range(F) for c in read_cols])
-        ops.append(RecordAttention(layers, query_positions=qpos))
+        qpos = torch.tensor([[i] for _ in range(F) for i in read])
+        ops.append(RecordAttention(layers, query_positions=qpos, coordinates="prompt"))
         with backend_with("attention", pipeline.model).attention(ops) as ctl:
             pipeline.model.base_model(**rep.model_inputs(), use_cache=False)
         key_mask = rep.attention_mask.bool()[:, None, None, :]

@@ -81,6 +81,7 @@ class EstimatesIdentity(BaseModel):
     causal_model_id: str
     target_variables: list[str]
     counterfactual_index: int = 0
+    path_steps: int = Field(0, ge=0)  # > 0: activation cells' gradients averaged along the path (units.py)
     model: dict[str, Any]
     datasets: list[DatasetRecord]
     cells: list[CellSpec]
@@ -212,10 +213,11 @@ def _pairs_and_labels(dataset: CounterfactualDataset, causal_model: Any, target_
 
 def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Datasets, target_variables: list[str],
                    counterfactual_index: int = 0, graddrop: bool = False, progress: bool = False,
-                   pairs_per_pass: int = 256) -> AttributionEstimates:
+                   pairs_per_pass: int = 256, path_steps: int = 0) -> AttributionEstimates:
     """Estimates of every cell of ``attribution`` on every dataset, the metric defined by ``causal_model``'s labels
     with ``target_variables`` interchanged. The pairs of all datasets are pooled and estimated ``pairs_per_pass``
-    at a time (one source pass and one forward/backward each), then split by dataset again."""
+    at a time (one source pass and one forward/backward each), then split by dataset again. ``path_steps``: see
+    `UnitAttribution.estimate_prepared` (part of the estimates' identity)."""
     given = as_dataset_dict(datasets)
     pooled: list[list[Any]] = [[], [], [], []]
     sizes = []
@@ -226,7 +228,8 @@ def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Da
         sizes.append(len(dataset))
     step = max(1, pairs_per_pass)
     chunks = range(0, len(pooled[0]), step)
-    parts = [attribution.estimate(*(column[i : i + step] for column in pooled), graddrop=graddrop)
+    parts = [attribution.estimate(*(column[i : i + step] for column in pooled), graddrop=graddrop,
+                                  path_steps=path_steps)
              for i in tqdm(chunks, desc="estimates", disable=not progress, leave=False)]
     joined = AttributionResult.concat(parts)
     bounds = np.cumsum([0, *sizes])
@@ -234,7 +237,7 @@ def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Da
                for dataset_id, a, b in zip(given, bounds[:-1], bounds[1:])}
     identity = EstimatesIdentity(
         causal_model_id=str(causal_model.id), target_variables=list(target_variables),
-        counterfactual_index=counterfactual_index, model=model_fingerprint(attribution.pipeline),
+        counterfactual_index=counterfactual_index, path_steps=path_steps, model=model_fingerprint(attribution.pipeline),
         datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in given.values()],
         cells=[c.engine_cell().spec for c in attribution.cells])
     return AttributionEstimates(identity, results)
@@ -244,7 +247,8 @@ class ScreenConfig(BaseModel):
     """How many cells to verify: the top ``top_fraction`` of the ranking by ``score`` (at least one) plus a seeded
     random sample of ``random_fraction`` of the rest (rounded up; 0 for none). ``exact_metric``: also compute the
     verified cells' exact effect on the metric (teacher-forced; one more patched pass of every verified cell,
-    for the estimate-vs-exact comparison); the verdicts never need it."""
+    for the estimate-vs-exact comparison); the verdicts never need it. ``path_steps``: estimate with gradients
+    averaged along the path from base to source (`UnitAttribution.estimate_prepared`; 0: plain AtP)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -253,6 +257,7 @@ class ScreenConfig(BaseModel):
     seed: int = 0
     score: Score = "prob"
     exact_metric: bool = False
+    path_steps: int = Field(0, ge=0)
 
     def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top, sample): indices of the top cells (best first) and of the random sample of the rest (sorted)."""
@@ -374,12 +379,16 @@ def screen_and_verify(
     clock = time.perf_counter()
     if estimates is None:
         estimates = estimate_study(attribution, causal_model, datasets, target_variables,
-                                   graddrop=config.score == "graddrop", progress=progress)
+                                   graddrop=config.score == "graddrop", progress=progress,
+                                   path_steps=config.path_steps)
     else:
         fingerprints = {d.id: d.fingerprint() for d in as_dataset_dict(datasets).values()}
         if estimates.identity.model != model_fingerprint(attribution.pipeline) or \
                 {d.dataset_id: d.fingerprint for d in estimates.identity.datasets} != fingerprints:
             raise ValueError("the estimates were computed on another network or other datasets than this screen's")
+        if estimates.identity.path_steps != config.path_steps:
+            raise ValueError(f"the estimates used path_steps={estimates.identity.path_steps}, this screen's config "
+                             f"says {config.path_steps}")
     seconds["estimate"] = time.perf_counter() - clock
     if estimates.cell_ids != [c.cell_id for c in attribution.cells] or \
             estimates.identity.target_variables != list(target_variables):

@@ -31,6 +31,11 @@ Estimates (all from one source pass and one base forward/backward):
   (a head's output is linear in its pattern for fixed values, so splitting its change into a query-key part and
   a value part and fixing the first gives the same sum). Saturated softmaxes *downstream* of a patch are
   linearised by every estimate here;
+- path gradients (``path_steps=k``; integrated gradients per site): the activation cells' gradient averaged over
+  k midpoints of the straight path from the base to the source activations, every cell column of a site moved
+  together (k forwards and backwards per site). Where a site has one cell the estimate tends to the exact effect
+  as k grows (the path integral of the gradient is the change); with several, their estimates share the joint
+  patch's change. It follows the metric through saturation, which the first-order term cannot;
 - GradDrop (``graddrop=True``, one more forward/backward per layer): for each layer l the estimate with no
   gradient flowing back through layer l's attention and MLP outputs (its contribution to the residual), shape
   (L, C, N). `AttributionResult.graddrop_score` is the AtP* combination ``sum_l |AtP_-l| / (L - 1)``;
@@ -59,7 +64,7 @@ can cancel in the sum (GradDrop exposes those). Rank with the estimate, decide w
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -526,6 +531,30 @@ class UnitAttribution(TeacherForcedMetric):
         return _Pass({s: _flat(store[s].detach()) for s in sites}, grads, {k: r.probs for k, r in records.items()},
                      {k: r.value for k, r in records.items()}, logprobs.detach(), greedy)
 
+    def _path_gradient(self, pairs: PreparedPairs, run: _Pass, site: Site, steps: int) -> torch.Tensor:
+        """dM/da at ``site`` (2N, T, width) averaged over ``steps`` points of the straight path from the base to the
+        source activations (midpoints alpha = (i + 1/2) / steps), with every cell column of the site moved along it
+        together (integrated gradients per site): a_alpha = a_base + alpha (a_source - a_base)."""
+        cells = [c for c in self.cells if c.site == site and c.kind != "pattern"]
+        rows = torch.arange(2 * pairs.n_pairs, device=pairs.inputs["input_ids"].device)
+        moves = []  # (cols, heads, base, source) per cell
+        for cell in cells:
+            base_cols, src_cols, _ = pairs.columns(cell.position)
+            heads = None if cell.head is None else torch.full_like(base_cols, int(cell.head))
+            moves.append((base_cols, heads, self._gather(run.acts[site], rows, base_cols, cell.head),
+                          self._gather(pairs.source_acts[site], pairs.pair_of_row, src_cols, cell.head)))
+        total = torch.zeros_like(run.grads[site])
+        for i in range(steps):
+            alpha = (i + 0.5) / steps
+            patches = [(rows[:, None], cols, heads, base + alpha * (source - base)) for cols, heads, base, source in moves]
+            store: dict[Site, torch.Tensor] = {}
+            actions = {site: _SiteAction(keep=True, leaf=True, patches=patches)}
+            with frozen_parameters(self.pipeline.model), torch.enable_grad(), self._hooked(actions, store):
+                logprobs, _ = self.row_scores(pairs.inputs, pairs.lengths)
+                (logprobs * pairs.signs).sum().backward()
+            total += _flat(store[site].grad)
+        return total / steps
+
     def _gather(self, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, head: int | None) -> torch.Tensor:
         """(R, n, d) values of ``t`` (B, T, d) at rows × cols; head sites: one head's (R, n, d_head) slice."""
         if head is None:
@@ -557,22 +586,34 @@ class UnitAttribution(TeacherForcedMetric):
         linear = ((d_logits * moved).sum(-1) * mask).sum(-1)
         return star[:n] + star[n:], linear[:n] + linear[n:], star[:n]
 
-    def estimate_prepared(self, pairs: PreparedPairs, graddrop: bool = False, progress: bool = False
-                          ) -> AttributionResult:
-        """Estimates of every cell on prepared pairs (see the module docstring)."""
+    def estimate_prepared(self, pairs: PreparedPairs, graddrop: bool = False, progress: bool = False,
+                          path_steps: int = 0) -> AttributionResult:
+        """Estimates of every cell on prepared pairs (see the module docstring); ``path_steps`` > 0: the activation
+        cells' gradients are averaged along the path to the source (`_path_gradient`, one forward and backward per
+        step and site)."""
         if not self.cells:
             raise ValueError("no cells to estimate")
+        if path_steps < 0:
+            raise ValueError(f"path_steps must be >= 0, got {path_steps}")
         run = self._gradient_pass(pairs)
+        path = None  # the activation cells' pass when their gradients are path averages (pattern cells keep ``run``)
+        if path_steps:
+            sites = [s for s in self._sites(self.cells) if any(c.site == s and c.kind != "pattern" for c in self.cells)]
+            grads = dict(run.grads)
+            for site in tqdm(sites, desc="path gradients", disable=not progress, leave=False):
+                grads[site] = self._path_gradient(pairs, run, site, path_steps)
+            path = replace(run, grads=grads)
         n = pairs.n_pairs
         logp = run.logprobs.cpu().numpy().astype(float)
         greedy = run.greedy.cpu().numpy().astype(bool)
         metric = logp[:n] - logp[n:]
 
-        def all_cells(r: _Pass) -> tuple[np.ndarray, ...]:
-            parts = [self._cell_estimates(pairs, r, cell) for cell in self.cells]
+        def all_cells(r: _Pass, activations: _Pass | None = None) -> tuple[np.ndarray, ...]:
+            parts = [self._cell_estimates(pairs, r if activations is None or cell.kind == "pattern" else activations,
+                                          cell) for cell in self.cells]
             return tuple(torch.stack([p[j] for p in parts]).cpu().numpy() for j in range(3))
 
-        estimates, linearised, toward = all_cells(run)
+        estimates, linearised, toward = all_cells(run, path)
         dropped = None
         if graddrop:
             first = self._sites(self.cells)[0]
@@ -593,10 +634,10 @@ class UnitAttribution(TeacherForcedMetric):
 
     def estimate(self, bases: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]],
                  base_labels: Sequence[Any], cf_labels: Sequence[Any], exact: bool = False, graddrop: bool = False,
-                 progress: bool = False) -> AttributionResult:
+                 progress: bool = False, path_steps: int = 0) -> AttributionResult:
         """Estimates (and, with ``exact``, exact effects) of every cell on the pairs (base i, source i)."""
         pairs = self.prepare(bases, sources, base_labels, cf_labels)
-        result = self.estimate_prepared(pairs, graddrop=graddrop, progress=progress)
+        result = self.estimate_prepared(pairs, graddrop=graddrop, progress=progress, path_steps=path_steps)
         if exact:
             rows = self.exact_rows(pairs, progress=progress)
             result.exact = self.effects(pairs, rows, result.metric_base)
@@ -664,7 +705,8 @@ class UnitAttribution(TeacherForcedMetric):
             if cell.kind == "pattern":
                 query = torch.where(mask, base_cols, torch.full_like(base_cols, -1))
                 probs = pairs.transplanted(cell.layer, int(cell.head), cell.position)
-                ops.append(TransplantAttention(cell.layer, [int(cell.head)], rows + k * n2, query, probs[:, None]))
+                ops.append(TransplantAttention(cell.layer, [int(cell.head)], rows + k * n2, query, probs[:, None],
+                                               coordinates="cache"))
                 continue
             values = self._gather(pairs.source_acts[cell.site], pairs.pair_of_row, src_cols, cell.head)
             r = (rows[:, None] + k * n2).expand_as(base_cols)[mask]

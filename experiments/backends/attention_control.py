@@ -7,8 +7,14 @@ kv head ``h // groups``) registered with both ``AttentionInterface`` and ``Atten
 ``with attention_control(model, ops) as ctl:`` the model runs on that function and ``ops`` act in
 every forward: the prompt pass and every cached decoding step.
 
-Coordinates. Batch rows are the rows of the padded batch. Positions are *cache coordinates*: the
-columns of the left-padded prompt (0 .. T-1), then the generated tokens (T, T+1, ...). In a forward
+Coordinates. Batch rows are the rows of the padded batch. Every op says how its positions count
+(``coordinates=``): ``"prompt"`` counts each row's own tokens, the unpadded prompt's token indices
+(0 .. n_b - 1), then its generated tokens (n_b, n_b + 1, ...); the controller reads each row's left
+padding off the prompt pass's attention mask and converts. ``"cache"`` names *cache coordinates*
+directly: the columns of the left-padded prompt (0 .. T-1), then the generated tokens (T, T+1, ...); a
+row's token i is column i + its padding (``PromptBatch.cache_columns``). Unstated (None), positions are
+cache columns for this release, with a ``FutureWarning`` when the batch is padded (where the two differ);
+``"prompt"`` becomes the default in the next. In a forward
 whose cache holds ``N`` positions (past + new) and whose queries hold ``Q`` new tokens, query ``i``
 sits at coordinate ``N - Q + i``. A forward is a *prompt pass* when it has no cached keys, a
 *decoding step* otherwise. ``N`` is counted from the prompt pass on (the context must be entered
@@ -33,7 +39,7 @@ Ops (plain frozen dataclasses, tensors allowed):
   keys/values (B, KV, K, d) before grouped-query expansion; into ``controller.records``.
 * :class:`TransplantAttention` -- overwrite the probabilities of given rows/heads/query positions.
 * :class:`BlockAttention` -- a blocked key gets exactly zero probability (``-inf`` before the softmax).
-* :class:`ScaleQK` -- multiply one query head's queries, or the keys that head sees, by a factor.
+* :class:`ScaleQK` -- multiply some query heads' queries, or the keys those heads see, by a factor.
 
 Order inside one attention call: ScaleQK -> logits (+ softcap) + mask -> BlockAttention -> softmax
 -> TransplantAttention -> RecordAttention -> (dropout, training only) -> probabilities @ V.
@@ -43,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
@@ -59,6 +65,7 @@ ATTENTION_IMPLEMENTATION = "controlled_eager_attention"
 _CONTROLLER_ATTR = "_attention_controller"
 
 Steps = Literal["prompt", "all"]
+Coordinates = Literal["cache", "prompt"]
 IndexLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
@@ -112,9 +119,12 @@ def _as_heads(value: int | Sequence[int] | None, name: str = "heads") -> tuple[i
     return heads
 
 
-def _check_steps(steps: str) -> None:
+def _check_steps(steps: str, coordinates: str | None = None) -> None:
     if steps not in ("prompt", "all"):
         raise ValueError(f"steps must be 'prompt' or 'all', got {steps!r}")
+    if coordinates not in ("cache", "prompt", None):
+        raise ValueError(f"coordinates must be 'cache' (padded-batch columns) or 'prompt' (token indices of each "
+                         f"row's unpadded prompt), got {coordinates!r}")
 
 
 # ---------------------------------------------------------------------------- ops
@@ -140,6 +150,7 @@ class RecordAttention:
     query_positions: IndexLike | None = None
     what: tuple[str, ...] = ("probs",)
     steps: Steps = "prompt"
+    coordinates: Coordinates | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _as_layers(self.layers))
@@ -149,7 +160,7 @@ class RecordAttention:
         if unknown or not what:
             raise ValueError(f"what must be a non-empty subset of ('probs', 'query', 'key', 'value'), got {what}")
         object.__setattr__(self, "what", what)
-        _check_steps(self.steps)
+        _check_steps(self.steps, self.coordinates)
         qp = self.query_positions
         if qp is not None:
             tensor = torch.as_tensor(qp, dtype=torch.long)
@@ -163,7 +174,9 @@ class RecordAttention:
 class TransplantAttention:
     """Replace probabilities in the prompt pass: ``probs`` (R, len(heads), n, K) is written to batch rows
     ``rows`` (R,; None: every row, R = the batch size, as in the other operations), query columns
-    ``query_positions`` (R, n; -1 = skip) and query ``heads`` of ``layer``, before multiplying by V. ``K`` must equal the prompt width. ``steps`` is ``"prompt"``, the
+    ``query_positions`` (R, n; -1 = skip) and query ``heads`` of ``layer``, before multiplying by V. In cache
+    coordinates ``K`` must equal the prompt width; in prompt coordinates key k is each row's token k (K may be
+    any width; mass on keys past a row's prompt is refused). ``steps`` is ``"prompt"``, the
     only pass whose keys the probabilities describe (the option exists so every operation reads alike).
     """
 
@@ -173,8 +186,10 @@ class TransplantAttention:
     query_positions: IndexLike
     probs: torch.Tensor
     steps: Steps = "prompt"
+    coordinates: Coordinates | None = None
 
     def __post_init__(self) -> None:
+        _check_steps(self.steps, self.coordinates)
         if self.steps != "prompt":
             raise ValueError("TransplantAttention acts on the prompt pass only (its probabilities span the prompt's "
                              f"keys): steps must be 'prompt', got {self.steps!r}")
@@ -200,7 +215,7 @@ class TransplantAttention:
 
 @dataclass(frozen=True, eq=False)
 class BlockAttention:
-    """Give keys at ``key_positions`` (R, m; -1 = padding; cache coordinates) exactly zero probability.
+    """Give keys at ``key_positions`` (R, m; -1 = padding; ``coordinates``) exactly zero probability.
 
     ``rows`` (R,) picks the batch rows (None: all rows; then R is the batch size, or 1 to apply the
     same keys to every row). ``layers``/``heads``: None = all.
@@ -208,7 +223,7 @@ class BlockAttention:
     The causal rule always holds: a query loses a key only when the key is strictly earlier
     (key coordinate < query coordinate). A query is never blocked from itself or from a later key
     (those pairs are silently ignored, with or without ``query_positions``). ``query_positions``
-    (R, n; -1 padding; cache coordinates) restricts *which* queries lose the keys; None means every
+    (R, n; -1 padding; ``coordinates``) restricts *which* queries lose the keys; None means every
     query, in the prompt pass and in every decoding step (``steps="all"``, the default) or in the prompt pass
     only (``steps="prompt"``).
 
@@ -225,9 +240,10 @@ class BlockAttention:
     layers: int | Sequence[int] | None = None
     heads: int | Sequence[int] | None = None
     steps: Steps = "all"
+    coordinates: Coordinates | None = None
 
     def __post_init__(self) -> None:
-        _check_steps(self.steps)
+        _check_steps(self.steps, self.coordinates)
         keys = _as_index_matrix(self.key_positions, "key_positions")
         rows = _as_index_vector(self.rows, "rows")
         qpos = _as_index_matrix(self.query_positions, "query_positions")
@@ -244,30 +260,32 @@ class BlockAttention:
 
 @dataclass(frozen=True, eq=False)
 class ScaleQK:
-    """Multiply query head ``head`` of ``layer``'s queries (``target="query"``) or the keys that head
-    sees (``target="key"``: a per-head copy, other heads sharing its kv head are untouched) by
-    ``factor``, after rotary, before the logits.
+    """Multiply the queries of query heads ``heads`` of ``layer`` (``target="query"``) or the keys those
+    heads see (``target="key"``: each head's own copy; other heads sharing its kv head are untouched) by
+    ``factor``, after rotary, before the logits. ``heads``: one head or a list (None: every head).
 
-    ``positions``: None = all positions; else (R, n) cache coordinates per row (-1 padding) for
+    ``positions``: None = all positions; else (R, n) positions per row (-1 padding; ``coordinates``) for
     batch rows ``rows`` (R,) (None: all rows; then R is the batch size or 1). Queries are scaled at
     the query positions present in a forward, keys at the key positions. ``steps``: "all" (default)
     or "prompt".
     """
 
     layer: int
-    head: int
+    heads: int | Sequence[int] | None
     target: Literal["query", "key"]
     factor: float
     positions: IndexLike | None = None
     rows: IndexLike | None = None
     steps: Steps = "all"
+    coordinates: Coordinates | None = None
 
     def __post_init__(self) -> None:
-        if int(self.layer) < 0 or int(self.head) < 0:
-            raise ValueError(f"layer and head must be non-negative, got layer={self.layer}, head={self.head}")
+        if int(self.layer) < 0:
+            raise ValueError(f"layer must be non-negative, got layer={self.layer}")
+        object.__setattr__(self, "heads", _as_heads(self.heads))
         if self.target not in ("query", "key"):
             raise ValueError(f"target must be 'query' or 'key', got {self.target!r}")
-        _check_steps(self.steps)
+        _check_steps(self.steps, self.coordinates)
         positions = _as_index_matrix(self.positions, "positions")
         rows = _as_index_vector(self.rows, "rows")
         if rows is not None and positions is not None and positions.shape[0] != len(rows):
@@ -287,7 +305,8 @@ class AttentionRecord:
 
     ``step``: index of the forward inside the context (0 = first forward, normally the prompt pass);
     ``prompt``: whether that forward had no cached keys; ``query_offset``: cache coordinate of the
-    forward's first query; ``key_offset``: cache coordinate of ``key``/``value``'s first position (0
+    forward's first query; ``query_positions``: the recorded query columns in cache coordinates (an op in
+    prompt coordinates is converted); ``key_offset``: cache coordinate of ``key``/``value``'s first position (0
     unless a sliding-window layer dropped old keys; ``probs`` always start at coordinate 0). Tensors
     not asked for are None.
     """
@@ -316,6 +335,7 @@ class AttentionController:
     num_heads: int
     records: list[AttentionRecord] = field(default_factory=list)
     step: int = -1
+    pad_offsets: torch.Tensor | None = None  # (B,) each row's left padding, read off the prompt pass's mask
     _last_layer: int | None = None
     _expected_keys: int | None = None  # cache length N of the current forward, when known
     _tracked: bool = False  # the context saw the prompt pass, so cache lengths can be counted
@@ -367,13 +387,99 @@ class AttentionController:
         )
 
 
+def _pad_offsets(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """(B,) each row's left padding in a prompt pass of ``length`` columns: the first column that sees itself
+    (a padding column is masked for every query, itself included). Refuses rows whose tokens do not run from
+    there to the last column (right padding, holes): prompt coordinates would be ambiguous."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long)
+    allowed = _allowed_keys(attention_mask, torch.Size((batch, 1, length, length)))
+    columns = torch.arange(length, device=allowed.device)
+    diagonal = allowed[:, 0, columns, columns].expand(batch, -1).cpu()  # (B, T): real tokens
+    offsets = torch.where(diagonal.any(-1), diagonal.int().argmax(-1), torch.full((batch,), length))
+    contiguous = diagonal == (torch.arange(length)[None, :] >= offsets[:, None])
+    if not bool(contiguous.all()):
+        bad = int((~contiguous.all(-1)).nonzero()[0])
+        raise ValueError(f"row {bad} is not left-padded (its tokens do not run to the last column): "
+                         "prompt coordinates need left padding; pass cache coordinates")
+    return offsets
+
+
+def _shift(matrix: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(R, n) prompt coordinates of batch rows ``rows`` -> cache coordinates (-1 padding kept)."""
+    return torch.where(matrix >= 0, matrix + offsets[rows][:, None], matrix)
+
+
+def _names_positions(op: AttentionOp) -> bool:
+    if isinstance(op, RecordAttention):
+        return op.query_positions is not None
+    if isinstance(op, ScaleQK):
+        return op.positions is not None
+    return True
+
+
+#: The warning for positions given without ``coordinates=`` on a padded batch (read as cache columns).
+UNSTATED_COORDINATES = ("{op}: positions given without coordinates= on a left-padded batch are read as cache columns "
+                        "of the padded batch; pass coordinates='cache' to keep that, or 'prompt' for token indices of "
+                        "each row's unpadded prompt (the default from the next release)")
+
+
+def _in_cache_coordinates(op: AttentionOp, offsets: torch.Tensor | None, k_len: int) -> AttentionOp:
+    """``op`` with its positions (and a transplant's key axis) converted from prompt to cache coordinates."""
+    if op.coordinates is None:
+        if offsets is not None and bool(offsets.any()) and _names_positions(op):
+            warnings.warn(UNSTATED_COORDINATES.format(op=type(op).__name__), FutureWarning, stacklevel=2)
+        return op
+    if op.coordinates == "cache":
+        return op
+    if offsets is None:
+        raise RuntimeError(f"{type(op).__name__} names prompt coordinates, but attention_control did not see the "
+                           "prompt pass (entered mid-generation): enter it before the prompt pass")
+    batch = len(offsets)
+    name = type(op).__name__
+    if isinstance(op, RecordAttention):
+        positions = op.query_positions
+        if positions is None:
+            return replace(op, coordinates="cache")
+        if positions.ndim == 1:
+            positions = positions[None].expand(batch, -1)
+        _row_targets(None, positions, batch, name)
+        return replace(op, query_positions=_shift(positions, torch.arange(batch), offsets), coordinates="cache")
+    if isinstance(op, ScaleQK):
+        if op.positions is None:
+            return replace(op, coordinates="cache")
+        rows, positions = _row_targets(op.rows, op.positions, batch, name)
+        return replace(op, positions=_shift(positions, rows, offsets), coordinates="cache")
+    if isinstance(op, BlockAttention):
+        rows, keys = _row_targets(op.rows, op.key_positions, batch, name)
+        queries = op.query_positions
+        if queries is not None and op.rows is None and queries.shape[0] == 1:
+            queries = queries.expand(batch, -1)
+        return replace(op, key_positions=_shift(keys, rows, offsets), coordinates="cache",
+                       query_positions=None if queries is None else _shift(queries, rows, offsets))
+    rows = torch.arange(batch) if op.rows is None else op.rows
+    _check_rows(rows, batch, name)
+    if len(rows) != op.query_positions.shape[0]:
+        raise ValueError(f"{name}: {op.query_positions.shape[0]} rows of positions for a batch of {batch} "
+                         "(give rows= to patch some rows only)")
+    probs = op.probs.new_zeros(*op.probs.shape[:3], k_len)
+    for i, row in enumerate(rows.tolist()):
+        start = int(offsets[row])
+        kept = min(op.probs.shape[-1], k_len - start)
+        if bool(op.probs[i, ..., kept:].any()):
+            raise ValueError(f"{name} at layer {op.layer}: row {row} puts probability on key {kept} or later, past "
+                             f"its prompt of {k_len - start} tokens")
+        probs[i, ..., start:start + kept] = op.probs[i, ..., :kept]
+    return replace(op, query_positions=_shift(op.query_positions, rows, offsets), probs=probs, coordinates="cache")
+
+
 def _validate_ops(ops: Sequence[AttentionOp], num_layers: int, num_heads: int) -> tuple[AttentionOp, ...]:
     checked = []
     for i, op in enumerate(ops):
         if not isinstance(op, (RecordAttention, TransplantAttention, BlockAttention, ScaleQK)):
             raise TypeError(f"op {i} is a {type(op).__name__}, not an attention op")
         layers = [op.layer] if isinstance(op, (TransplantAttention, ScaleQK)) else (op.layers or [])
-        heads = [op.head] if isinstance(op, ScaleQK) else (op.heads or [])
+        heads = op.heads or []
         for layer in layers:
             if not 0 <= layer < num_layers:
                 raise ValueError(f"op {i} ({type(op).__name__}): layer {layer} out of range (model has {num_layers})")
@@ -549,13 +655,22 @@ def controlled_attention_forward(
         raise ValueError(f"{num_heads} query heads do not match {key.shape[1]} kv heads x {groups} groups")
     controller: AttentionController | None = module.__dict__.get(_CONTROLLER_ATTR)
     ops: list[AttentionOp] = []
+    indices: list[int] = []  # each selected op's index in the controller's ops
     layer = int(getattr(module, "layer_idx", -1))
     window = _sliding_window(module, kwargs)
     prompt = k_len == q_len
     q_offset, k_offset = k_len - q_len, 0
     if controller is not None:
+        first_call = controller._last_layer is None or layer <= controller._last_layer
         controller._begin(layer, q_len, k_len, window)
-        for op in controller.ops:
+        if first_call and prompt and any(op.coordinates != "cache" for op in controller.ops):
+            try:
+                controller.pad_offsets = _pad_offsets(attention_mask, batch, q_len)
+            except ValueError:
+                if any(op.coordinates == "prompt" for op in controller.ops):
+                    raise
+                controller.pad_offsets = None  # ops without stated coordinates read cache columns: nothing to convert
+        for index, op in enumerate(controller.ops):
             if isinstance(op, RecordAttention):
                 hit = layer in op.layers and (prompt or op.steps == "all")
             elif isinstance(op, TransplantAttention):
@@ -565,7 +680,8 @@ def controlled_attention_forward(
             else:
                 hit = layer == op.layer and (prompt or op.steps == "all")
             if hit:
-                ops.append(op)
+                ops.append(_in_cache_coordinates(op, controller.pad_offsets, k_len))
+                indices.append(index)
         if ops:
             q_offset, k_offset = controller._frame(layer, q_len, k_len, window)
 
@@ -573,14 +689,15 @@ def controlled_attention_forward(
     value_states = _expand_kv(value, groups)
     for op in ops:
         if isinstance(op, ScaleQK):
+            heads = list(op.heads) if op.heads is not None else slice(None)
             if op.target == "query":
                 factors = _scale_factors(op, batch, q_offset, q_len, query.device).to(query.dtype)
                 query = query.clone()
-                query[:, op.head] = query[:, op.head] * factors[:, :, None]
+                query[:, heads] = query[:, heads] * factors[:, None, :, None]
             else:
                 factors = _scale_factors(op, batch, k_offset, k_len, key.device).to(key.dtype)
                 key_states = key_states.clone()
-                key_states[:, op.head] = key_states[:, op.head] * factors[:, :, None]
+                key_states[:, heads] = key_states[:, heads] * factors[:, None, :, None]
 
     logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if softcap is not None:
@@ -610,8 +727,8 @@ def controlled_attention_forward(
     for op in ops:
         if isinstance(op, TransplantAttention):
             probs = _transplant(probs, op, layer)
-    for index, op in enumerate(controller.ops if controller is not None else ()):
-        if op in ops and isinstance(op, RecordAttention):
+    for index, op in zip(indices, ops):
+        if isinstance(op, RecordAttention):
             _record(controller, index, op, layer, prompt, q_offset, k_offset, probs, query, key, value)
 
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)

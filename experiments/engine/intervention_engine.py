@@ -44,7 +44,8 @@ SITE_KINDS = ("interchange", "zero_ablation", "mean_ablation")
 #: prompt pass and every decoding step; ``attention_transplant``: the probabilities of the unit's query
 #: positions come from the counterfactual run, keys aligned by unpadded index or by ``key_roles``
 #: (unmatched keys get 0, rows renormalised); ``qk_scale``: ``parameters = {"target": "query"|"key",
-#: "factor": float}`` at the unit's positions (``"all_positions": True``: every position).
+#: "factor": float}`` at the unit's positions (``"all_positions": True``: every position). Each kind acts on
+#: the unit's head, or on every head of the layer when the unit names none.
 ATTENTION_KINDS = ("attention_block", "attention_transplant", "qk_scale")
 KINDS = SITE_KINDS + ATTENTION_KINDS
 #: Kinds that read the counterfactual run (the others act on the base run alone).
@@ -75,8 +76,6 @@ class Cell:
         if self.units and any(attention) != (self.kind in ATTENTION_KINDS) or len(set(attention)) > 1:
             raise ValueError(f"cell {self.cell_id!r}: kind {self.kind!r} needs "
                              f"{'attention_pattern' if self.kind in ATTENTION_KINDS else 'activation'} units only")
-        if self.kind == "qk_scale" and any(u.head is None for u in self.units):
-            raise ValueError(f"cell {self.cell_id!r}: qk_scale scales one head: give each AttentionPattern a head")
         if self.kind == "qk_scale" and (self.parameters.get("target") not in ("query", "key")
                                         or not isinstance(self.parameters.get("factor"), (int, float))):
             raise ValueError(f"cell {self.cell_id!r}: qk_scale needs parameters target ('query'|'key') and factor")
@@ -494,11 +493,12 @@ class InterventionEngine:
             columns = torch.tensor([ix + [-1] * (width - len(ix)) for ix in base_idx], device=device)
             heads = None if first.head is None else [first.head]
             if kind == "attention_block":
-                ops.append(BlockAttention(columns, layers=[first.layer], heads=heads))
+                ops.append(BlockAttention(columns, layers=[first.layer], heads=heads, coordinates="cache"))
             elif kind == "qk_scale":
                 params = group[0].parameters
                 positions = None if params.get("all_positions") else columns
-                ops.append(ScaleQK(first.layer, first.head, params["target"], params["factor"], positions=positions))
+                ops.append(ScaleQK(first.layer, heads, params["target"], params["factor"], positions=positions,
+                                   coordinates="cache"))
             else:  # attention_transplant
                 src_idx = [source_cols[id(u.position)][b] for u in units for b in range(n_pairs)]
                 probs = sources[("probs", first.layer)]  # (B, H, Ts, Ts)
@@ -517,7 +517,7 @@ class InterventionEngine:
                 total = aligned.sum(-1, keepdim=True)
                 aligned = torch.where(total > 0, aligned / total.clamp(min=torch.finfo(aligned.dtype).tiny), aligned)
                 ops.append(TransplantAttention(first.layer, head_list, torch.arange(n_rows, device=device),
-                                               columns, aligned.to(probs.dtype)))
+                                               columns, aligned.to(probs.dtype), coordinates="cache"))
         with self.backend.attention(ops):
             generation = pipeline.greedy_decode(rows, lambda inputs: pipeline.body(**inputs))
         return self._rows(generation, group, part.example_indices)

@@ -189,7 +189,7 @@ class LatentRun:
 def block_positions(positions: Sequence[int], layers: Sequence[int] | None = None,
                     heads: Sequence[int] | None = None) -> BlockAttention:
     """Block every later query (prompt, thoughts, eot, every answer token) from the keys at ``positions``."""
-    return BlockAttention(key_positions=[list(positions)], layers=layers, heads=heads)
+    return BlockAttention(key_positions=[list(positions)], layers=layers, heads=heads, coordinates="cache")
 
 
 def block_thoughts(thoughts: Sequence[int], layers: Sequence[int] | None = None,

@@ -231,7 +231,7 @@ def attention_analysis(pipeline, pairs: Sequence[DecimalPair], formats: Sequence
         batch = pipeline.load(settings)
         width = batch.input_ids.shape[1]
         with torch.no_grad(), backend_with("attention", pipeline.model).attention(
-                [RecordAttention(layers, query_positions=[width - 1])]) as ctl:
+                [RecordAttention(layers, query_positions=[width - 1], coordinates="cache")]) as ctl:
             pipeline.model(**batch.model_inputs(), use_cache=False)
         dec = np.zeros((len(layers), pipeline.num_heads))
         own = np.zeros_like(dec)
