@@ -11,6 +11,7 @@ answer tokens), then divides by an assumed sustained throughput (peak × utilisa
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -70,8 +71,45 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(PEAKS))
     ref = flops["honest hook loop (sources once, pairs batched, head on the read position)"]
     for name, f in flops.items():
-        times = " | ".join(f"{f / (peak * 1e12 * args.utilisation):.0f}" for peak in PEAKS.values())
-        print(f"| {name} | {f / 1e15:.2f} | {f / ref:.2f} | {times} |")
+        print(f"| {name} | {f / 1e15:.2f} | {f / ref:.2f} | {seconds(f, args.utilisation)} |")
+
+    # the same study screened: estimate every cell, verify the top fraction exactly (suffix reuse)
+    heads = [(j, p) for j in range(L) for p in args.columns for _ in range(fm.n_heads)]
+    answer = args.new_tokens
+    fixed = N * (row_generic + fm.forward(T, 0))  # base rows' generation (the suffix base pass) + source pass
+    # teacher-forced rows (prompt + answer) for both labels, head on the answer-predicting positions; the backward
+    # computes activation gradients only (parameters frozen): about one forward's FLOPs; plus the source pass
+    estimate = 2 * N * 2 * fm.forward(T + answer, answer) + N * fm.forward(T, 0)
+    print(f"\nScreen then verify (`experiments.attribution.screen`), same pairs and columns; exact cells by suffix "
+          f"reuse (an in-layer cell: its layer on the patched token, then the suffix above it); the estimate: "
+          f"2N teacher-forced rows of {T + answer} tokens, forward and backward (activation gradients only), plus "
+          f"the source pass\n")
+    print("The verified 10% cost their share of the sweep when the ranking ignores cost (mean cell), at most the "
+          "costliest 10% of the cells (low layers, early columns).\n")
+    print("| study | cells | full exact sweep (PFLOP) | screen, top 10%: mean cell / costliest (PFLOP) | ratio | "
+          + " | ".join(f"{g}: exact / screen (s)" for g in PEAKS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(PEAKS))
+    studies = {
+        "residual stream": [fm.suffix(r, p, T) for r, p in cells],
+        "attention heads": [fm.layer(p, p + 1) + fm.suffix(j + 1, p, T) for j, p in heads],
+    }
+    for name, costs in studies.items():
+        per_cell = [c + decode for c in costs]
+        exact = fixed + N * sum(per_cell)
+        n_top = max(1, math.ceil(0.1 * len(per_cell)))
+        costliest = estimate + fixed + N * sum(sorted(per_cell, reverse=True)[:n_top])
+        screen = estimate + fixed + N * n_top * sum(per_cell) / len(per_cell)
+        times = " | ".join(f"{seconds(exact, args.utilisation, peak)} / {seconds(screen, args.utilisation, peak)}"
+                           for peak in PEAKS.values())
+        print(f"| {name} | {len(costs)} | {exact / 1e15:.2f} | {screen / 1e15:.2f} / {costliest / 1e15:.2f} | "
+              f"{exact / screen:.1f}× / {exact / costliest:.1f}× | {times} |")
+
+
+def seconds(flops: float, utilisation: float, peak: float | None = None) -> str:
+    """Projected seconds at ``utilisation`` of one peak, or of every peak in PEAKS joined as table cells."""
+    if peak is None:
+        return " | ".join(seconds(flops, utilisation, p) for p in PEAKS.values())
+    return f"{flops / (peak * 1e12 * utilisation):.0f}"
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ class FlopModel:
         head_dim = getattr(config, "head_dim", None)
         self.attn_width = config.num_attention_heads * head_dim if head_dim else config.hidden_size
         self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
         self.head = 2 * config.hidden_size * config.vocab_size
 
     def layer(self, first: int, stop: int) -> int:
