@@ -247,7 +247,8 @@ def screen_comparison(args: argparse.Namespace) -> dict[str, Any]:
     timing["estimates"] = timing["exact"] = 0.0
     for variable in tqdm(variables, desc="variables"):
         start = time.perf_counter()
-        estimates = estimate_study(attribution, model, datasets, variable.split("+"), graddrop=True)
+        estimates = estimate_study(attribution, model, datasets, variable.split("+"), graddrop=True,
+                                   path_steps=args.path_steps)
         timing["estimates"] += time.perf_counter() - start
         start = time.perf_counter()
         exact_parts: dict[str, list[np.ndarray]] = {k: [] for k in SCORES}

@@ -125,6 +125,15 @@ def test_path_gradients_integrate_to_the_exact_effect(family, pipelines):
     np.testing.assert_array_equal(path.metric_base, plain.metric_base)
     with pytest.raises(ValueError, match="path_steps"):
         att.estimate_prepared(pairs, path_steps=-1)
+    # GradDrop stays the plain estimate's, whatever path_steps says (also for layers below the gradient's leaf)
+    high = UnitAttribution(pipeline, [AttributionCell("mlp", 1, last), AttributionCell("residual", 1, m3)])
+    high_pairs = high.prepare(BASES, SOURCES, BASE_LABELS, CF_LABELS)
+    dropped_plain = high.estimate_prepared(high_pairs, graddrop=True)
+    dropped_path = high.estimate_prepared(high_pairs, graddrop=True, path_steps=2)
+    assert not np.allclose(dropped_path.estimates, dropped_plain.estimates)
+    np.testing.assert_allclose(dropped_path.graddrop, dropped_plain.graddrop, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="graddrop"):
+        ScreenConfig(score="graddrop", path_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from experiments.backends.attention_control import RecordAttention, TransplantAt
 from experiments.backends import BACKENDS
 from experiments.featurizers import Featurizer, LinearFeaturizer
 from experiments.engine.intervention_engine import Cell, InterventionEngine, group_cells
-from experiments.engine.model_units import AttentionHead, AttentionPattern, MLPOutput, ResidualStream
+from experiments.engine.model_units import AttentionHead, AttentionOutput, AttentionPattern, MLPOutput, ResidualStream
 from experiments.token_positions import TokenPosition, last_token_position
 from hook_reference import RefUnit, assert_rows_match, reference_cell
 
@@ -368,6 +368,23 @@ def test_packed_sites_share_forwards_and_match_the_independent_reference(family,
             unpacked_rows = by_cell
     assert len(passes[False]) == len(cells) and len(passes[True]) == 1 and passes[True][0] == len(cells)
     assert_same(packed_rows["zero"], unpacked_rows["zero"], where=f"{family} zero ablation")
+
+
+def test_cells_pack_where_the_fast_path_does_not_apply(pipelines, monkeypatch):
+    """A part the suffix fast path declines (here: forced) still packs its site cells under pack_sites: one prompt
+    pass for four in-layer sites."""
+    pipeline = pipelines["llama"]
+    pos = last_token_position(pipeline)
+    cells = [Cell(f"{kind}{layer}", [unit(layer, pos)]) for layer in range(2)
+             for kind, unit in (("attn", AttentionOutput), ("mlp", MLPOutput))]
+    engine = InterventionEngine(pipeline, "hooks", pack_sites=True)
+    monkeypatch.setattr(engine.suffix, "supports", lambda width: "declined for the test")
+    calls = []
+    prompt_pass = engine.backend.prompt_pass
+    monkeypatch.setattr(engine.backend, "prompt_pass",
+                        lambda inputs, patches: calls.append(len(patches)) or prompt_pass(inputs, patches))
+    engine.run_part(BASES, SOURCES, EXAMPLES, group_cells(cells, 64))
+    assert calls == [4]
 
 
 def test_packing_needs_a_backend_with_row_patches(pipelines):

@@ -45,7 +45,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -61,6 +61,8 @@ ESTIMATES_KIND = "attribution_estimates"
 METHOD = ("AtP: (a_source - a_base) . dM/da at the base run; attention-pattern cells: AtP* QK fix (exact softmax "
           "change times dM/dA)")
 METRIC = "log p(cf label) - log p(base label), teacher-forced, every answer token scored"
+PATH_METHOD = ("path gradients: (a_source - a_base) . mean over {k} midpoints alpha of dM/da at a_base + alpha (a_source - "
+               "a_base), every cell of a site moved together; attention-pattern cells and GradDrop: as plain AtP*")
 Score = Literal["abs", "signed", "toward", "prob", "flip", "soft_flip", "informative", "graddrop"]
 SCORES: tuple[str, ...] = ("abs", "signed", "toward", "prob", "flip", "soft_flip", "informative", "graddrop")
 #: per-result arrays written beside the estimates when present
@@ -238,6 +240,7 @@ def estimate_study(attribution: UnitAttribution, causal_model: Any, datasets: Da
     identity = EstimatesIdentity(
         causal_model_id=str(causal_model.id), target_variables=list(target_variables),
         counterfactual_index=counterfactual_index, path_steps=path_steps, model=model_fingerprint(attribution.pipeline),
+        method=PATH_METHOD.format(k=path_steps) if path_steps else METHOD,
         datasets=[DatasetRecord(dataset_id=d.id, fingerprint=d.fingerprint(), size=len(d)) for d in given.values()],
         cells=[c.engine_cell().spec for c in attribution.cells])
     return AttributionEstimates(identity, results)
@@ -258,6 +261,12 @@ class ScreenConfig(BaseModel):
     score: Score = "prob"
     exact_metric: bool = False
     path_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _graddrop_is_plain(self) -> "ScreenConfig":
+        if self.score == "graddrop" and self.path_steps:
+            raise ValueError("score 'graddrop' ranks by the plain estimate's GradDrop: path_steps must be 0 with it")
+        return self
 
     def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(top, sample): indices of the top cells (best first) and of the random sample of the rest (sorted)."""

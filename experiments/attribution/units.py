@@ -34,8 +34,9 @@ Estimates (all from one source pass and one base forward/backward):
 - path gradients (``path_steps=k``; integrated gradients per site): the activation cells' gradient averaged over
   k midpoints of the straight path from the base to the source activations, every cell column of a site moved
   together (k forwards and backwards per site). Where a site has one cell the estimate tends to the exact effect
-  as k grows (the path integral of the gradient is the change); with several, their estimates share the joint
-  patch's change. It follows the metric through saturation, which the first-order term cannot;
+  as k grows (the path integral of the gradient is the change); with several at distinct columns, their estimates
+  add up to the joint patch's change (cells sharing a column each count it). It follows the metric through
+  saturation, which the first-order term cannot. GradDrop below stays the plain estimate's;
 - GradDrop (``graddrop=True``, one more forward/backward per layer): for each layer l the estimate with no
   gradient flowing back through layer l's attention and MLP outputs (its contribution to the residual), shape
   (L, C, N). `AttributionResult.graddrop_score` is the AtP* combination ``sum_l |AtP_-l| / (L - 1)``;
@@ -615,13 +616,14 @@ class UnitAttribution(TeacherForcedMetric):
 
         estimates, linearised, toward = all_cells(run, path)
         dropped = None
-        if graddrop:
+        if graddrop:  # of the plain estimate (AtP*): every dropped pass takes plain gradients
+            plain = estimates if path is None else all_cells(run)[0]
             first = self._sites(self.cells)[0]
             per_layer = []
             for layer in tqdm(range(self.n_layers), desc="GradDrop layers", disable=not progress, leave=False):
                 below = max(_ORDER["attention_output"], _ORDER["mlp_output"]) < _ORDER[first.component]
                 if layer < first.layer or (layer == first.layer and below):
-                    per_layer.append(estimates)  # the dropped outputs lie below the gradient's leaf: nothing changes
+                    per_layer.append(plain)  # the dropped outputs lie below the gradient's leaf: nothing changes
                 else:
                     per_layer.append(all_cells(self._gradient_pass(pairs, drop_layer=layer))[0])
             dropped = np.stack(per_layer)

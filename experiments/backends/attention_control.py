@@ -189,7 +189,8 @@ def _pad_offsets(attention_mask: torch.Tensor | None, batch: int, length: int) -
 
 def _shift(matrix: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(R, n) prompt coordinates of batch rows ``rows`` -> cache coordinates (-1 padding kept)."""
-    return torch.where(matrix >= 0, matrix + offsets[rows][:, None], matrix)
+    offsets = offsets.to(matrix.device)[rows.to(matrix.device)]
+    return torch.where(matrix >= 0, matrix + offsets[:, None], matrix)
 
 
 def _names_positions(op: AttentionOp) -> bool:
