@@ -118,6 +118,7 @@ class AttentionController:
     records: list[AttentionRecord] = field(default_factory=list)
     step: int = -1
     pad_offsets: torch.Tensor | None = None  # (B,) each row's left padding, read off the prompt pass's mask
+    _in_cache: dict[int, AttentionOp] = field(default_factory=dict)  # ops by index, converted once per prompt pass
     _last_layer: int | None = None
     _expected_keys: int | None = None  # cache length N of the current forward, when known
     _tracked: bool = False  # the context saw the prompt pass, so cache lengths can be counted
@@ -240,11 +241,7 @@ def _in_cache_coordinates(op: AttentionOp, offsets: torch.Tensor | None, k_len: 
             queries = queries.expand(batch, -1)
         return replace(op, key_positions=_shift(keys, rows, offsets), coordinates="cache",
                        query_positions=None if queries is None else _shift(queries, rows, offsets))
-    rows = torch.arange(batch) if op.rows is None else op.rows
-    _check_rows(rows, batch, name)
-    if len(rows) != op.query_positions.shape[0]:
-        raise ValueError(f"{name}: {op.query_positions.shape[0]} rows of positions for a batch of {batch} "
-                         "(give rows= to patch some rows only)")
+    rows = _transplant_rows(op, batch, name)
     probs = op.probs.new_zeros(*op.probs.shape[:3], k_len)
     for i, row in enumerate(rows.tolist()):
         start = int(offsets[row])
@@ -319,6 +316,16 @@ def _expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 def _check_rows(rows: torch.Tensor, batch: int, what: str) -> None:
     if len(rows) and int(rows.max()) >= batch:
         raise ValueError(f"{what}: row {int(rows.max())} out of range for a batch of {batch}")
+
+
+def _transplant_rows(op: TransplantAttention, batch: int, what: str) -> torch.Tensor:
+    """The batch rows a transplant writes (all of them when ``rows`` is None: one row of positions each)."""
+    if op.rows is None and op.query_positions.shape[0] != batch:
+        raise ValueError(f"{what}: {op.query_positions.shape[0]} rows of positions for a batch of {batch} "
+                         "(give rows= to patch some rows only)")
+    rows = torch.arange(batch) if op.rows is None else op.rows
+    _check_rows(rows, batch, what)
+    return rows
 
 
 def _row_targets(rows: torch.Tensor | None, matrix: torch.Tensor | None, batch: int, what: str
@@ -447,6 +454,7 @@ def controlled_attention_forward(
         first_call = controller._last_layer is None or layer <= controller._last_layer
         controller._begin(layer, q_len, k_len, window)
         if first_call and prompt and any(op.coordinates != "cache" for op in controller.ops):
+            controller._in_cache.clear()
             try:
                 controller.pad_offsets = _pad_offsets(attention_mask, batch, q_len)
             except ValueError:
@@ -463,7 +471,9 @@ def controlled_attention_forward(
             else:
                 hit = layer == op.layer and (prompt or op.steps == "all")
             if hit:
-                ops.append(_in_cache_coordinates(op, controller.pad_offsets, k_len))
+                if index not in controller._in_cache:  # (a transplant runs in the prompt pass only: k_len = T)
+                    controller._in_cache[index] = _in_cache_coordinates(op, controller.pad_offsets, k_len)
+                ops.append(controller._in_cache[index])
                 indices.append(index)
         if ops:
             q_offset, k_offset = controller._frame(layer, q_len, k_len, window)
@@ -524,11 +534,7 @@ def _transplant(probs: torch.Tensor, op: TransplantAttention, layer: int) -> tor
     if op.probs.shape[-1] != k_len:
         raise ValueError(f"TransplantAttention at layer {layer}: probs have {op.probs.shape[-1]} keys, "
                          f"the prompt pass has {k_len}")
-    if op.rows is None and op.query_positions.shape[0] != batch:
-        raise ValueError(f"TransplantAttention at layer {layer}: {op.query_positions.shape[0]} rows of positions for "
-                         f"a batch of {batch} (give rows= to patch some rows only)")
-    op_rows = torch.arange(batch) if op.rows is None else op.rows
-    _check_rows(op_rows, batch, f"TransplantAttention at layer {layer}")
+    op_rows = _transplant_rows(op, batch, f"TransplantAttention at layer {layer}")
     if int(op.query_positions.max()) >= q_len:
         raise ValueError(f"TransplantAttention at layer {layer}: query position {int(op.query_positions.max())} "
                          f"out of range for a prompt of {q_len} columns")

@@ -51,22 +51,23 @@ def _as_index_matrix(value: IndexLike | None, name: str) -> torch.Tensor | None:
     return tensor
 
 
-def _as_layers(value: int | Sequence[int] | None, name: str = "layers") -> tuple[int, ...] | None:
+def _as_indices(value: int | Sequence[int] | None, name: str, what: str) -> tuple[int, ...] | None:
+    """One index or a list of them as a non-empty tuple of non-negative ints (None stays None: every one)."""
     if value is None:
         return None
-    layers = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
-    if not layers or min(layers) < 0:
-        raise ValueError(f"{name} must be a non-empty list of non-negative layer indices, got {layers}")
-    return layers
+    indices = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+    if not indices or min(indices) < 0:
+        raise ValueError(f"{name} must be a non-empty list of non-negative {what} indices, got {indices}")
+    return indices
+
+
+def _as_layers(value: int | Sequence[int] | None, name: str = "layers") -> tuple[int, ...] | None:
+    return _as_indices(value, name, "layer")
 
 
 def _as_heads(value: int | Sequence[int] | None, name: str = "heads") -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    heads = (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
-    if not heads or min(heads) < 0:
-        raise ValueError(f"{name} must be a non-empty list of non-negative head indices, got {heads}")
-    if len(set(heads)) != len(heads):
+    heads = _as_indices(value, name, "head")
+    if heads is not None and len(set(heads)) != len(heads):
         raise ValueError(f"{name} contains a repeated head: {heads}")
     return heads
 

@@ -290,8 +290,8 @@ class InterventionEngine:
             if base_run is not None and self._suffix_eligible(batch[0]):
                 run_fast = lambda gs: self._run_suffix_groups(gs, base_run, part)  # noqa: E731
                 cell_rows.extend(self._within_budget(run_fast, batch, n_pairs))
-            elif self._packable(batch[0]) or (self.pack_sites and batch[0][0].kind in SITE_KINDS):
-                # (the second: suffix-eligible groups of a part the fast path does not apply to)
+            elif self.pack_sites and batch[0][0].kind in SITE_KINDS:
+                # the packable groups, and suffix-eligible ones in a part the fast path does not apply to
                 cell_rows.extend(self._within_budget(lambda gs: self._run_packed(gs, part), batch, n_pairs))
             else:
                 for group in batch:
